@@ -1,0 +1,104 @@
+//! Command-line interface: argument definitions (clap) and dispatch. Typed errors from the
+//! library become one line on stderr and a non-zero exit status in `main`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::serve::{self, ServeOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "extblk", version, about = "vhost-user-blk backend daemon", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// The image is the disk, byte for byte (a regular file or a block device).
+    Raw,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve IMAGE to one vhost-user frontend at a time on a unix socket.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Path of the vhost-user unix socket to create (mode 0600). Its directory must exist.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Format of IMAGE. Never guessed: a raw disk that holds a guest's filesystem must never
+    /// be mistaken for an image.
+    #[arg(long, value_enum)]
+    pub format: Format,
+
+    /// Offer a read-only disk (VIRTIO_BLK_F_RO); every write is refused with IOERR.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Number of virtqueues, each served by its own thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+
+    /// Largest virtqueue size a frontend may choose (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Logical block size the guest sees; requests must be aligned to it.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Serial number returned to GET_ID (at most 20 bytes; default: the image's file name).
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// Regular file or block device holding the disk.
+    pub image: PathBuf,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(2..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err("queue size must be a power of two between 2 and 32768".into());
+    }
+    Ok(n)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err("logical block size must be 512 or 4096".into()),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err("serial must be at most 20 bytes".into());
+    }
+    Ok(s.to_string())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(a) => {
+            let Format::Raw = a.format;
+            serve::serve(&ServeOptions {
+                socket: a.socket,
+                image: a.image,
+                read_only: a.readonly,
+                num_queues: a.queues,
+                queue_size: a.queue_size,
+                logical_block_size: a.logical_block_size,
+                serial: a.serial,
+            })?;
+            Ok(())
+        }
+    }
+}

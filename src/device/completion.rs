@@ -1,0 +1,185 @@
+//! Completing a request: status byte, used-ring entry, guest notification, from any thread.
+//!
+//! The virtqueue thread completes many requests per wake-up and notifies the guest once at the
+//! end (see [`BatchScope`]); completions from any other thread (an engine's worker) notify at once.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::request::Status;
+use crate::engine::{Completion, EngineError};
+
+pub type GuestMem = GuestMemoryMmap<()>;
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// Request counters, printed at exit (and by later issues on SIGUSR1).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub get_id: AtomicU64,
+    pub errors: AtomicU64,
+    pub unsupported: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub completed_on_queue_thread: AtomicU64,
+    pub completed_elsewhere: AtomicU64,
+}
+
+impl Counters {
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "reads={} writes={} flushes={} discards={} write_zeroes={} get_id={} errors={} unsupported={} \
+             bytes_read={} bytes_written={} completed_on_queue_thread={} completed_elsewhere={}",
+            g(&self.reads),
+            g(&self.writes),
+            g(&self.flushes),
+            g(&self.discards),
+            g(&self.write_zeroes),
+            g(&self.get_id),
+            g(&self.errors),
+            g(&self.unsupported),
+            g(&self.bytes_read),
+            g(&self.bytes_written),
+            g(&self.completed_on_queue_thread),
+            g(&self.completed_elsewhere),
+        )
+    }
+}
+
+/// State of one virtqueue shared between its thread and whoever completes its requests.
+pub struct QueueShared {
+    pub index: usize,
+    pub inflight: AtomicUsize,
+    pending_signal: AtomicBool,
+    pub counters: Arc<Counters>,
+}
+
+impl QueueShared {
+    pub fn new(index: usize, counters: Arc<Counters>) -> Self {
+        QueueShared {
+            index,
+            inflight: AtomicUsize::new(0),
+            pending_signal: AtomicBool::new(false),
+            counters,
+        }
+    }
+
+    /// Asks for a guest notification at the end of the current batch.
+    pub fn request_signal(&self) {
+        self.pending_signal.store(true, Ordering::Release);
+    }
+
+    fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+}
+
+thread_local! {
+    /// The queue whose thread this is while it processes a batch (0 = none).
+    static BATCHING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as processing `queue`'s batch: completions for that queue defer the
+/// guest notification to [`BatchScope::finish`].
+pub struct BatchScope<'a> {
+    queue: &'a Arc<QueueShared>,
+    vring: &'a Vring,
+}
+
+impl<'a> BatchScope<'a> {
+    pub fn enter(queue: &'a Arc<QueueShared>, vring: &'a Vring) -> Self {
+        BATCHING.with(|b| b.set(queue.key()));
+        BatchScope { queue, vring }
+    }
+}
+
+impl Drop for BatchScope<'_> {
+    fn drop(&mut self) {
+        BATCHING.with(|b| b.set(0));
+        if self.queue.pending_signal.swap(false, Ordering::AcqRel) {
+            signal(self.vring);
+        }
+    }
+}
+
+fn signal(vring: &Vring) {
+    // With EVENT_IDX the guest may not want this notification; without it, it always does.
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            log::warn!("cannot notify the guest: {e}");
+        }
+    }
+}
+
+/// The device's continuation for one request.
+pub struct VirtioCompletion {
+    pub vring: Vring,
+    pub head: u16,
+    pub status: GuestAddress,
+    /// Bytes written into guest buffers on success, excluding the status byte.
+    pub written: u32,
+    pub mem: Arc<GuestMem>,
+    pub queue: Arc<QueueShared>,
+}
+
+impl VirtioCompletion {
+    /// Completes with an explicit status (used for requests the device answers itself).
+    pub fn complete_status(self, status: Status) {
+        let len = if status == Status::Ok {
+            self.written + 1
+        } else {
+            1
+        };
+        if let Err(e) = self.mem.write_obj(status as u8, self.status) {
+            log::warn!("cannot write the status byte: {e}");
+        }
+        if let Err(e) = self.vring.add_used(self.head, len) {
+            log::warn!("cannot add used entry {}: {e}", self.head);
+        }
+        let on_queue_thread = BATCHING.with(|b| b.get()) == self.queue.key();
+        let c = &self.queue.counters;
+        if on_queue_thread {
+            c.completed_on_queue_thread.fetch_add(1, Ordering::Relaxed);
+            self.queue.pending_signal.store(true, Ordering::Release);
+        } else {
+            c.completed_elsewhere.fetch_add(1, Ordering::Relaxed);
+            signal(&self.vring);
+        }
+        self.queue.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Completion for VirtioCompletion {
+    fn complete(self, result: Result<(), EngineError>) {
+        let status = match result {
+            Ok(()) => Status::Ok,
+            Err(EngineError::Unsupported(_)) => {
+                self.queue
+                    .counters
+                    .unsupported
+                    .fetch_add(1, Ordering::Relaxed);
+                Status::Unsupp
+            }
+            Err(_) => {
+                self.queue.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Status::IoErr
+            }
+        };
+        self.complete_status(status);
+    }
+}
+
+/// Loads the current guest memory as an owned, cheaply clonable mapping.
+pub fn current_memory(atomic: &GuestMemAtomic) -> Arc<GuestMem> {
+    atomic.memory().into_inner()
+}

@@ -1,0 +1,447 @@
+//! The vhost-user-blk device: virtio-blk on top of `vhost-user-backend`.
+//!
+//! One thread per virtqueue pops descriptor chains, parses them ([`request`]) and submits them
+//! to the engine queue that thread owns. Completions reach the used ring through
+//! [`completion::VirtioCompletion`] from whichever thread finishes the request. This module
+//! never touches a file: storage is the engine's business.
+
+pub mod completion;
+pub mod config;
+pub mod request;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use virtio_queue::QueueT;
+use vm_memory::Bytes as _;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::engine::{BlockEngine, EngineError, EngineInfo, EngineOp, EngineQueue};
+use crate::units::SECTOR_SIZE;
+use completion::{
+    BatchScope, Counters, GuestMem, GuestMemAtomic, QueueShared, VirtioCompletion, Vring,
+};
+use config::{BlkConfig, WRITEBACK_OFFSET};
+use request::{Limits, Parsed, Request, Status, ID_BYTES};
+
+/// Largest data segment a guest may send, advertised as size_max.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Discard and write-zeroes segments per request (Linux uses at most 256).
+pub const MAX_DWZ_SEGMENTS: u32 = 256;
+
+/// Device settings from the command line.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    /// GET_ID answer: up to 20 bytes, zero padded.
+    pub serial: [u8; ID_BYTES],
+}
+
+struct Inner<E: BlockEngine> {
+    engine: E,
+    info: EngineInfo,
+    opts: DeviceOptions,
+    limits: Limits,
+    writeback: AtomicBool,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    accepting: AtomicBool,
+    mem: RwLock<Option<GuestMemAtomic>>,
+    queues: Vec<Mutex<E::Queue<VirtioCompletion>>>,
+    shared: Vec<Arc<QueueShared>>,
+    counters: Arc<Counters>,
+}
+
+/// The vhost-user-blk backend. Clones share one device.
+pub struct BlockDevice<E: BlockEngine> {
+    inner: Arc<Inner<E>>,
+}
+
+impl<E: BlockEngine> Clone for BlockDevice<E> {
+    fn clone(&self) -> Self {
+        BlockDevice {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Rounds `x` down to a multiple of `m` (m > 0).
+fn round_down(x: u32, m: u32) -> u32 {
+    x - x % m
+}
+
+impl<E: BlockEngine> BlockDevice<E> {
+    pub fn new(engine: E, opts: DeviceOptions) -> Result<Self, EngineError> {
+        let info = engine.info();
+        let counters = Arc::new(Counters::default());
+        let gran_sectors = (info.discard_granularity / SECTOR_SIZE as u32).max(1);
+        let lbs_sectors = opts.logical_block_size / SECTOR_SIZE as u32;
+        let max_dwz_sectors = round_down(u32::MAX, gran_sectors.max(lbs_sectors));
+        let limits = Limits {
+            capacity: info.capacity,
+            logical_block_size: opts.logical_block_size,
+            seg_max: u32::from(opts.queue_size).saturating_sub(2).max(1),
+            size_max: SIZE_MAX,
+            max_discard_sectors: max_dwz_sectors,
+            max_discard_seg: MAX_DWZ_SEGMENTS,
+            max_write_zeroes_sectors: max_dwz_sectors,
+            max_write_zeroes_seg: MAX_DWZ_SEGMENTS,
+            read_only: info.read_only,
+        };
+        let mut queues = Vec::new();
+        let mut shared = Vec::new();
+        for i in 0..usize::from(opts.num_queues) {
+            queues.push(Mutex::new(engine.open_queue(i)?));
+            shared.push(Arc::new(QueueShared::new(i, counters.clone())));
+        }
+        Ok(BlockDevice {
+            inner: Arc::new(Inner {
+                engine,
+                info,
+                opts,
+                limits,
+                writeback: AtomicBool::new(true),
+                event_idx: AtomicBool::new(false),
+                acked_features: AtomicU64::new(0),
+                accepting: AtomicBool::new(true),
+                mem: RwLock::new(None),
+                queues,
+                shared,
+                counters,
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.inner.engine
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The config space as it reads now.
+    pub fn config(&self) -> BlkConfig {
+        let i = &self.inner;
+        let lbs = i.opts.logical_block_size;
+        let pbs = i.info.physical_block_size.max(lbs);
+        BlkConfig {
+            capacity_sectors: i.info.capacity.to_sectors().0,
+            size_max: i.limits.size_max,
+            seg_max: i.limits.seg_max,
+            blk_size: lbs,
+            physical_block_exp: (pbs / lbs).trailing_zeros() as u8,
+            min_io_size: 1,
+            opt_io_size: 0,
+            writeback: i.writeback.load(Ordering::Acquire),
+            num_queues: i.opts.num_queues,
+            max_discard_sectors: i.limits.max_discard_sectors,
+            max_discard_seg: i.limits.max_discard_seg,
+            discard_sector_alignment: (i.info.discard_granularity / SECTOR_SIZE as u32).max(1),
+            max_write_zeroes_sectors: i.limits.max_write_zeroes_sectors,
+            max_write_zeroes_seg: i.limits.max_write_zeroes_seg,
+            write_zeroes_may_unmap: true,
+        }
+    }
+
+    pub fn is_writeback(&self) -> bool {
+        self.inner.writeback.load(Ordering::Acquire)
+    }
+
+    /// Requests submitted and not yet completed, over all queues.
+    pub fn inflight(&self) -> usize {
+        self.inner
+            .shared
+            .iter()
+            .map(|q| q.inflight.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Stops taking new requests off the rings (shutdown); in-flight ones still complete.
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
+    /// Waits until nothing is in flight, or `timeout` passes. Returns whether it drained.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.inflight() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Engine completion fds to watch, as (queue index, fd).
+    pub fn completion_fds(&self) -> Vec<(usize, RawFd)> {
+        self.inner
+            .queues
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| lock(q).completion_fd().map(|fd| (i, fd)))
+            .collect()
+    }
+
+    /// The epoll token of queue thread `index`'s engine completion fd.
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.inner.opts.num_queues) + 1
+    }
+
+    fn process_vring(&self, q: usize, vring: &Vring) {
+        let Some(mem) = self
+            .inner
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(completion::current_memory)
+        else {
+            return;
+        };
+        let shared = &self.inner.shared[q];
+        let _batch = BatchScope::enter(shared, vring);
+        if self.inner.event_idx.load(Ordering::Acquire) {
+            loop {
+                if let Err(e) = vring.disable_notification() {
+                    log::warn!("queue {q}: cannot disable notifications: {e}");
+                }
+                self.drain_avail(q, vring, &mem);
+                match vring.enable_notification() {
+                    Ok(true) if self.inner.accepting.load(Ordering::Acquire) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        log::warn!("queue {q}: cannot enable notifications: {e}");
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.drain_avail(q, vring, &mem);
+        }
+    }
+
+    fn drain_avail(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>) {
+        while self.inner.accepting.load(Ordering::Acquire) {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+            let Some(chain) = chain else { break };
+            let parsed = request::parse(chain, mem, &self.inner.limits);
+            self.dispatch(q, vring, mem, parsed);
+        }
+    }
+
+    fn dispatch(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>, parsed: Parsed) {
+        let shared = &self.inner.shared[q];
+        let c = &self.inner.counters;
+        let Some(status) = parsed.status else {
+            // Nowhere to put a status: give the buffers back with nothing written.
+            log::warn!(
+                "queue {q}: dropping request {}: no status byte",
+                parsed.head
+            );
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = vring.add_used(parsed.head, 0) {
+                log::warn!("queue {q}: cannot add used entry: {e}");
+            }
+            shared.request_signal();
+            return;
+        };
+        shared.inflight.fetch_add(1, Ordering::AcqRel);
+        let mut done = VirtioCompletion {
+            vring: vring.clone(),
+            head: parsed.head,
+            status,
+            written: 0,
+            mem: mem.clone(),
+            queue: shared.clone(),
+        };
+        let req = match parsed.request {
+            Ok(req) => req,
+            Err(e) => {
+                log::debug!("queue {q}: bad request {}: {e}", parsed.head);
+                let st = e.status();
+                let counter = if st == Status::Unsupp {
+                    &c.unsupported
+                } else {
+                    &c.errors
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                done.complete_status(st);
+                return;
+            }
+        };
+        done.written = req.written_len();
+        let fua = !self.is_writeback();
+        let op = match req {
+            Request::Read { offset, bufs } => {
+                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.bytes_read.fetch_add(bufs.len() as u64, Ordering::Relaxed);
+                EngineOp::Read { offset, bufs }
+            }
+            Request::Write { offset, bufs } => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                c.bytes_written
+                    .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+                EngineOp::Write { offset, bufs, fua }
+            }
+            Request::Flush => {
+                c.flushes.fetch_add(1, Ordering::Relaxed);
+                EngineOp::Flush
+            }
+            Request::Discard { ranges } => {
+                c.discards.fetch_add(1, Ordering::Relaxed);
+                EngineOp::Discard { ranges, fua }
+            }
+            Request::WriteZeroes { ranges } => {
+                c.write_zeroes.fetch_add(1, Ordering::Relaxed);
+                EngineOp::WriteZeroes { ranges, fua }
+            }
+            Request::GetId { buf } => {
+                c.get_id.fetch_add(1, Ordering::Relaxed);
+                let st = self.write_id(mem, &buf);
+                done.complete_status(st);
+                return;
+            }
+        };
+        lock(&self.inner.queues[q]).submit(op, done);
+    }
+
+    fn write_id(&self, mem: &GuestMem, buf: &[request::GuestRange]) -> Status {
+        let mut id: &[u8] = &self.inner.opts.serial;
+        for r in buf {
+            if id.is_empty() {
+                break;
+            }
+            let n = (r.len as usize).min(id.len());
+            if mem.write_slice(&id[..n], r.addr).is_err() {
+                return Status::IoErr;
+            }
+            id = &id[n..];
+        }
+        Status::Ok
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        config::device_features(self.inner.info.read_only)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked_features.store(features, Ordering::Release);
+        // Without FLUSH the driver cannot order writes, so every write must be durable.
+        let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        self.inner.writeback.store(flush, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            // libblkio needs it; QEMU uses it for memory hotplug.
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable; the frontend writes exactly that byte.
+        let end = offset as usize + buf.len();
+        if (offset as usize..end).contains(&(WRITEBACK_OFFSET as usize)) {
+            let wce = buf[WRITEBACK_OFFSET as usize - offset as usize] != 0;
+            log::info!(
+                "guest switched the cache to {}",
+                if wce { "write-back" } else { "write-through" }
+            );
+            self.inner.writeback.store(wce, Ordering::Release);
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        *self.inner.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.opts.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend expects no request of this ring to be in flight after it.
+        let Some(q) = self.inner.shared.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while q.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the thread's only vring is event 0 and its index is the thread's.
+        let q = thread_id;
+        if q >= self.inner.shared.len() {
+            return Ok(());
+        }
+        if device_event == 0 {
+            if let Some(vring) = vrings.first() {
+                self.process_vring(q, vring);
+            }
+        } else if u64::from(device_event) == self.completion_event_id() {
+            if let Some(vring) = vrings.first() {
+                let _batch = BatchScope::enter(&self.inner.shared[q], vring);
+                lock(&self.inner.queues[q]).process_completions();
+            }
+        }
+        // Errors caused by a guest never stop the queue thread: they were answered in-band.
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! The raw engine: the virtual disk is the backing file or block device byte for byte.
+//!
+//! It completes every request synchronously on the virtqueue thread with positioned I/O; it
+//! is the baseline the image engine is measured against and what users of raw images expect.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::sysio;
+use super::{BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, ZeroRange};
+use crate::units::{Bytes, SECTOR_SIZE};
+
+/// Why a backing could not be opened. Each names the path so the CLI can print one line.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("{0}: no such file or device")]
+    Missing(PathBuf),
+    #[error("{0}: cannot open: {1}")]
+    Open(PathBuf, io::Error),
+    #[error("{0}: not a regular file or block device")]
+    NotFileOrDevice(PathBuf),
+    #[error("{0}: already in use by another extblk (or another program holding its lock)")]
+    Locked(PathBuf),
+    #[error("{0}: size {1} is smaller than one logical block ({2} bytes)")]
+    TooSmall(PathBuf, u64, u32),
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+}
+
+/// An opened, locked backing: a regular file or a block device.
+pub struct Backing {
+    pub file: File,
+    pub path: PathBuf,
+    pub is_block_device: bool,
+    pub size: u64,
+}
+
+impl Backing {
+    /// Opens `path` read-write (or read-only) and takes the image lock: exclusive for a writer,
+    /// shared for a reader, so two writers, or a writer and a reader, never share one image.
+    pub fn open(path: &Path, read_only: bool) -> Result<Backing, OpenError> {
+        let p = path.to_path_buf();
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::Missing(p)),
+            Ok(m) if !m.file_type().is_file() && !m.file_type().is_block_device() => {
+                return Err(OpenError::NotFileOrDevice(p))
+            }
+            _ => {}
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => OpenError::Missing(p.clone()),
+                _ => OpenError::Open(p.clone(), e),
+            })?;
+        let meta = file.metadata().map_err(|e| OpenError::Io(p.clone(), e))?;
+        let ft = meta.file_type();
+        let is_block_device = ft.is_block_device();
+        if !ft.is_file() && !is_block_device {
+            return Err(OpenError::NotFileOrDevice(p));
+        }
+        if !sysio::try_lock(&file, !read_only).map_err(|e| OpenError::Io(p.clone(), e))? {
+            return Err(OpenError::Locked(p));
+        }
+        let size = if is_block_device {
+            sysio::blk_size(&file).map_err(|e| OpenError::Io(p.clone(), e))?
+        } else {
+            meta.len()
+        };
+        Ok(Backing {
+            file,
+            path: p,
+            is_block_device,
+            size,
+        })
+    }
+}
+
+struct Inner {
+    backing: Backing,
+    info: EngineInfo,
+}
+
+/// The raw engine. Cheap to clone; all queues share one fd (positioned I/O needs no cursor).
+#[derive(Clone)]
+pub struct RawEngine {
+    inner: Arc<Inner>,
+}
+
+impl RawEngine {
+    pub fn new(
+        backing: Backing,
+        read_only: bool,
+        logical_block_size: u32,
+    ) -> Result<Self, OpenError> {
+        let capacity = backing.size - backing.size % u64::from(logical_block_size);
+        if capacity == 0 {
+            return Err(OpenError::TooSmall(
+                backing.path.clone(),
+                backing.size,
+                logical_block_size,
+            ));
+        }
+        let physical_block_size = if backing.is_block_device {
+            sysio::blk_physical_block_size(&backing.file).unwrap_or(logical_block_size)
+        } else {
+            4096
+        }
+        .max(logical_block_size);
+        let info = EngineInfo {
+            capacity: Bytes(capacity),
+            read_only,
+            discard_granularity: logical_block_size.max(SECTOR_SIZE as u32),
+            physical_block_size,
+        };
+        Ok(RawEngine {
+            inner: Arc::new(Inner { backing, info }),
+        })
+    }
+
+    fn file(&self) -> &File {
+        &self.inner.backing.file
+    }
+
+    fn discard(&self, r: &ZeroRange) -> io::Result<()> {
+        let (off, len) = (r.range.offset.0, r.range.len.0);
+        if self.inner.backing.is_block_device {
+            sysio::blk_discard(self.file(), off, len)
+        } else {
+            sysio::fallocate(
+                self.file(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        }
+    }
+
+    fn write_zeroes(&self, r: &ZeroRange) -> io::Result<()> {
+        let (off, len) = (r.range.offset.0, r.range.len.0);
+        let file = self.file();
+        if r.unmap {
+            // A hole (or a device's punched range) reads as zeroes, which is what was asked.
+            match sysio::fallocate(
+                file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(e) if !unsupported(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        if self.inner.backing.is_block_device {
+            return sysio::blk_zeroout(file, off, len);
+        }
+        match sysio::fallocate(
+            file,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Err(e) if unsupported(&e) => write_zero_bytes(file, off, len),
+            other => other,
+        }
+    }
+
+    fn execute(&self, op: &EngineOp) -> Result<(), EngineError> {
+        let info = &self.inner.info;
+        let is_write = !matches!(op, EngineOp::Read { .. } | EngineOp::Flush);
+        if is_write && info.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        match op {
+            EngineOp::Read { offset, bufs } => {
+                sysio::preadv_all(self.file(), bufs.iovecs(), offset.0)?;
+            }
+            EngineOp::Write { offset, bufs, fua } => {
+                sysio::pwritev_all(self.file(), bufs.iovecs(), offset.0, *fua)?;
+            }
+            EngineOp::Flush => sysio::fdatasync(self.file())?,
+            EngineOp::Discard { ranges, fua } => {
+                for r in ranges {
+                    self.discard(r)?;
+                }
+                if *fua {
+                    sysio::fdatasync(self.file())?;
+                }
+            }
+            EngineOp::WriteZeroes { ranges, fua } => {
+                for r in ranges {
+                    self.write_zeroes(r)?;
+                }
+                if *fua {
+                    sysio::fdatasync(self.file())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+    )
+}
+
+/// Last resort for filesystems without fallocate modes: write real zero bytes.
+fn write_zero_bytes(file: &File, mut off: u64, len: u64) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeroes = vec![0u8; CHUNK];
+    let end = off + len;
+    while off < end {
+        let n = ((end - off) as usize).min(CHUNK);
+        let iov = [libc::iovec {
+            iov_base: zeroes.as_ptr() as *mut libc::c_void,
+            iov_len: n,
+        }];
+        sysio::pwritev_all(file, &iov, off, false)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// The raw engine's per-queue state: none, requests complete inside `submit`.
+pub struct RawQueue {
+    engine: RawEngine,
+}
+
+impl<C: Completion> EngineQueue<C> for RawQueue {
+    fn submit(&mut self, op: EngineOp, done: C) {
+        let result = self.engine.execute(&op);
+        if let Err(e) = &result {
+            log::warn!(
+                "request failed on {}: {e}",
+                self.engine.inner.backing.path.display()
+            );
+        }
+        drop(op);
+        done.complete(result);
+    }
+}
+
+impl BlockEngine for RawEngine {
+    type Queue<C: Completion> = RawQueue;
+
+    fn info(&self) -> EngineInfo {
+        self.inner.info.clone()
+    }
+
+    fn open_queue<C: Completion>(&self, _index: usize) -> Result<RawQueue, EngineError> {
+        Ok(RawQueue {
+            engine: self.clone(),
+        })
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        if self.inner.info.read_only {
+            return Ok(());
+        }
+        Ok(sysio::fdatasync(self.file())?)
+    }
+}

@@ -1,0 +1,10 @@
+//! extblk: a vhost-user-blk backend daemon.
+//!
+//! Data flows one way, device → engine → backing; completions flow back on whichever thread
+//! can finish them. See `docs/architecture.md`.
+
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod serve;
+pub mod units;

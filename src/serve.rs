@@ -1,0 +1,313 @@
+//! `extblk serve`: the daemon's life — socket, connections one after another, signals, drain.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::request::ID_BYTES;
+use crate::device::{BlockDevice, DeviceOptions};
+use crate::engine::raw::{Backing, OpenError, RawEngine};
+use crate::engine::{BlockEngine, EngineError};
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `serve` needs, already validated by the CLI.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("socket directory {0} does not exist")]
+    SocketDir(PathBuf),
+    #[error("socket {0} is in use by a running server")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(PathBuf, io::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    #[error("signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// The serial a guest sees by default: the image's file name, cut to 20 bytes.
+fn serial_bytes(serial: Option<&str>, image: &Path) -> [u8; ID_BYTES] {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let s = serial.unwrap_or(&name).as_bytes();
+    let mut id = [0u8; ID_BYTES];
+    let n = s.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&s[..n]);
+    id
+}
+
+/// Checks the socket path and binds it with mode 0600.
+fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(ServeError::SocketDir(dir));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServeError::SocketInUse(path.to_path_buf()));
+        }
+        // A stale socket from a daemon that died: nobody listens, take it over.
+        std::fs::remove_file(path).map_err(|e| ServeError::Bind(path.to_path_buf(), e))?;
+    }
+    // SAFETY: umask only changes this process's file-creation mask; no other thread exists yet
+    // (serve binds before spawning any), so nothing else creates files meanwhile.
+    let old = unsafe { libc::umask(0o177) };
+    let res = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    res.map_err(|e| ServeError::Bind(path.to_path_buf(), e))
+}
+
+/// Blocks the shutdown and status signals in this thread and every thread it spawns later, so
+/// that only the signal thread receives them.
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+    let r = unsafe { libc::sigwait(set, &mut sig) };
+    if r == 0 {
+        sig
+    } else {
+        0
+    }
+}
+
+/// Waits until the listener has a connection or `stop` fires. Returns true for a connection.
+fn wait_connection(listener: &UnixListener, stop: &EventFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// State the signal thread shares with the accept loop.
+struct Control {
+    stopping: AtomicBool,
+    stop_event: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    let backing = Backing::open(&opts.image, opts.read_only)?;
+    let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size)?;
+    run(engine, opts)
+}
+
+fn run<E: BlockEngine>(engine: E, opts: &ServeOptions) -> Result<(), ServeError> {
+    let info = engine.info();
+    let device = BlockDevice::new(
+        engine,
+        DeviceOptions {
+            num_queues: opts.num_queues,
+            queue_size: opts.queue_size,
+            logical_block_size: opts.logical_block_size,
+            serial: serial_bytes(opts.serial.as_deref(), &opts.image),
+        },
+    )?;
+    let listener = bind_socket(&opts.socket)?;
+    let sigset = block_signals().map_err(ServeError::Signals)?;
+    log::info!(
+        "serving {} ({} bytes, raw, {}) on {}: {} queue(s) of {}, logical block {}",
+        opts.image.display(),
+        info.capacity.0,
+        if info.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        opts.socket.display(),
+        opts.num_queues,
+        opts.queue_size,
+        opts.logical_block_size
+    );
+
+    let control = Arc::new(Control {
+        stopping: AtomicBool::new(false),
+        stop_event: EventFd::new(EFD_NONBLOCK).map_err(ServeError::Signals)?,
+        connection: Mutex::new(None),
+    });
+    spawn_signal_thread(sigset, control.clone(), device.clone()).map_err(ServeError::Signals)?;
+
+    let result = accept_loop(&listener, &device, &control, opts);
+    let _ = std::fs::remove_file(&opts.socket);
+
+    device.stop_accepting();
+    if !device.drain(DRAIN_TIMEOUT) {
+        log::error!("{} request(s) still in flight at exit", device.inflight());
+    }
+    if let Err(e) = device.engine().flush() {
+        log::error!("final flush failed: {e}");
+        return Err(e.into());
+    }
+    log::info!("exiting: {}", device.counters().summary());
+    result
+}
+
+fn spawn_signal_thread<E: BlockEngine>(
+    set: libc::sigset_t,
+    control: Arc<Control>,
+    device: BlockDevice<E>,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match wait_signal(&set) {
+                libc::SIGUSR1 => log::info!("counters: {}", device.counters().summary()),
+                libc::SIGINT | libc::SIGTERM => {
+                    log::info!(
+                        "shutting down: draining {} in-flight request(s)",
+                        device.inflight()
+                    );
+                    control.stopping.store(true, Ordering::Release);
+                    device.stop_accepting();
+                    device.drain(DRAIN_TIMEOUT);
+                    let _ = control.stop_event.write(1);
+                    if let Some(h) = control
+                        .connection
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                    {
+                        h.shutdown();
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        })?;
+    Ok(())
+}
+
+fn accept_loop<E: BlockEngine>(
+    listener: &UnixListener,
+    device: &BlockDevice<E>,
+    control: &Control,
+    opts: &ServeOptions,
+) -> Result<(), ServeError> {
+    let mut vlistener = Listener::from(
+        listener
+            .try_clone()
+            .map_err(|e| ServeError::Bind(opts.socket.clone(), e))?,
+    );
+    while !control.stopping.load(Ordering::Acquire) {
+        if !wait_connection(listener, &control.stop_event).map_err(ServeError::Signals)? {
+            break;
+        }
+        // Each connection gets a fresh vhost-user handler (fresh vrings and vring threads), the
+        // way a frontend that reconnects expects; the device and its engine persist.
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mut daemon = VhostUserDaemon::new("extblk".into(), device.clone(), mem)
+            .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        for (q, fd) in device.completion_fds() {
+            if let Some(handler) = handlers.get(q) {
+                handler
+                    .register_listener(fd, EventSet::IN, device.completion_event_id())
+                    .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+            }
+        }
+        daemon
+            .start(&mut vlistener)
+            .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+        log::info!("frontend connected");
+        *control.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        if control.stopping.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        if let Err(e) = daemon.wait() {
+            log::warn!("frontend connection ended: {e}");
+        } else {
+            log::info!("frontend disconnected");
+        }
+        *control.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Dropping the daemon stops and joins its vring threads; requests they started finish.
+        drop(daemon);
+        if !device.drain(DRAIN_TIMEOUT) {
+            log::error!(
+                "{} request(s) of the old connection still in flight",
+                device.inflight()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! The real `extblk serve` binary driven by a real vhost-user client: libblkio's
+//! `virtio-blk-vhost-user` driver. No VM, no mocks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+const EIO: i32 = -libc::EIO;
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("extblk-test-{}-{}", name, std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_image(path: &Path, size: u64) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// A running daemon, killed on drop if the test did not stop it.
+struct Daemon {
+    child: Child,
+}
+
+fn extblk() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_extblk"));
+    c.env("RUST_LOG", "debug");
+    c
+}
+
+impl Daemon {
+    fn start(image: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let child = extblk()
+            .arg("serve")
+            .arg("--format=raw")
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .arg(image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// SIGTERM, then the exit status and everything the daemon logged.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (status, log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connected libblkio client with one shared buffer region.
+struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+const REGION: usize = 4 << 20;
+
+impl Client {
+    fn try_connect(socket: &Path, queues: i32, read_only: bool) -> blkio::Result<Client> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", queues)?;
+        let out = b.start()?;
+        let region = b.alloc_mem_region(REGION)?;
+        b.map_mem_region(&region)?;
+        Ok(Client {
+            blkio: b,
+            queues: out.queues,
+            region,
+        })
+    }
+
+    fn connect(socket: &Path, queues: i32) -> Client {
+        Client::try_connect(socket, queues, false).expect("connect")
+    }
+
+    fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= REGION);
+        // SAFETY: the region is a live mapping of REGION bytes owned by this client; the
+        // returned slice borrows self mutably, so no request is being built meanwhile.
+        unsafe { std::slice::from_raw_parts_mut((self.region.addr + off) as *mut u8, len) }
+    }
+
+    fn wait(q: &mut Blkioq) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        let n = q.do_io(&mut c, 1, None, None).unwrap();
+        assert_eq!(n, 1);
+        // SAFETY: do_io initialised the first n completions.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+
+    fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.buf(0, data.len()).copy_from_slice(data);
+        let addr = self.region.addr as *const u8;
+        let queue = &mut self.queues[q];
+        queue.write(offset, addr, data.len(), 0, ReqFlags::empty());
+        Client::wait(queue)
+    }
+
+    fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let addr = self.region.addr as *mut u8;
+        let queue = &mut self.queues[q];
+        queue.read(offset, addr, len, 0, ReqFlags::empty());
+        match Client::wait(queue) {
+            0 => Ok(self.buf(0, len).to_vec()),
+            e => Err(e),
+        }
+    }
+
+    fn flush(&mut self, q: usize) -> i32 {
+        let queue = &mut self.queues[q];
+        queue.flush(0, ReqFlags::empty());
+        Client::wait(queue)
+    }
+
+    fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        let queue = &mut self.queues[q];
+        queue.discard(offset, len, 0, ReqFlags::empty());
+        Client::wait(queue)
+    }
+
+    fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
+        let queue = &mut self.queues[q];
+        queue.write_zeroes(offset, len, 0, flags);
+        Client::wait(queue)
+    }
+
+    fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+}
+
+/// A small deterministic PRNG (xorshift), so failures replay from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| r.next() as u8).collect()
+}
+
+#[test]
+fn random_io_matches_a_model_and_the_file() {
+    let s = Scratch::new("model");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    const SIZE: u64 = 16 << 20;
+    make_image(&img, SIZE);
+    let d = Daemon::start(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.capacity(), SIZE);
+
+    let mut model = vec![0u8; SIZE as usize];
+    let seed = 0x5eed_1234u64;
+    let mut rng = Rng(seed);
+    for i in 0..600 {
+        let sectors = 1 + rng.below(256);
+        let off = rng.below(SIZE / 512 - sectors) * 512;
+        let len = sectors * 512;
+        let range = off as usize..(off + len) as usize;
+        match rng.below(10) {
+            0..=3 => {
+                let data = pattern(rng.next(), len as usize);
+                assert_eq!(c.write(0, off, &data), 0, "seed {seed:#x} op {i}: write");
+                model[range].copy_from_slice(&data);
+            }
+            4..=6 => {
+                let got = c.read(0, off, len as usize).expect("read");
+                assert!(
+                    got == model[range],
+                    "seed {seed:#x} op {i}: read {off}+{len} differs from the model"
+                );
+            }
+            7 => assert_eq!(c.flush(0), 0),
+            8 => {
+                // Discarded ranges of a file read back as zeroes (holes).
+                assert_eq!(c.discard(0, off, len), 0);
+                model[range].fill(0);
+            }
+            _ => {
+                let unmap = rng.below(2) == 0;
+                assert_eq!(c.write_zeroes(0, off, len, unmap), 0);
+                model[range].fill(0);
+            }
+        }
+    }
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "daemon failed: {log}");
+    let on_disk = fs::read(&img).unwrap();
+    assert!(on_disk == model, "image file differs from the model");
+    assert!(
+        log.contains("writes="),
+        "exit counters missing from the log: {log}"
+    );
+}
+
+#[test]
+fn queues_run_in_parallel_and_keep_their_data() {
+    let s = Scratch::new("mq");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    const SIZE: u64 = 32 << 20;
+    make_image(&img, SIZE);
+    let d = Daemon::start(&img, &sock, &["--queues", "4"]);
+    let mut c = Client::connect(&sock, 4);
+    let region = c.region.addr;
+    let chunk = 64 * 1024usize;
+    let per_queue = SIZE as usize / 4;
+    // Each queue keeps 8 writes in flight at once over its own quarter of the disk.
+    let mut queues = std::mem::take(&mut c.queues);
+    std::thread::scope(|sc| {
+        for (qi, q) in queues.iter_mut().enumerate() {
+            sc.spawn(move || {
+                let slot = REGION / 4;
+                let base = region + qi * slot;
+                let data = pattern(qi as u64 + 7, chunk);
+                for k in 0..8 {
+                    // SAFETY: each queue thread uses its own quarter of the region.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr(),
+                            (base + k * chunk / 2) as *mut u8,
+                            chunk / 2,
+                        )
+                    };
+                }
+                let mut off = 0;
+                while off < per_queue {
+                    for k in 0..8 {
+                        let o = (qi * per_queue + off + k * chunk / 2) as u64;
+                        q.write(
+                            o,
+                            (base + k * chunk / 2) as *const u8,
+                            chunk / 2,
+                            k,
+                            ReqFlags::empty(),
+                        );
+                    }
+                    let mut comps = [const { MaybeUninit::<Completion>::uninit() }; 8];
+                    let mut done = 0;
+                    while done < 8 {
+                        let n = q.do_io(&mut comps[done..], 8 - done, None, None).unwrap();
+                        for comp in &comps[done..done + n] {
+                            // SAFETY: do_io initialised these n entries.
+                            assert_eq!(unsafe { comp.assume_init_read() }.ret, 0);
+                        }
+                        done += n;
+                    }
+                    off += 8 * chunk / 2;
+                }
+            });
+        }
+    });
+    c.queues = queues;
+    for qi in 0..4 {
+        let expect = pattern(qi as u64 + 7, chunk)[..chunk / 2].to_vec();
+        for probe in [0, per_queue / 2, per_queue - chunk / 2] {
+            let got = c
+                .read(qi, (qi * per_queue + probe) as u64, chunk / 2)
+                .unwrap();
+            assert!(got == expect, "queue {qi} data at {probe} is wrong");
+        }
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_second_client_sees_the_first_clients_data() {
+    let s = Scratch::new("reconnect");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    make_image(&img, 4 << 20);
+    let d = Daemon::start(&img, &sock, &["--queues", "2"]);
+    let data = pattern(99, 8192);
+    {
+        let mut c = Client::connect(&sock, 2);
+        assert_eq!(c.write(1, 4096, &data), 0);
+        assert_eq!(c.flush(1), 0);
+    }
+    for _ in 0..2 {
+        let mut c = Client::connect(&sock, 1);
+        assert_eq!(c.read(0, 4096, 8192).unwrap(), data);
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.matches("frontend connected").count() >= 3, "{log}");
+}
+
+#[test]
+fn out_of_range_and_misaligned_requests_fail_and_the_daemon_keeps_serving() {
+    let s = Scratch::new("range");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    const SIZE: u64 = 1 << 20;
+    make_image(&img, SIZE);
+    let d = Daemon::start(&img, &sock, &["--logical-block-size", "4096"]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, SIZE - 4096, 8192), Err(EIO), "read past the end");
+    assert_eq!(c.write(0, SIZE, &[1u8; 4096]), EIO, "write at the end");
+    assert_eq!(c.discard(0, SIZE - 4096, 8192), EIO, "discard past the end");
+    // 512-byte aligned but not 4096-aligned: refused with a 4 KiB logical block size.
+    assert_eq!(c.write(0, 512, &[1u8; 4096]), EIO, "misaligned write");
+    assert_eq!(c.write(0, 4096, &[2u8; 4096]), 0);
+    assert_eq!(c.read(0, 4096, 4096).unwrap(), vec![2u8; 4096]);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("errors=4"),
+        "expected four refused requests: {log}"
+    );
+}
+
+#[test]
+fn read_only_is_advertised_and_enforced() {
+    let s = Scratch::new("ro");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    let content = pattern(5, 1 << 20);
+    fs::write(&img, &content).unwrap();
+    let d = Daemon::start(&img, &sock, &["--readonly"]);
+    // A writable client is refused: the device offers VIRTIO_BLK_F_RO.
+    let err = Client::try_connect(&sock, 1, false)
+        .err()
+        .expect("RO not advertised");
+    assert_eq!(err.errno(), blkio::Errno::ROFS, "{}", err.message());
+    let mut c = Client::try_connect(&sock, 1, true).unwrap();
+    assert_eq!(c.read(0, 8192, 4096).unwrap(), content[8192..12288]);
+    assert_ne!(c.write(0, 0, &[0u8; 512]), 0);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        fs::read(&img).unwrap(),
+        content,
+        "a read-only image changed"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_image_is_refused() {
+    let s = Scratch::new("lock");
+    let img = s.path("disk.raw");
+    make_image(&img, 1 << 20);
+    let d = Daemon::start(&img, &s.path("sock1"), &[]);
+    let out = extblk()
+        .args(["serve", "--format", "raw", "--socket"])
+        .arg(s.path("sock2"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("extblk:")).count(),
+        1,
+        "{err}"
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn bad_command_lines_get_one_clear_line() {
+    let s = Scratch::new("cli");
+    let img = s.path("disk.raw");
+    make_image(&img, 1 << 20);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--socket".into(),
+                s.path("nodir/sock").display().to_string(),
+                img.display().to_string(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                s.path("sock").display().to_string(),
+                s.path("missing.raw").display().to_string(),
+            ],
+            "no such file",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                s.path("sock").display().to_string(),
+                s.0.display().to_string(),
+            ],
+            "not a regular file",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = extblk()
+            .args(["serve", "--format", "raw"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    let out = extblk()
+        .args([
+            "serve",
+            "--format",
+            "raw",
+            "--queue-size",
+            "100",
+            "--socket",
+            "x",
+            "y",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+}
+
+#[test]
+fn socket_is_private_and_removed_on_sigterm() {
+    let s = Scratch::new("sock");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    make_image(&img, 1 << 20);
+    let d = Daemon::start(&img, &sock, &[]);
+    let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn sigterm_with_a_connected_client_flushes_and_exits() {
+    let s = Scratch::new("term");
+    let (img, sock) = (s.path("disk.raw"), s.path("sock"));
+    make_image(&img, 1 << 20);
+    let d = Daemon::start(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    let data = pattern(3, 4096);
+    assert_eq!(c.write(0, 0, &data), 0);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let mut got = vec![0u8; 4096];
+    OpenOptions::new()
+        .read(true)
+        .open(&img)
+        .unwrap()
+        .read_exact_at(&mut got, 0)
+        .unwrap();
+    assert_eq!(got, data);
+    drop(c);
+    let _ = std::io::stderr().flush();
+}
