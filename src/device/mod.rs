@@ -9,6 +9,9 @@ pub mod completion;
 pub mod config;
 pub mod request;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

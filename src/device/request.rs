@@ -46,7 +46,7 @@ pub enum Status {
 }
 
 /// Everything a guest can get wrong.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum RequestError {
     #[error("chain has no device-writable status byte")]
     NoStatus,
