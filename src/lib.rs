@@ -7,5 +7,6 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod ext4;
+pub mod jbd2;
 pub mod serve;
 pub mod units;

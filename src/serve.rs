@@ -294,10 +294,13 @@ fn accept_loop<E: BlockEngine>(
         if control.stopping.load(Ordering::Acquire) {
             daemon.request_shutdown();
         }
-        if let Err(e) = daemon.wait() {
-            log::warn!("frontend connection ended: {e}");
-        } else {
-            log::info!("frontend disconnected");
+        match daemon.wait() {
+            Ok(()) => log::info!("frontend disconnected"),
+            // A frontend that closes its socket (QEMU quitting, a guest reboot) is the normal end.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("frontend connection ended: {e}"),
         }
         *control.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Dropping the daemon stops and joins its vring threads; requests they started finish.

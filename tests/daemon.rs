@@ -354,6 +354,10 @@ fn a_second_client_sees_the_first_clients_data() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     assert!(log.matches("frontend connected").count() >= 3, "{log}");
+    assert!(
+        !log.contains("WARN"),
+        "a normal disconnect is not a warning: {log}"
+    );
 }
 
 #[test]
