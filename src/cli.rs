@@ -24,6 +24,30 @@ pub enum Format {
 pub enum Command {
     /// Serve IMAGE to one vhost-user frontend at a time on a unix socket.
     Serve(ServeArgs),
+    /// Create an extblk image: an ext4 filesystem holding an empty virtual disk as /disk.
+    Create(CreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Virtual disk size (bytes, or with a K/M/G/T suffix); at most 16T minus 4K.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub size: u64,
+
+    /// Journal size (default: 1/64 of the disk, between 4M and 128M; at most 384M).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub journal_size: Option<u64>,
+
+    /// Overwrite an existing file or format a block device.
+    #[arg(long)]
+    pub force: bool,
+
+    /// New image file (created sparse), or a block device with --force.
+    pub image: PathBuf,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s).map(|b| b.0)
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +122,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 logical_block_size: a.logical_block_size,
                 serial: a.serial,
             })?;
+            Ok(())
+        }
+        Command::Create(a) => {
+            if let Some(j) = a.journal_size {
+                if j % 4096 != 0 {
+                    anyhow::bail!("--journal-size must be a multiple of 4K");
+                }
+            }
+            let layout = crate::image::create::create_path(
+                &a.image,
+                a.size,
+                a.journal_size.map(|j| j / 4096),
+                a.force,
+            )?;
+            println!(
+                "created {}: {} byte disk, {} byte filesystem ({} groups, {} MiB journal), data from block {}",
+                a.image.display(),
+                layout.disk_size,
+                layout.blocks_count * 4096,
+                layout.groups,
+                layout.journal_blocks * 4096 >> 20,
+                layout.data_start
+            );
             Ok(())
         }
     }

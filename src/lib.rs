@@ -7,6 +7,8 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod ext4;
+pub mod image;
+pub mod io;
 pub mod jbd2;
 pub mod serve;
 pub mod units;

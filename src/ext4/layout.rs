@@ -10,9 +10,10 @@ use crate::ext4::extent::BLOCK_MAX;
 
 /// The largest virtual disk: ext4's file limit at 4 KiB blocks (16 TiB − 4 KiB).
 pub const MAX_DISK_SIZE: u64 = MAX_FILE_BLOCKS * BLOCK_SIZE_U64;
-/// Journal bounds: at least 4 MiB (jbd2's minimum 1024 blocks), at most 4 extents of 128 MiB.
+/// Journal bounds: at least 4 MiB (jbd2's minimum 1024 blocks), at most 384 MiB, so that its
+/// extents (≤ 32768 blocks each, one more where a backup superblock splits it) fit in the inode.
 pub const MIN_JOURNAL_BLOCKS: u64 = 1024;
-pub const MAX_JOURNAL_BLOCKS: u64 = 4 * 32768;
+pub const MAX_JOURNAL_BLOCKS: u64 = 3 * 32768;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -66,7 +67,7 @@ impl Layout {
         }
         if !(MIN_JOURNAL_BLOCKS..=MAX_JOURNAL_BLOCKS).contains(&journal_blocks) {
             return geo(format!(
-                "journal of {journal_blocks} blocks: must be between {MIN_JOURNAL_BLOCKS} (4 MiB) and {MAX_JOURNAL_BLOCKS} (512 MiB)"
+                "journal of {journal_blocks} blocks: must be between {MIN_JOURNAL_BLOCKS} (4 MiB) and {MAX_JOURNAL_BLOCKS} (384 MiB)"
             ));
         }
         let data = disk_size.div_ceil(BLOCK_SIZE_U64);
@@ -114,6 +115,9 @@ impl Layout {
                 cursor_len,
             };
             l.data_start = l.cursor_block(cursor_len);
+            if l.journal_runs().len() > usize::from(crate::ext4::extent::ROOT_MAX) {
+                return geo("the journal does not fit in four extents".into());
+            }
             return Ok(l);
         }
     }
@@ -249,6 +253,8 @@ mod tests {
         assert!(Layout::compute(MAX_DISK_SIZE + 4096, 32768, None).is_err());
         assert!(Layout::compute(1000, 1024, None).is_err());
         assert!(Layout::compute(1 << 30, 10, None).is_err());
+        assert!(Layout::compute(1 << 30, MAX_JOURNAL_BLOCKS, None).is_ok());
+        assert!(Layout::compute(1 << 30, MAX_JOURNAL_BLOCKS + 1, None).is_err());
         assert!(Layout::compute(1 << 30, 1024, Some(1000)).is_err());
     }
 }

@@ -1,0 +1,318 @@
+//! `extblk create`: writes a fresh image — superblock and backups, group descriptors, bitmaps,
+//! inode table, `/`, `lost+found`, the journal and an empty `/disk` — following a [`Layout`].
+
+use crate::ext4::bitmap;
+use crate::ext4::dir::{self, DirEntry, FT_DIR, FT_REG};
+use crate::ext4::extent::{self, Entries, Extent, Node};
+use crate::ext4::group::{GroupDesc, BG_INODE_UNINIT, BG_INODE_ZEROED, DESCS_PER_BLOCK, DESC_SIZE};
+use crate::ext4::inode::{Inode, EXTENTS_FL, S_IFDIR, S_IFREG};
+use crate::ext4::layout::Layout;
+use crate::ext4::superblock::{Superblock, SUPERBLOCK_OFFSET};
+use crate::ext4::{
+    inode_seed, BLOCKS_PER_GROUP, BLOCK_SIZE, BLOCK_SIZE_U64, DISK_INO, INODES_PER_GROUP,
+    JOURNAL_INO, LOST_FOUND_INO, ROOT_INO,
+};
+use crate::io::BlockIo;
+use crate::jbd2::format::JournalSuperblock;
+
+use super::ImageError;
+
+/// What a new image is called and stamped with.
+#[derive(Clone, Debug)]
+pub struct CreateParams {
+    pub label: String,
+    pub uuid: [u8; 16],
+    pub now: u32,
+}
+
+/// A random version-4 UUID from the kernel's generator.
+pub fn random_uuid() -> std::io::Result<[u8; 16]> {
+    let mut u = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut u)?;
+    u[6] = (u[6] & 0x0F) | 0x40;
+    u[8] = (u[8] & 0x3F) | 0x80;
+    Ok(u)
+}
+
+fn leaf_root(extents: Vec<Extent>) -> [u8; 60] {
+    extent::encode_root(&Node {
+        depth: 0,
+        entries: Entries::Leaf(extents),
+    })
+}
+
+fn file_inode(mode: u16, links: u16, size: u64, blocks: u64, root: [u8; 60], now: u32) -> Inode {
+    let mut i = Inode::new(crate::ext4::INODE_SIZE);
+    i.mode = mode;
+    i.links = links;
+    i.size = size;
+    i.blocks = blocks * 8;
+    i.flags = EXTENTS_FL;
+    i.i_block = root;
+    i.atime = now;
+    i.ctime = now;
+    i.mtime = now;
+    i.crtime = now;
+    i
+}
+
+/// Writes a new image onto `io`, which must be at least `layout.blocks_count` blocks long.
+pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(), ImageError> {
+    let bs = BLOCK_SIZE_U64;
+    if io.size() < layout.blocks_count * bs {
+        return Err(ImageError::TooSmall(io.size(), layout.blocks_count * bs));
+    }
+    // Whatever was there before (an old device's data, a stale journal) must read as zero.
+    io.punch(0, layout.data_start * bs)?;
+    for g in layout.backup_groups() {
+        io.punch(g * BLOCKS_PER_GROUP * bs, (1 + layout.gdt_blocks) * bs)?;
+    }
+
+    let mut sb = Superblock::new_blank();
+    sb.blocks_count = layout.blocks_count;
+    sb.inodes_per_group = INODES_PER_GROUP;
+    sb.inodes_count = (layout.groups * u64::from(INODES_PER_GROUP)) as u32;
+    sb.free_inodes_count = sb.inodes_count - 12;
+    sb.uuid = p.uuid;
+    sb.set_label(&p.label);
+    sb.mkfs_time = p.now;
+    sb.wtime = p.now;
+    sb.lastcheck = p.now;
+    sb.log_groups_per_flex = layout.log_groups_per_flex();
+    sb.backup_bgs = layout.backup_bgs();
+    let seed = sb.csum_seed();
+
+    // Block bitmaps and group descriptors, one group at a time.
+    let used = layout.used_runs();
+    let mut descs = Vec::with_capacity(layout.groups as usize);
+    let mut free_total = 0u64;
+    let zero_block = vec![0u8; BLOCK_SIZE];
+    for g in 0..layout.groups {
+        let base = g * BLOCKS_PER_GROUP;
+        let n = bitmap::blocks_in_group(layout.blocks_count, g);
+        let mut bb = vec![0u8; BLOCK_SIZE];
+        for &(s, l) in &used {
+            let (a, b) = (s.max(base), (s + l).min(base + n));
+            if a < b {
+                bitmap::set_range(&mut bb, (a - base) as usize, (b - base) as usize);
+            }
+        }
+        bitmap::set_range(&mut bb, n as usize, BLOCKS_PER_GROUP as usize);
+        let free = bitmap::count_free(&bb, n as usize);
+        free_total += free;
+        if bb != zero_block {
+            io.write_at(&bb, layout.block_bitmap(g) * bs)?;
+        }
+        let first = g == 0;
+        let mut d = GroupDesc {
+            block_bitmap: layout.block_bitmap(g),
+            inode_bitmap: layout.inode_bitmap(g),
+            inode_table: layout.inode_table(g),
+            free_blocks: free as u32,
+            free_inodes: if first {
+                INODES_PER_GROUP - 12
+            } else {
+                INODES_PER_GROUP
+            },
+            used_dirs: if first { 2 } else { 0 },
+            flags: if first {
+                BG_INODE_ZEROED
+            } else {
+                BG_INODE_UNINIT | BG_INODE_ZEROED
+            },
+            block_bitmap_csum: bitmap::block_bitmap_csum(seed, &bb),
+            inode_bitmap_csum: 0,
+            itable_unused: if first {
+                INODES_PER_GROUP - 12
+            } else {
+                INODES_PER_GROUP
+            },
+        };
+        if first {
+            let mut ib = vec![0xFFu8; BLOCK_SIZE];
+            ib[..INODES_PER_GROUP as usize / 8].fill(0);
+            bitmap::set_range(&mut ib, 0, 12);
+            d.inode_bitmap_csum = bitmap::inode_bitmap_csum(seed, &ib, INODES_PER_GROUP);
+            io.write_at(&ib, layout.inode_bitmap(0) * bs)?;
+        }
+        descs.push(d);
+    }
+    sb.free_blocks_count = free_total;
+
+    // Inodes: /, the journal, lost+found, /disk. Reserved inodes stay zero.
+    let jruns = layout.journal_runs();
+    let mut jext = Vec::new();
+    let mut lblk = 0u32;
+    for &(s, l) in &jruns {
+        jext.push(Extent {
+            lblk,
+            len: l as u32,
+            pblk: s,
+            unwritten: false,
+        });
+        lblk += l as u32;
+    }
+    let jroot = leaf_root(jext);
+    let jsize = layout.journal_blocks * bs;
+    let inodes = [
+        (
+            ROOT_INO,
+            file_inode(
+                S_IFDIR | 0o755,
+                3,
+                bs,
+                1,
+                leaf_root(vec![Extent {
+                    lblk: 0,
+                    len: 1,
+                    pblk: layout.root_dir_block(),
+                    unwritten: false,
+                }]),
+                p.now,
+            ),
+        ),
+        (
+            JOURNAL_INO,
+            file_inode(
+                S_IFREG | 0o600,
+                1,
+                jsize,
+                layout.journal_blocks,
+                jroot,
+                p.now,
+            ),
+        ),
+        (
+            LOST_FOUND_INO,
+            file_inode(
+                S_IFDIR | 0o700,
+                2,
+                bs,
+                1,
+                leaf_root(vec![Extent {
+                    lblk: 0,
+                    len: 1,
+                    pblk: layout.lost_found_block(),
+                    unwritten: false,
+                }]),
+                p.now,
+            ),
+        ),
+        (
+            DISK_INO,
+            file_inode(
+                S_IFREG | 0o600,
+                1,
+                layout.disk_size,
+                0,
+                leaf_root(vec![]),
+                p.now,
+            ),
+        ),
+    ];
+    let mut itable = vec![0u8; BLOCK_SIZE];
+    for (ino, inode) in &inodes {
+        let off = (*ino as usize - 1) * usize::from(crate::ext4::INODE_SIZE);
+        itable[off..off + 256].copy_from_slice(&inode.encode(*ino, seed));
+    }
+    io.write_at(&itable, layout.inode_table(0) * bs)?;
+    for (i, w) in sb.jnl_blocks.iter_mut().take(15).enumerate() {
+        *w = u32::from_le_bytes(jroot[4 * i..4 * i + 4].try_into().unwrap_or_default());
+    }
+    sb.jnl_blocks[15] = (jsize >> 32) as u32;
+    sb.jnl_blocks[16] = jsize as u32;
+
+    // Directories.
+    let root = dir::encode_block(
+        &[
+            DirEntry::new(ROOT_INO, ".", FT_DIR),
+            DirEntry::new(ROOT_INO, "..", FT_DIR),
+            DirEntry::new(LOST_FOUND_INO, "lost+found", FT_DIR),
+            DirEntry::new(DISK_INO, crate::ext4::DISK_NAME, FT_REG),
+        ],
+        inode_seed(seed, ROOT_INO, 0),
+    );
+    io.write_at(&root, layout.root_dir_block() * bs)?;
+    let lf = dir::encode_block(
+        &[
+            DirEntry::new(LOST_FOUND_INO, ".", FT_DIR),
+            DirEntry::new(ROOT_INO, "..", FT_DIR),
+        ],
+        inode_seed(seed, LOST_FOUND_INO, 0),
+    );
+    io.write_at(&lf, layout.lost_found_block() * bs)?;
+
+    // Journal superblock; the rest of the log area was zeroed above.
+    let jsb = JournalSuperblock::new(layout.journal_blocks as u32, p.uuid, 0);
+    io.write_at(&jsb.encode(), jruns[0].0 * bs)?;
+
+    // Group descriptor tables, then the superblocks (primary last, after a barrier).
+    let mut gdt = vec![0u8; (layout.gdt_blocks * bs) as usize];
+    for (g, d) in descs.iter().enumerate() {
+        gdt[g * DESC_SIZE..(g + 1) * DESC_SIZE].copy_from_slice(&d.encode(g as u64, seed));
+    }
+    debug_assert!(descs.len() as u64 <= layout.gdt_blocks * DESCS_PER_BLOCK);
+    io.write_at(&gdt, bs)?;
+    for g in layout.backup_groups() {
+        let at = g * BLOCKS_PER_GROUP * bs;
+        let mut copy = sb.clone();
+        copy.block_group_nr = g as u16;
+        io.write_at(&copy.encode(), at)?;
+        io.write_at(&gdt, at + bs)?;
+    }
+    io.flush()?;
+    io.write_at(&sb.encode(), SUPERBLOCK_OFFSET)?;
+    io.flush()?;
+    Ok(())
+}
+
+/// Creates an image at `path`: a new sparse file, or (with `force`) an existing file or block
+/// device, overwritten. Returns the layout written.
+pub fn create_path(
+    path: &std::path::Path,
+    disk_size: u64,
+    journal_blocks: Option<u64>,
+    force: bool,
+) -> Result<Layout, ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    let journal =
+        journal_blocks.unwrap_or_else(|| crate::ext4::layout::default_journal_blocks(disk_size));
+    let meta = std::fs::metadata(path).ok();
+    let is_dev = meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if meta.is_some() && !force {
+        return Err(ImageError::Exists(path.to_path_buf()));
+    }
+    if !is_dev {
+        let layout = Layout::compute(disk_size, journal, None)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        f.set_len(layout.blocks_count * BLOCK_SIZE_U64)?;
+        drop(f);
+        let backing = crate::engine::raw::Backing::open(path, false)?;
+        let io = crate::io::FileIo::new(backing);
+        create(&io, &layout, &default_params()?)?;
+        return Ok(layout);
+    }
+    let backing = crate::engine::raw::Backing::open(path, false)?;
+    let layout = Layout::compute(disk_size, journal, Some(backing.size / BLOCK_SIZE_U64))?;
+    let io = crate::io::FileIo::new(backing);
+    create(&io, &layout, &default_params()?)?;
+    Ok(layout)
+}
+
+fn default_params() -> Result<CreateParams, ImageError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0);
+    Ok(CreateParams {
+        label: "extblk".into(),
+        uuid: random_uuid()?,
+        now,
+    })
+}
