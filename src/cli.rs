@@ -142,7 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 layout.disk_size,
                 layout.blocks_count * 4096,
                 layout.groups,
-                layout.journal_blocks * 4096 >> 20,
+                (layout.journal_blocks * 4096) >> 20,
                 layout.data_start
             );
             Ok(())
