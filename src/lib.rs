@@ -10,5 +10,6 @@ pub mod ext4;
 pub mod image;
 pub mod io;
 pub mod jbd2;
+pub mod mapping;
 pub mod serve;
 pub mod units;

@@ -1,0 +1,1 @@
+//! The block allocator (filled in with the image engine).

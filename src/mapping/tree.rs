@@ -1,0 +1,559 @@
+//! The extent tree of `/disk`, held in memory and written back node by node.
+//!
+//! The tree is kept as an ordered list of leaves (each ≤ 340 extents) with index levels derived
+//! from it: level k groups the nodes of level k−1 in runs of 340, until at most 4 entries remain
+//! for the root in the inode. With ≤ 4 extents the root holds them itself (depth 0). A change
+//! rewrites the leaves it touches — packed full, so e2fsck sees a narrow tree — and the index
+//! nodes whose entries changed. Every changed node is reported in [`TreeChanges`] so the caller
+//! can journal it; tree blocks come from and go back to a [`NodeAlloc`].
+
+use std::collections::BTreeSet;
+
+use super::MapError;
+use crate::ext4::extent::{Entries, Extent, Index, Node, BLOCK_MAX, ROOT_MAX};
+use crate::ext4::{FormatError, MAX_FILE_BLOCKS};
+
+const FANOUT: usize = BLOCK_MAX as usize;
+const ROOT_FANOUT: usize = ROOT_MAX as usize;
+
+/// Where tree blocks come from.
+pub trait NodeAlloc {
+    /// A free block for a tree node, near `goal`.
+    fn alloc_node(&mut self, goal: u64) -> Result<u64, MapError>;
+    /// A tree node's block is no longer used.
+    fn free_node(&mut self, pblk: u64);
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Leaf {
+    pblk: u64,
+    extents: Vec<Extent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IndexNode {
+    pblk: u64,
+    entries: Vec<Index>,
+}
+
+/// What a change did to the on-disk tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeChanges {
+    /// Tree blocks whose content changed (to be journaled), including new ones.
+    pub dirty: BTreeSet<u64>,
+    /// The root (in the inode) changed.
+    pub root_dirty: bool,
+}
+
+/// The result of looking up one logical block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The block is mapped: the extent clipped to start at the looked-up block.
+    Mapped(Extent),
+    /// A hole of `len` blocks (up to the next extent, or the end of the logical space).
+    Hole { len: u64 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ExtentTree {
+    /// Depth 0: the extents in the root.
+    root_extents: Vec<Extent>,
+    /// Depth ≥ 1: the leaves in logical order.
+    leaves: Vec<Leaf>,
+    /// Index levels above the leaves, lowest first; the root's entries are derived from the top.
+    levels: Vec<Vec<IndexNode>>,
+    root_entries: Vec<Index>,
+    changes: TreeChanges,
+    data_blocks: u64,
+    extent_count: usize,
+    /// Bumped on every change, so a mapping read without the lock can be validated.
+    seq: u64,
+}
+
+fn merge_pass(v: Vec<Extent>) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(v.len());
+    for e in v {
+        if let Some(p) = out.last_mut() {
+            if p.end() == u64::from(e.lblk)
+                && p.unwritten == e.unwritten
+                && p.pblk + u64::from(p.len) == e.pblk
+                && p.len + e.len <= Extent::max_len(e.unwritten)
+            {
+                p.len += e.len;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    out
+}
+
+/// Replaces the coverage of `[a, b)` in the sorted list `old` by `new` (sorted, inside
+/// `[a, b)`), splitting extents at the edges and merging neighbours. Returns the new list and
+/// the removed pieces.
+pub fn splice(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+    let (a64, b64) = (u64::from(a), u64::from(b));
+    let mut out = Vec::with_capacity(old.len() + new.len() + 1);
+    let mut removed = Vec::new();
+    let mut inserted = false;
+    for e in old {
+        if e.end() <= a64 || u64::from(e.lblk) >= b64 {
+            if u64::from(e.lblk) >= b64 && !inserted {
+                out.extend_from_slice(new);
+                inserted = true;
+            }
+            out.push(*e);
+            continue;
+        }
+        // Overlaps [a, b): keep the parts outside, report the part inside.
+        if u64::from(e.lblk) < a64 {
+            out.push(Extent {
+                len: a - e.lblk,
+                ..*e
+            });
+        }
+        let s = e.lblk.max(a);
+        let t = e.end().min(b64) as u32;
+        removed.push(Extent {
+            lblk: s,
+            len: t - s,
+            pblk: e.pblk + u64::from(s - e.lblk),
+            unwritten: e.unwritten,
+        });
+        if !inserted {
+            out.extend_from_slice(new);
+            inserted = true;
+        }
+        if e.end() > b64 {
+            out.push(Extent {
+                lblk: b,
+                len: (e.end() - b64) as u32,
+                pblk: e.pblk + u64::from(b - e.lblk),
+                unwritten: e.unwritten,
+            });
+        }
+    }
+    if !inserted {
+        out.extend_from_slice(new);
+    }
+    (merge_pass(out), removed)
+}
+
+impl ExtentTree {
+    pub fn new() -> ExtentTree {
+        ExtentTree::default()
+    }
+
+    /// Loads a tree from its root, reading child blocks with `read`. Checks the structure:
+    /// depths, ordering, index keys equal to the children's first keys, no overlap.
+    pub fn load(
+        root: &Node,
+        mut read: impl FnMut(u64) -> Result<Node, FormatError>,
+    ) -> Result<ExtentTree, FormatError> {
+        let mut t = ExtentTree::new();
+        match &root.entries {
+            Entries::Leaf(v) => {
+                if root.depth != 0 {
+                    return Err(crate::ext4::corrupt(
+                        "extent root",
+                        "leaf entries at depth > 0",
+                    ));
+                }
+                t.root_extents = v.clone();
+            }
+            Entries::Index(v) => {
+                t.root_entries = v.clone();
+                t.levels = vec![Vec::new(); usize::from(root.depth) - 1];
+                let mut seen = BTreeSet::new();
+                for ix in v {
+                    t.load_node(ix, root.depth - 1, &mut read, &mut seen)?;
+                }
+            }
+        }
+        // Global order across leaves, and sizes.
+        let mut prev_end = 0u64;
+        for e in t.iter() {
+            if u64::from(e.lblk) < prev_end {
+                return Err(crate::ext4::corrupt(
+                    "extent tree",
+                    format!("extent at {} overlaps its predecessor", e.lblk),
+                ));
+            }
+            if e.end() > MAX_FILE_BLOCKS {
+                return Err(crate::ext4::corrupt(
+                    "extent tree",
+                    "extent past the last logical block",
+                ));
+            }
+            prev_end = e.end();
+        }
+        t.data_blocks = t.iter().map(|e| u64::from(e.len)).sum();
+        t.extent_count = t.iter().count();
+        Ok(t)
+    }
+
+    fn load_node(
+        &mut self,
+        ix: &Index,
+        depth: u16,
+        read: &mut impl FnMut(u64) -> Result<Node, FormatError>,
+        seen: &mut BTreeSet<u64>,
+    ) -> Result<(), FormatError> {
+        if !seen.insert(ix.child) {
+            return Err(crate::ext4::corrupt(
+                "extent tree",
+                format!("block {} referenced twice", ix.child),
+            ));
+        }
+        let node = read(ix.child)?;
+        let what = format!("extent block {}", ix.child);
+        if node.depth != depth {
+            return Err(crate::ext4::corrupt(
+                what,
+                format!("depth {} where {} was expected", node.depth, depth),
+            ));
+        }
+        match node.first_lblk() {
+            None => return Err(crate::ext4::corrupt(what, "empty node")),
+            Some(f) if f != ix.lblk => {
+                return Err(crate::ext4::corrupt(
+                    what,
+                    format!("first key {f} does not match the index key {}", ix.lblk),
+                ))
+            }
+            _ => {}
+        }
+        match node.entries {
+            Entries::Leaf(v) => self.leaves.push(Leaf {
+                pblk: ix.child,
+                extents: v,
+            }),
+            Entries::Index(v) => {
+                for c in &v {
+                    self.load_node(c, depth - 1, read, seen)?;
+                }
+                self.levels[usize::from(depth) - 1].push(IndexNode {
+                    pblk: ix.child,
+                    entries: v,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn depth(&self) -> u16 {
+        if self.leaves.is_empty() {
+            0
+        } else {
+            self.levels.len() as u16 + 1
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn extent_count(&self) -> usize {
+        self.extent_count
+    }
+
+    /// Blocks mapped by extents, written and unwritten.
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks
+    }
+
+    /// Blocks holding tree nodes (the root costs none).
+    pub fn tree_blocks(&self) -> u64 {
+        (self.leaves.len() + self.levels.iter().map(Vec::len).sum::<usize>()) as u64
+    }
+
+    /// Every tree block, for bitmap cross-checks.
+    pub fn node_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.leaves.iter().map(|l| l.pblk).collect();
+        v.extend(self.levels.iter().flatten().map(|n| n.pblk));
+        v
+    }
+
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &Extent> + '_> {
+        if self.leaves.is_empty() {
+            Box::new(self.root_extents.iter())
+        } else {
+            Box::new(self.leaves.iter().flat_map(|l| l.extents.iter()))
+        }
+    }
+
+    fn leaf_index(&self, lblk: u32) -> usize {
+        self.leaves
+            .partition_point(|l| l.extents[0].lblk <= lblk)
+            .saturating_sub(1)
+    }
+
+    fn extents_near(&self, lblk: u32) -> (&[Extent], Option<&[Extent]>) {
+        if self.leaves.is_empty() {
+            (&self.root_extents, None)
+        } else {
+            let i = self.leaf_index(lblk);
+            (
+                &self.leaves[i].extents,
+                self.leaves.get(i + 1).map(|l| l.extents.as_slice()),
+            )
+        }
+    }
+
+    pub fn lookup(&self, lblk: u32) -> Lookup {
+        let (v, next_leaf) = self.extents_near(lblk);
+        let i = v.partition_point(|e| e.lblk <= lblk);
+        if i > 0 {
+            let e = v[i - 1];
+            if u64::from(lblk) < e.end() {
+                let off = lblk - e.lblk;
+                return Lookup::Mapped(Extent {
+                    lblk,
+                    len: e.len - off,
+                    pblk: e.pblk + u64::from(off),
+                    unwritten: e.unwritten,
+                });
+            }
+        }
+        let next = v
+            .get(i)
+            .or_else(|| next_leaf.and_then(|n| n.first()))
+            .map(|e| e.lblk);
+        let end = next.map(u64::from).unwrap_or(MAX_FILE_BLOCKS);
+        Lookup::Hole {
+            len: end - u64::from(lblk),
+        }
+    }
+
+    /// The extents overlapping `[a, b)`, clipped to it.
+    pub fn range(&self, a: u32, b: u32) -> Vec<Extent> {
+        let mut out = Vec::new();
+        let mut pos = a;
+        while pos < b {
+            match self.lookup(pos) {
+                Lookup::Mapped(e) => {
+                    let len = e.len.min(b - pos);
+                    out.push(Extent { len, ..e });
+                    pos += len;
+                }
+                Lookup::Hole { len } => pos = (u64::from(pos) + len).min(u64::from(b)) as u32,
+            }
+        }
+        out
+    }
+
+    /// Replaces the mapping of `[a, b)` by `new` (sorted extents inside `[a, b)`); returns the
+    /// extents removed from that range (the caller frees their blocks as needed).
+    pub fn replace(
+        &mut self,
+        a: u32,
+        b: u32,
+        new: &[Extent],
+        alloc: &mut dyn NodeAlloc,
+    ) -> Result<Vec<Extent>, MapError> {
+        debug_assert!(new
+            .iter()
+            .all(|e| e.lblk >= a && e.end() <= u64::from(b) && e.len > 0));
+        self.seq += 1;
+        let removed = if self.leaves.is_empty() {
+            let (v, removed) = splice(&self.root_extents, a, b, new);
+            if v != self.root_extents {
+                self.changes.root_dirty = true;
+            }
+            self.root_extents = v;
+            if self.root_extents.len() > ROOT_FANOUT {
+                let all = std::mem::take(&mut self.root_extents);
+                self.repack(0, 0, all, alloc)?;
+                self.rebuild_index(alloc)?;
+            }
+            removed
+        } else {
+            // The leaves around [a, b), plus one on each side for merging and for overflow room.
+            let s = self.leaf_index(a.saturating_sub(1));
+            let e = (self.leaf_index(b.saturating_sub(1).max(a)) + 2).min(self.leaves.len());
+            let old: Vec<Extent> = self.leaves[s..e]
+                .iter()
+                .flat_map(|l| l.extents.iter().copied())
+                .collect();
+            let (v, removed) = splice(&old, a, b, new);
+            self.repack(s, e, v, alloc)?;
+            self.rebuild_index(alloc)?;
+            removed
+        };
+        let added: u64 = new.iter().map(|e| u64::from(e.len)).sum();
+        let gone: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
+        self.data_blocks = self.data_blocks + added - gone;
+        self.extent_count = if self.leaves.is_empty() {
+            self.root_extents.len()
+        } else {
+            self.leaves.iter().map(|l| l.extents.len()).sum()
+        };
+        self.maybe_collapse(alloc);
+        Ok(removed)
+    }
+
+    /// Replaces leaves `[s, e)` by `v` packed into full leaves, reusing their blocks.
+    fn repack(
+        &mut self,
+        s: usize,
+        e: usize,
+        v: Vec<Extent>,
+        alloc: &mut dyn NodeAlloc,
+    ) -> Result<(), MapError> {
+        let mut old: Vec<u64> = self.leaves[s..e].iter().map(|l| l.pblk).collect();
+        let goal = old
+            .first()
+            .copied()
+            .or_else(|| self.leaves.last().map(|l| l.pblk + 1))
+            .unwrap_or(0);
+        let mut fresh = Vec::with_capacity(v.len().div_ceil(FANOUT));
+        let mut reuse = old.drain(..).collect::<std::collections::VecDeque<_>>();
+        for chunk in v.chunks(FANOUT) {
+            let pblk = match reuse.pop_front() {
+                Some(p) => p,
+                None => alloc.alloc_node(goal)?,
+            };
+            self.changes.dirty.insert(pblk);
+            fresh.push(Leaf {
+                pblk,
+                extents: chunk.to_vec(),
+            });
+        }
+        for p in reuse {
+            self.changes.dirty.remove(&p);
+            alloc.free_node(p);
+        }
+        self.leaves.splice(s..e, fresh);
+        Ok(())
+    }
+
+    /// Recomputes the index levels from the leaves; rewrites index nodes whose entries changed.
+    fn rebuild_index(&mut self, alloc: &mut dyn NodeAlloc) -> Result<(), MapError> {
+        let mut below: Vec<Index> = self
+            .leaves
+            .iter()
+            .map(|l| Index {
+                lblk: l.extents[0].lblk,
+                child: l.pblk,
+            })
+            .collect();
+        let mut level = 0;
+        while below.len() > ROOT_FANOUT {
+            let want: Vec<Vec<Index>> = below.chunks(FANOUT).map(<[Index]>::to_vec).collect();
+            if self.levels.len() <= level {
+                self.levels.push(Vec::new());
+            }
+            let cur = &mut self.levels[level];
+            let goal = cur
+                .last()
+                .map(|n| n.pblk + 1)
+                .or_else(|| self.leaves.last().map(|l| l.pblk + 1))
+                .unwrap_or(0);
+            let mut next = Vec::with_capacity(want.len());
+            for (i, entries) in want.into_iter().enumerate() {
+                match cur.get(i) {
+                    Some(n) if n.entries == entries => next.push(n.clone()),
+                    Some(n) => {
+                        self.changes.dirty.insert(n.pblk);
+                        next.push(IndexNode {
+                            pblk: n.pblk,
+                            entries,
+                        });
+                    }
+                    None => {
+                        let pblk = alloc.alloc_node(goal)?;
+                        self.changes.dirty.insert(pblk);
+                        next.push(IndexNode { pblk, entries });
+                    }
+                }
+            }
+            for n in cur.iter().skip(next.len()) {
+                self.changes.dirty.remove(&n.pblk);
+                alloc.free_node(n.pblk);
+            }
+            *cur = next;
+            below = cur
+                .iter()
+                .map(|n| Index {
+                    lblk: n.entries[0].lblk,
+                    child: n.pblk,
+                })
+                .collect();
+            level += 1;
+        }
+        for lv in self.levels.drain(level..) {
+            for n in lv {
+                self.changes.dirty.remove(&n.pblk);
+                alloc.free_node(n.pblk);
+            }
+        }
+        if below != self.root_entries {
+            self.changes.root_dirty = true;
+            self.root_entries = below;
+        }
+        Ok(())
+    }
+
+    /// With ≤ 4 extents left, the root holds them again and every tree block is freed.
+    fn maybe_collapse(&mut self, alloc: &mut dyn NodeAlloc) {
+        if self.leaves.is_empty() || self.extent_count > ROOT_FANOUT {
+            return;
+        }
+        let all: Vec<Extent> = self
+            .leaves
+            .iter()
+            .flat_map(|l| l.extents.iter().copied())
+            .collect();
+        for p in self.node_blocks() {
+            self.changes.dirty.remove(&p);
+            alloc.free_node(p);
+        }
+        self.leaves.clear();
+        self.levels.clear();
+        self.root_entries.clear();
+        self.root_extents = all;
+        self.changes.root_dirty = true;
+    }
+
+    /// The root as it goes into the inode.
+    pub fn root_node(&self) -> Node {
+        if self.leaves.is_empty() {
+            Node {
+                depth: 0,
+                entries: Entries::Leaf(self.root_extents.clone()),
+            }
+        } else {
+            Node {
+                depth: self.depth(),
+                entries: Entries::Index(self.root_entries.clone()),
+            }
+        }
+    }
+
+    /// The node stored in tree block `pblk`.
+    pub fn node(&self, pblk: u64) -> Option<Node> {
+        if let Some(l) = self.leaves.iter().find(|l| l.pblk == pblk) {
+            return Some(Node {
+                depth: 0,
+                entries: Entries::Leaf(l.extents.clone()),
+            });
+        }
+        for (i, lv) in self.levels.iter().enumerate() {
+            if let Some(n) = lv.iter().find(|n| n.pblk == pblk) {
+                return Some(Node {
+                    depth: i as u16 + 1,
+                    entries: Entries::Index(n.entries.clone()),
+                });
+            }
+        }
+        None
+    }
+
+    /// Takes the record of what changed since the last call.
+    pub fn take_changes(&mut self) -> TreeChanges {
+        std::mem::take(&mut self.changes)
+    }
+}
+
+#[cfg(test)]
+mod tests;

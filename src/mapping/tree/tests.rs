@@ -1,0 +1,220 @@
+//! The tree against a per-block model, with its on-disk form round-tripped through a block store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::ext4::extent::{decode_block, encode_block};
+
+/// A block store + allocator: hands out blocks from 1_000_000 up, remembers node contents.
+#[derive(Default)]
+struct Store {
+    next: u64,
+    live: BTreeSet<u64>,
+    blocks: HashMap<u64, Vec<u8>>,
+    freed: Vec<u64>,
+}
+
+impl NodeAlloc for Store {
+    fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
+        let b = self.freed.pop().unwrap_or_else(|| {
+            self.next += 1;
+            1_000_000 + self.next
+        });
+        assert!(self.live.insert(b), "block {b} allocated twice");
+        Ok(b)
+    }
+    fn free_node(&mut self, pblk: u64) {
+        assert!(
+            self.live.remove(&pblk),
+            "freeing block {pblk} that is not allocated"
+        );
+        self.blocks.remove(&pblk);
+        self.freed.push(pblk);
+    }
+}
+
+impl Store {
+    /// Writes the changed nodes, as the image would journal them.
+    fn flush(&mut self, t: &mut ExtentTree, root: &mut Node) {
+        let ch = t.take_changes();
+        for p in ch.dirty {
+            let node = t.node(p).expect("dirty block is a live node");
+            self.blocks.insert(p, encode_block(&node, 7));
+        }
+        if ch.root_dirty {
+            *root = t.root_node();
+        }
+    }
+}
+
+type Model = BTreeMap<u32, (u64, bool)>;
+
+fn model_apply(m: &mut Model, a: u32, b: u32, new: &[Extent]) {
+    for l in a..b {
+        m.remove(&l);
+    }
+    for e in new {
+        for i in 0..e.len {
+            m.insert(e.lblk + i, (e.pblk + u64::from(i), e.unwritten));
+        }
+    }
+}
+
+fn tree_blocks(t: &ExtentTree) -> Model {
+    let mut m = Model::new();
+    for e in t.iter() {
+        for i in 0..e.len {
+            m.insert(e.lblk + i, (e.pblk + u64::from(i), e.unwritten));
+        }
+    }
+    m
+}
+
+fn check(t: &ExtentTree, model: &Model, store: &Store, root: &Node) {
+    assert_eq!(&tree_blocks(t), model);
+    // Structure: sizes, keys, minimal depth, no merge left undone between same-leaf neighbours.
+    let total = t.iter().count();
+    assert_eq!(t.extent_count(), total);
+    assert_eq!(t.data_blocks(), model.len() as u64);
+    if total <= 4 {
+        assert_eq!(t.depth(), 0, "{total} extents must live in the root");
+    }
+    for l in &t.leaves {
+        assert!(!l.extents.is_empty() && l.extents.len() <= 340);
+    }
+    assert!(t.root_node().len() <= 4);
+    let live: BTreeSet<u64> = t.node_blocks().into_iter().collect();
+    assert_eq!(
+        live, store.live,
+        "allocated blocks are exactly the tree's nodes"
+    );
+    // The on-disk form loads back to the same tree.
+    let loaded = ExtentTree::load(root, |p| decode_block(&store.blocks[&p], 7, p)).expect("load");
+    assert_eq!(tree_blocks(&loaded), *model);
+    assert_eq!(loaded.depth(), t.depth());
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Map [a, a+len) with runs alternating written/unwritten.
+    Map {
+        a: u32,
+        len: u32,
+        runs: u32,
+        pblk: u64,
+    },
+    Unmap {
+        a: u32,
+        len: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u32..20_000, 1u32..64, 1u32..4, 0u64..1_000_000).prop_map(|(a, len, runs, pblk)| Op::Map { a, len, runs, pblk }),
+        1 => (0u32..20_000, 1u32..3000).prop_map(|(a, len)| Op::Unmap { a, len }),
+    ]
+}
+
+fn run(ops: &[Op]) -> u16 {
+    let mut max_depth = 0;
+    let mut t = ExtentTree::new();
+    let mut store = Store::default();
+    let mut root = t.root_node();
+    let mut model = Model::new();
+    for o in ops {
+        let (a, b, new) = match *o {
+            Op::Map { a, len, runs, pblk } => {
+                let step = len.div_ceil(runs);
+                let mut new = Vec::new();
+                let mut l = a;
+                let mut k = 0;
+                while l < a + len {
+                    let n = step.min(a + len - l);
+                    new.push(Extent {
+                        lblk: l,
+                        len: n,
+                        pblk: pblk + u64::from(l - a),
+                        unwritten: k % 2 == 1,
+                    });
+                    l += n;
+                    k += 1;
+                }
+                (a, a + len, new)
+            }
+            Op::Unmap { a, len } => (a, a + len, vec![]),
+        };
+        let before: Vec<Extent> = t.range(a, b);
+        let removed = t.replace(a, b, &new, &mut store).unwrap();
+        let rb: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
+        let bb: u64 = before.iter().map(|e| u64::from(e.len)).sum();
+        assert_eq!(rb, bb, "removed pieces cover what was mapped");
+        model_apply(&mut model, a, b, &new);
+        store.flush(&mut t, &mut root);
+        check(&t, &model, &store, &root);
+        max_depth = max_depth.max(t.depth());
+    }
+    max_depth
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn tree_matches_the_model(ops in prop::collection::vec(op(), 1..400)) {
+        run(&ops);
+    }
+}
+
+#[test]
+fn many_scattered_extents_grow_and_shrink_the_tree() {
+    // Every other block mapped: one extent per block, deep enough for two index levels.
+    let mut ops = Vec::new();
+    for i in 0..2000u32 {
+        ops.push(Op::Map {
+            a: i * 2 * 97 % 400_000,
+            len: 1,
+            runs: 1,
+            pblk: u64::from(i) * 10,
+        });
+    }
+    for i in 0..2000u32 {
+        ops.push(Op::Unmap {
+            a: i * 2 * 97 % 400_000,
+            len: 1,
+        });
+    }
+    assert_eq!(
+        run(&ops),
+        2,
+        "2000 single-block extents need two index levels"
+    );
+}
+
+#[test]
+fn splice_splits_and_merges() {
+    let w = |lblk, len, pblk| Extent {
+        lblk,
+        len,
+        pblk,
+        unwritten: false,
+    };
+    let u = |lblk, len, pblk| Extent {
+        lblk,
+        len,
+        pblk,
+        unwritten: true,
+    };
+    // Convert the middle of an unwritten extent: three pieces.
+    let (v, removed) = splice(&[u(0, 10, 100)], 3, 5, &[w(3, 2, 103)]);
+    assert_eq!(v, vec![u(0, 3, 100), w(3, 2, 103), u(5, 5, 105)]);
+    assert_eq!(removed, vec![u(3, 2, 103)]);
+    // Converting the rest merges everything back into one written extent.
+    let (v, _) = splice(&v, 0, 3, &[w(0, 3, 100)]);
+    let (v, _) = splice(&v, 5, 10, &[w(5, 5, 105)]);
+    assert_eq!(v, vec![w(0, 10, 100)]);
+    // Not physically contiguous: no merge.
+    let (v, _) = splice(&[w(0, 2, 50)], 2, 4, &[w(2, 2, 60)]);
+    assert_eq!(v.len(), 2);
+}
