@@ -1,12 +1,29 @@
-//! An extblk image: an ext4 filesystem holding the virtual disk as `/disk`.
+//! An extblk image: an ext4 filesystem holding the virtual disk as `/disk`, opened for
+//! mapping work. [`Image`] owns the in-memory metadata (superblock, group descriptors, block
+//! bitmaps, `/disk`'s inode and extent tree) and the journal; every change it makes is collected
+//! into the running transaction and reaches the disk only through [`Image::commit`].
 
 pub mod create;
+mod open;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::ext4::FormatError;
+use crate::ext4::extent::{self, Extent};
+use crate::ext4::inode::Inode;
+use crate::ext4::superblock::{Superblock, SUPERBLOCK_OFFSET};
+use crate::ext4::{bitmap, FormatError, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::io::BlockIo;
+use crate::jbd2::format::JournalSuperblock;
+use crate::jbd2::{Journal, LogMap, Transaction};
+use crate::mapping::alloc::Allocator;
+use crate::mapping::tree::{ExtentTree, Lookup, NodeAlloc};
+use crate::mapping::MapError;
+
+pub use open::OpenOptions;
 
 #[derive(Debug, Error)]
 pub enum ImageError {
@@ -20,4 +37,492 @@ pub enum ImageError {
     Exists(std::path::PathBuf),
     #[error(transparent)]
     Open(#[from] crate::engine::raw::OpenError),
+    #[error("no space left in the image")]
+    NoSpace,
+    #[error("the image is open read-only")]
+    ReadOnly,
+    #[error("range {0}+{1} is outside the disk")]
+    OutOfRange(u64, u64),
+    #[error("the journal was aborted: {0}")]
+    Aborted(String),
+}
+
+impl From<MapError> for ImageError {
+    fn from(e: MapError) -> Self {
+        match e {
+            MapError::NoSpace => ImageError::NoSpace,
+            MapError::Format(f) => ImageError::Format(f),
+        }
+    }
+}
+
+/// What open found in the journal.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryInfo {
+    pub transactions: u32,
+    pub blocks: usize,
+    pub corrupt: Option<String>,
+    pub bad_tags: u32,
+}
+
+/// A run of the virtual disk as `map` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    Data,
+    Unwritten,
+    Hole,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub lblk: u64,
+    pub len: u64,
+    pub kind: RunKind,
+    /// Physical block of the first block (data and unwritten runs).
+    pub pblk: Option<u64>,
+}
+
+pub struct Image {
+    io: Arc<dyn BlockIo>,
+    sb: Superblock,
+    seed: u32,
+    disk_ino: u32,
+    disk: Inode,
+    disk_iseed: u32,
+    /// The inode-table block holding `/disk`'s inode, as last written.
+    itable: (u64, Vec<u8>),
+    tree: ExtentTree,
+    alloc: Allocator,
+    journal: Option<Journal>,
+    journal_sb: JournalSuperblock,
+    log_map: LogMap,
+    disk_blocks: u64,
+    read_only: bool,
+    recovery: RecoveryInfo,
+    /// Metadata replayed in memory only (read-only open of an image that needs recovery).
+    overlay: BTreeMap<u64, Vec<u8>>,
+    // The running transaction.
+    inode_dirty: bool,
+    tree_dirty: BTreeSet<u64>,
+    revokes: BTreeSet<u64>,
+    aborted: Option<String>,
+}
+
+/// Tree blocks come from the allocator; freeing one that the live log holds needs a revoke.
+struct TreeAlloc<'a> {
+    alloc: &'a mut Allocator,
+    journal: Option<&'a Journal>,
+    revokes: &'a mut BTreeSet<u64>,
+}
+
+impl NodeAlloc for TreeAlloc<'_> {
+    fn alloc_node(&mut self, goal: u64) -> Result<u64, MapError> {
+        self.alloc.alloc_tree(goal)
+    }
+    fn free_node(&mut self, pblk: u64) {
+        self.alloc.free(pblk, 1);
+        if self.journal.is_some_and(|j| j.is_logged(pblk)) {
+            self.revokes.insert(pblk);
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Image {
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn journal_superblock(&self) -> &JournalSuperblock {
+        self.journal
+            .as_ref()
+            .map(Journal::superblock)
+            .unwrap_or(&self.journal_sb)
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    pub fn recovery(&self) -> &RecoveryInfo {
+        &self.recovery
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Virtual disk size in bytes (`/disk`'s i_size).
+    pub fn disk_size(&self) -> u64 {
+        self.disk.size
+    }
+
+    pub fn disk_blocks(&self) -> u64 {
+        self.disk_blocks
+    }
+
+    pub fn tree(&self) -> &ExtentTree {
+        &self.tree
+    }
+
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
+    }
+
+    pub fn disk_inode(&self) -> &Inode {
+        &self.disk
+    }
+
+    pub fn disk_ino(&self) -> u32 {
+        self.disk_ino
+    }
+
+    pub fn io(&self) -> &Arc<dyn BlockIo> {
+        &self.io
+    }
+
+    pub fn lookup(&self, lblk: u32) -> Lookup {
+        self.tree.lookup(lblk)
+    }
+
+    /// The whole disk as data / unwritten / hole runs.
+    pub fn runs(&self) -> Vec<Run> {
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        let push = |out: &mut Vec<Run>, r: Run| match out.last_mut() {
+            Some(p)
+                if p.kind == r.kind
+                    && p.lblk + p.len == r.lblk
+                    && (r.kind == RunKind::Hole || p.pblk.map(|b| b + p.len) == r.pblk) =>
+            {
+                p.len += r.len
+            }
+            _ => out.push(r),
+        };
+        for e in self.tree.iter() {
+            if u64::from(e.lblk) >= self.disk_blocks {
+                break;
+            }
+            if u64::from(e.lblk) > pos {
+                push(
+                    &mut out,
+                    Run {
+                        lblk: pos,
+                        len: u64::from(e.lblk) - pos,
+                        kind: RunKind::Hole,
+                        pblk: None,
+                    },
+                );
+            }
+            let kind = if e.unwritten {
+                RunKind::Unwritten
+            } else {
+                RunKind::Data
+            };
+            let len = e.end().min(self.disk_blocks) - u64::from(e.lblk);
+            push(
+                &mut out,
+                Run {
+                    lblk: u64::from(e.lblk),
+                    len,
+                    kind,
+                    pblk: Some(e.pblk),
+                },
+            );
+            pos = e.end();
+        }
+        if pos < self.disk_blocks {
+            push(
+                &mut out,
+                Run {
+                    lblk: pos,
+                    len: self.disk_blocks - pos,
+                    kind: RunKind::Hole,
+                    pblk: None,
+                },
+            );
+        }
+        out
+    }
+
+    fn writable(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        if let Some(why) = &self.aborted {
+            return Err(ImageError::Aborted(why.clone()));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, lblk: u64, len: u64) -> Result<(u32, u32), ImageError> {
+        match lblk.checked_add(len) {
+            Some(end) if end <= self.disk_blocks && len > 0 => Ok((lblk as u32, end as u32)),
+            _ => Err(ImageError::OutOfRange(lblk, len)),
+        }
+    }
+
+    fn replace(&mut self, a: u32, b: u32, new: &[Extent]) -> Result<Vec<Extent>, ImageError> {
+        let mut na = TreeAlloc {
+            alloc: &mut self.alloc,
+            journal: self.journal.as_ref(),
+            revokes: &mut self.revokes,
+        };
+        let removed = self.tree.replace(a, b, new, &mut na)?;
+        let ch = self.tree.take_changes();
+        self.tree_dirty.extend(ch.dirty);
+        // Freed nodes may have been dirty earlier in this transaction.
+        let live: BTreeSet<u64> = self.tree.node_blocks().into_iter().collect();
+        self.tree_dirty.retain(|b| live.contains(b));
+        if ch.root_dirty || !removed.is_empty() || !new.is_empty() {
+            self.inode_dirty = true;
+        }
+        Ok(removed)
+    }
+
+    /// Gives every hole in `[lblk, lblk + len)` unwritten blocks (identity placement where
+    /// free). Returns the new extents; the range then reads as zeroes until converted.
+    pub fn allocate(&mut self, lblk: u64, len: u64) -> Result<Vec<Extent>, ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(lblk, len)?;
+        let mut holes = Vec::new();
+        let mut pos = a;
+        while pos < b {
+            match self.tree.lookup(pos) {
+                Lookup::Mapped(e) => pos = pos.saturating_add(e.len).min(b),
+                Lookup::Hole { len } => {
+                    let end = (u64::from(pos) + len).min(u64::from(b)) as u32;
+                    holes.push((pos, end));
+                    pos = end;
+                }
+            }
+        }
+        let mut all = Vec::new();
+        for (ha, hb) in holes {
+            let mut new = Vec::new();
+            let mut p = ha;
+            while p < hb {
+                let want = u64::from(hb - p).min(u64::from(extent::MAX_UNWRITTEN_LEN));
+                let (pblk, got) = match self.alloc.alloc_data(u64::from(p), want) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Give back what this call took; nothing was inserted for this hole yet.
+                        for x in &new {
+                            let x: &Extent = x;
+                            self.alloc.free(x.pblk, u64::from(x.len));
+                        }
+                        return Err(e.into());
+                    }
+                };
+                new.push(Extent {
+                    lblk: p,
+                    len: got as u32,
+                    pblk,
+                    unwritten: true,
+                });
+                p += got as u32;
+            }
+            self.replace(ha, hb, &new)?;
+            all.extend(new);
+        }
+        Ok(all)
+    }
+
+    /// Marks the unwritten blocks of `[lblk, lblk + len)` written. Holes stay holes: a range
+    /// punched after its data was written is not brought back.
+    pub fn convert(&mut self, lblk: u64, len: u64) -> Result<u64, ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(lblk, len)?;
+        let mut converted = 0;
+        for e in self.tree.range(a, b).into_iter().filter(|e| e.unwritten) {
+            self.replace(
+                e.lblk,
+                e.lblk + e.len,
+                &[Extent {
+                    unwritten: false,
+                    ..e
+                }],
+            )?;
+            converted += u64::from(e.len);
+        }
+        Ok(converted)
+    }
+
+    /// Makes the written blocks of a range unwritten (they read as zeroes; nothing is freed).
+    pub fn zero(&mut self, lblk: u64, len: u64) -> Result<(), ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(lblk, len)?;
+        for e in self.tree.range(a, b).into_iter().filter(|e| !e.unwritten) {
+            let mut pieces = Vec::new();
+            let mut p = e.lblk;
+            while p < e.lblk + e.len {
+                let n = (e.lblk + e.len - p).min(extent::MAX_UNWRITTEN_LEN);
+                pieces.push(Extent {
+                    lblk: p,
+                    len: n,
+                    pblk: e.pblk + u64::from(p - e.lblk),
+                    unwritten: true,
+                });
+                p += n;
+            }
+            self.replace(e.lblk, e.lblk + e.len, &pieces)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps a range and frees its blocks (allocatable again after the commit). Returns the
+    /// physical runs freed, for the caller to deallocate in the backing after committing.
+    pub fn punch(&mut self, lblk: u64, len: u64) -> Result<Vec<(u64, u64)>, ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(lblk, len)?;
+        let removed = self.replace(a, b, &[])?;
+        let mut freed = Vec::with_capacity(removed.len());
+        for e in removed {
+            self.alloc.free(e.pblk, u64::from(e.len));
+            freed.push((e.pblk, u64::from(e.len)));
+        }
+        Ok(freed)
+    }
+
+    /// Log blocks the running transaction would take now.
+    pub fn running_log_blocks(&self) -> u32 {
+        // Bitmap + descriptor-table block per dirty group is an upper bound worth having cheaply.
+        (self.tree_dirty.len()
+            + usize::from(self.inode_dirty)
+            + 2 * self.alloc_dirty_groups()
+            + self.revokes.len() / 500
+            + 2) as u32
+    }
+
+    fn alloc_dirty_groups(&self) -> usize {
+        self.alloc.dirty_count()
+    }
+
+    /// Should the caller commit now to keep transactions within a quarter of the log?
+    pub fn should_commit(&self) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| self.running_log_blocks() >= j.max_transaction())
+    }
+
+    /// Builds the running transaction's metadata blocks.
+    fn build_transaction(&mut self) -> Transaction {
+        let mut tx = Transaction::default();
+        let iseed = self.disk_iseed;
+        for &p in &self.tree_dirty {
+            if let Some(node) = self.tree.node(p) {
+                tx.blocks.insert(p, extent::encode_block(&node, iseed));
+            }
+        }
+        self.tree_dirty.clear();
+        if self.inode_dirty {
+            self.disk.i_block = extent::encode_root(&self.tree.root_node());
+            self.disk.blocks = 8 * (self.tree.data_blocks() + self.tree.tree_blocks());
+            let now = now_secs() as u32;
+            self.disk.mtime = now;
+            self.disk.ctime = now;
+            let (blk, mut content) = self.itable.clone();
+            let isz = usize::from(self.sb.inode_size);
+            let off = ((self.disk_ino - 1) % self.sb.inodes_per_group) as usize * isz;
+            content[off..off + isz].copy_from_slice(&self.disk.encode(self.disk_ino, self.seed));
+            self.itable = (blk, content.clone());
+            tx.blocks.insert(blk, content);
+            self.inode_dirty = false;
+        }
+        let groups = self.alloc.take_dirty();
+        let mut gdt_blocks = BTreeSet::new();
+        for g in groups {
+            let bm = self.alloc.bitmap(g).to_vec();
+            let d = &mut self.alloc.descs[g as usize];
+            d.block_bitmap_csum = bitmap::block_bitmap_csum(self.seed, &bm);
+            d.flags &= !crate::ext4::group::BG_BLOCK_UNINIT;
+            tx.blocks.insert(d.block_bitmap, bm);
+            gdt_blocks.insert(g / crate::ext4::group::DESCS_PER_BLOCK);
+        }
+        for k in gdt_blocks {
+            tx.blocks.insert(1 + k, self.gdt_block(k));
+        }
+        tx.revokes = std::mem::take(&mut self.revokes);
+        tx
+    }
+
+    fn gdt_block(&self, k: u64) -> Vec<u8> {
+        use crate::ext4::group::{DESCS_PER_BLOCK, DESC_SIZE};
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let first = k * DESCS_PER_BLOCK;
+        for g in first..(first + DESCS_PER_BLOCK).min(self.alloc.descs.len() as u64) {
+            let o = (g - first) as usize * DESC_SIZE;
+            b[o..o + DESC_SIZE].copy_from_slice(&self.alloc.descs[g as usize].encode(g, self.seed));
+        }
+        b
+    }
+
+    /// Commits the running transaction. Data written before the call is durable after it.
+    pub fn commit(&mut self) -> Result<(), ImageError> {
+        self.writable()?;
+        let tx = self.build_transaction();
+        let Some(j) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = j.commit(&*self.io, &tx, now_secs()) {
+            self.aborted = Some(format!("commit failed: {e}"));
+            return Err(e.into());
+        }
+        self.alloc.commit_done();
+        Ok(())
+    }
+
+    /// Writes every committed block home and empties the log.
+    pub fn checkpoint(&mut self) -> Result<(), ImageError> {
+        if let Some(j) = self.journal.as_mut() {
+            j.checkpoint(&*self.io)?;
+        }
+        Ok(())
+    }
+
+    /// Clean close: commit, checkpoint, exact free counts, needs_recovery cleared.
+    pub fn close(mut self) -> Result<(), ImageError> {
+        if self.read_only || self.aborted.is_some() {
+            return Ok(());
+        }
+        self.commit()?;
+        self.checkpoint()?;
+        self.sb.free_blocks_count = self.alloc.free_blocks();
+        self.sb.set_needs_recovery(false);
+        self.sb.wtime = now_secs() as u32;
+        self.write_superblock()?;
+        self.io.flush()?;
+        Ok(())
+    }
+
+    fn write_superblock(&self) -> io::Result<()> {
+        self.io.write_at(&self.sb.encode(), SUPERBLOCK_OFFSET)
+    }
+
+    /// The journal's log → filesystem block map.
+    pub fn log_map(&self) -> &LogMap {
+        &self.log_map
+    }
+
+    /// Reads a metadata block as the image stands after recovery (a read-only open keeps
+    /// replayed blocks in memory).
+    pub fn meta_block(&self, blk: u64) -> io::Result<Vec<u8>> {
+        if let Some(b) = self.overlay.get(&blk) {
+            return Ok(b.clone());
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        self.io.read_at(&mut b, blk * BLOCK_SIZE_U64)?;
+        Ok(b)
+    }
+
+    /// Reads a data block of the disk's backing at physical block `pblk`.
+    pub fn read_block(&self, pblk: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.io.read_at(buf, pblk * BLOCK_SIZE_U64)
+    }
 }

@@ -1,4 +1,270 @@
-//! The jbd2 journal (inode 8): on-disk blocks (`format`), replay (`replay`), and the
-//! transaction writer (`journal`). Everything is big-endian, checksum v3 with crc32c.
+//! The jbd2 journal (inode 8): on-disk blocks (`format`), recovery (`replay`), and the
+//! transaction writer ([`Journal`]). Everything is big-endian, checksum v3 with crc32c.
 
 pub mod format;
+pub mod replay;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io;
+
+use format::{JournalSuperblock, Tag, MAX_REVOKES, MAX_TAGS};
+
+use crate::ext4::extent::Extent;
+use crate::ext4::BLOCK_SIZE_U64;
+use crate::io::BlockIo;
+
+/// Journal log block → filesystem block, from the journal inode's extents.
+#[derive(Clone, Debug)]
+pub struct LogMap {
+    runs: Vec<Extent>,
+}
+
+impl LogMap {
+    pub fn new(runs: Vec<Extent>) -> LogMap {
+        LogMap { runs }
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.runs.iter().map(|e| u64::from(e.len)).sum()
+    }
+
+    pub fn fs_block(&self, log_block: u32) -> u64 {
+        for e in &self.runs {
+            if log_block >= e.lblk && u64::from(log_block) < e.end() {
+                return e.pblk + u64::from(log_block - e.lblk);
+            }
+        }
+        // Callers check bounds against s_maxlen ≤ blocks(); this is a programming error.
+        panic!("log block {log_block} is outside the journal");
+    }
+
+    pub fn byte_offset(&self, log_block: u32) -> u64 {
+        self.fs_block(log_block) * BLOCK_SIZE_U64
+    }
+
+    /// Is the map contiguous from log block 0 with no gaps (what the format requires)?
+    pub fn is_contiguous(&self) -> bool {
+        let mut next = 0u64;
+        for e in &self.runs {
+            if u64::from(e.lblk) != next || e.unwritten {
+                return false;
+            }
+            next = e.end();
+        }
+        true
+    }
+}
+
+/// The metadata blocks of one transaction and the blocks it revokes.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    pub blocks: BTreeMap<u64, Vec<u8>>,
+    pub revokes: BTreeSet<u64>,
+}
+
+impl Transaction {
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.revokes.is_empty()
+    }
+
+    /// Log blocks this transaction occupies.
+    pub fn log_blocks(&self) -> u32 {
+        let n = self.blocks.len();
+        (self.revokes.len().div_ceil(MAX_REVOKES) + n.div_ceil(MAX_TAGS) + n + 1) as u32
+    }
+}
+
+/// Statistics for `info` and the daemon's counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JournalStats {
+    pub commits: u64,
+    pub checkpoints: u64,
+    pub logged_blocks: u64,
+}
+
+/// Writes transactions into an open, recovered (empty) log.
+pub struct Journal {
+    map: LogMap,
+    sb: JournalSuperblock,
+    jseed: u32,
+    head: u32,
+    next_tid: u32,
+    used: u32,
+    /// Latest committed content of every block in the live log, waiting for checkpoint.
+    checkpoint: BTreeMap<u64, Vec<u8>>,
+    live: HashSet<u64>,
+    last_commit_sec: u64,
+    pub stats: JournalStats,
+}
+
+impl Journal {
+    /// Takes over an empty log (after replay): the next transaction gets `s_sequence + 1`.
+    pub fn new(map: LogMap, sb: JournalSuperblock) -> Journal {
+        debug_assert_eq!(sb.start, 0);
+        Journal {
+            jseed: format::journal_seed(&sb.uuid),
+            head: sb.first,
+            next_tid: sb.sequence.wrapping_add(1),
+            used: 0,
+            map,
+            sb,
+            checkpoint: BTreeMap::new(),
+            live: HashSet::new(),
+            last_commit_sec: 0,
+            stats: JournalStats::default(),
+        }
+    }
+
+    pub fn superblock(&self) -> &JournalSuperblock {
+        &self.sb
+    }
+
+    fn capacity(&self) -> u32 {
+        self.sb.maxlen - self.sb.first
+    }
+
+    /// The largest transaction (in log blocks) the image should let build up: a quarter of the
+    /// log, as the kernel does, so commits never wait for a full checkpoint twice in a row.
+    pub fn max_transaction(&self) -> u32 {
+        self.capacity() / 4
+    }
+
+    /// Does `block` have a copy in the live log (so freeing it needs a revoke record)?
+    pub fn is_logged(&self, block: u64) -> bool {
+        self.live.contains(&block)
+    }
+
+    /// The committed content of a block not yet written home.
+    pub fn pending_content(&self, block: u64) -> Option<&[u8]> {
+        self.checkpoint.get(&block).map(Vec::as_slice)
+    }
+
+    fn wrap(&self, p: u32) -> u32 {
+        if p >= self.sb.maxlen {
+            self.sb.first + (p - self.sb.maxlen)
+        } else {
+            p
+        }
+    }
+
+    fn write_log(&mut self, io: &dyn BlockIo, pos: &mut u32, data: &[u8]) -> io::Result<()> {
+        io.write_at(data, self.map.byte_offset(*pos))?;
+        *pos = self.wrap(*pos + 1);
+        Ok(())
+    }
+
+    fn write_sb(&mut self, io: &dyn BlockIo) -> io::Result<()> {
+        io.write_at(&self.sb.encode(), self.map.byte_offset(0))
+    }
+
+    /// Commits `tx`: log blocks, barrier, commit block, barrier. Guest data written before this
+    /// call is durable when it returns (the first barrier covers it: ordered mode).
+    pub fn commit(&mut self, io: &dyn BlockIo, tx: &Transaction, now_sec: u64) -> io::Result<()> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let need = tx.log_blocks();
+        if need >= self.capacity() {
+            return Err(io::Error::other(format!(
+                "transaction of {need} log blocks does not fit the journal"
+            )));
+        }
+        if self.used + need > self.capacity() {
+            self.checkpoint(io)?;
+        }
+        let tid = self.next_tid;
+        let start = self.head;
+        let mut pos = start;
+        let revokes: Vec<u64> = tx
+            .revokes
+            .iter()
+            .copied()
+            .filter(|b| !tx.blocks.contains_key(b))
+            .collect();
+        for chunk in revokes.chunks(MAX_REVOKES) {
+            let b = format::encode_revoke(tid, chunk, self.jseed);
+            self.write_log(io, &mut pos, &b)?;
+        }
+        let blocks: Vec<(&u64, &Vec<u8>)> = tx.blocks.iter().collect();
+        for chunk in blocks.chunks(MAX_TAGS) {
+            let mut copies = Vec::with_capacity(chunk.len());
+            let mut tags = Vec::with_capacity(chunk.len());
+            for (&blk, data) in chunk {
+                let escaped = format::needs_escape(data);
+                let mut c = (*data).clone();
+                if escaped {
+                    c[..4].fill(0);
+                }
+                tags.push(Tag {
+                    blocknr: blk,
+                    escaped,
+                    checksum: format::block_csum(self.jseed, tid, &c),
+                });
+                copies.push(c);
+            }
+            let d = format::encode_descriptor(tid, &tags, self.jseed);
+            self.write_log(io, &mut pos, &d)?;
+            for c in copies {
+                self.write_log(io, &mut pos, &c)?;
+            }
+        }
+        if self.sb.start == 0 {
+            self.sb.start = start;
+            self.sb.sequence = tid;
+            self.write_sb(io)?;
+        }
+        io.flush()?;
+        // Commit times never go backwards (replay uses them to tell stale blocks from damage).
+        let sec = now_sec.max(self.last_commit_sec);
+        let c = format::encode_commit(tid, sec, 0, self.jseed);
+        self.write_log(io, &mut pos, &c)?;
+        io.flush()?;
+        self.last_commit_sec = sec;
+        for b in &tx.revokes {
+            self.checkpoint.remove(b);
+        }
+        for (&blk, data) in &tx.blocks {
+            self.checkpoint.insert(blk, data.clone());
+            self.live.insert(blk);
+        }
+        self.used += need;
+        self.head = pos;
+        self.next_tid = tid.wrapping_add(1);
+        self.stats.commits += 1;
+        self.stats.logged_blocks += tx.blocks.len() as u64;
+        Ok(())
+    }
+
+    /// Writes every committed block home and empties the log.
+    pub fn checkpoint(&mut self, io: &dyn BlockIo) -> io::Result<()> {
+        if self.sb.start == 0 {
+            return Ok(());
+        }
+        for (&blk, data) in &self.checkpoint {
+            io.write_at(data, blk * BLOCK_SIZE_U64)?;
+        }
+        io.flush()?;
+        self.sb.start = 0;
+        // Clean: a tid above every tid written; the next session starts one above it.
+        self.sb.sequence = self.next_tid;
+        self.write_sb(io)?;
+        io.flush()?;
+        self.checkpoint.clear();
+        self.live.clear();
+        self.used = 0;
+        self.head = self.sb.first;
+        self.stats.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Records an abort in the journal superblock (`s_errno`), as jbd2 does.
+    pub fn record_abort(&mut self, io: &dyn BlockIo, errno: i32) -> io::Result<()> {
+        self.sb.errno = -errno.abs();
+        self.write_sb(io)?;
+        io.flush()
+    }
+
+    pub fn log_used(&self) -> u32 {
+        self.used
+    }
+}

@@ -1,0 +1,330 @@
+//! Images through the library, judged by e2fsprogs and the kernel: create, random mapping
+//! workloads against a model, reopen, journal replay.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use extblk::engine::raw::Backing;
+use extblk::image::create::create_path;
+use extblk::image::{Image, OpenOptions, RunKind};
+use extblk::io::{BlockIo, FileIo};
+
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("extblk-img-{}-{}", name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(path: &Path, read_only: bool) -> Image {
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, read_only).unwrap()));
+    Image::open(io, OpenOptions { read_only }).unwrap()
+}
+
+/// `e2fsck -fn` must print only its pass lines and exit 0.
+fn e2fsck_clean(path: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", "-E", "no_optimize_extents"])
+        .arg(path)
+        .output()
+        .expect("e2fsck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let noise: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with("Pass ")
+                && !l.starts_with("e2fsck ")
+                && !l.contains(" files (")
+                && !l.trim().is_empty()
+        })
+        .collect();
+    assert!(
+        out.status.success() && noise.is_empty(),
+        "e2fsck -fn complained:\n{text}"
+    );
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    Hole,
+    Unwritten,
+    Written(u64),
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn stamp(lblk: u64, gen: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(lblk << 32 ^ gen << 16 ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+fn check_model(img: &Image, model: &[St]) {
+    for r in img.runs() {
+        for l in r.lblk..r.lblk + r.len {
+            let want = model[l as usize];
+            let ok = match (r.kind, want) {
+                (RunKind::Hole, St::Hole)
+                | (RunKind::Unwritten, St::Unwritten)
+                | (RunKind::Data, St::Written(_)) => true,
+                _ => false,
+            };
+            assert!(ok, "block {l}: image {:?}, model {want:?}", r.kind);
+        }
+    }
+}
+
+#[test]
+fn created_images_pass_e2fsck() {
+    let s = Scratch::new("create");
+    for size in ["64M", "1G", "300G"] {
+        let p = s.path(&format!("{size}.img"));
+        let bytes = extblk::units::parse_size(size).unwrap().0;
+        create_path(&p, bytes, None, false).unwrap();
+        e2fsck_clean(&p);
+        let img = open(&p, true);
+        assert_eq!(img.disk_size(), bytes);
+        assert_eq!(img.runs().len(), 1, "a new disk is one hole");
+    }
+}
+
+#[test]
+fn random_mapping_workload_matches_the_model_and_e2fsck() {
+    let s = Scratch::new("workload");
+    let p = s.path("w.img");
+    const BLOCKS: u64 = 16384;
+    create_path(&p, BLOCKS * 4096, None, false).unwrap();
+    let mut model = vec![St::Hole; BLOCKS as usize];
+    let mut img = open(&p, false);
+    let mut rng = Rng(0x1234_5678);
+    let ops = std::env::var("EXTBLK_TREE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000u64);
+    for i in 0..ops {
+        let len = 1 + if rng.below(8) == 0 {
+            rng.below(600)
+        } else {
+            rng.below(6)
+        };
+        let a = rng.below(BLOCKS - len);
+        match rng.below(10) {
+            0..=3 => {
+                img.allocate(a, len).unwrap();
+                for l in a..a + len {
+                    if model[l as usize] == St::Hole {
+                        model[l as usize] = St::Unwritten;
+                    }
+                }
+            }
+            4..=6 => {
+                // Write data into the unwritten blocks, then convert: the write path's order.
+                for e in img
+                    .tree()
+                    .range(a as u32, (a + len) as u32)
+                    .into_iter()
+                    .filter(|e| e.unwritten)
+                {
+                    for k in 0..e.len {
+                        let l = u64::from(e.lblk + k);
+                        img.io()
+                            .write_at(&stamp(l, i), (e.pblk + u64::from(k)) * 4096)
+                            .unwrap();
+                        model[l as usize] = St::Written(i);
+                    }
+                }
+                img.convert(a, len).unwrap();
+            }
+            7 => {
+                img.zero(a, len).unwrap();
+                for l in a..a + len {
+                    if let St::Written(_) = model[l as usize] {
+                        model[l as usize] = St::Unwritten;
+                    }
+                }
+            }
+            _ => {
+                img.punch(a, len).unwrap();
+                model[a as usize..(a + len) as usize].fill(St::Hole);
+            }
+        }
+        if i % 64 == 0 || img.should_commit() {
+            img.commit().unwrap();
+        }
+        if i % 5000 == 0 {
+            check_model(&img, &model);
+        }
+    }
+    check_model(&img, &model);
+    let extents = img.tree().extent_count();
+    assert!(
+        extents > 100,
+        "the workload should fragment the disk ({extents} extents)"
+    );
+    img.close().unwrap();
+    e2fsck_clean(&p);
+
+    // Reopen: same mapping; the bytes of every written block are the last ones written.
+    let img = open(&p, true);
+    check_model(&img, &model);
+    let mut buf = vec![0u8; 4096];
+    for r in img.runs().into_iter().filter(|r| r.kind == RunKind::Data) {
+        for k in 0..r.len {
+            img.read_block(r.pblk.unwrap() + k, &mut buf).unwrap();
+            let l = r.lblk + k;
+            let St::Written(gen) = model[l as usize] else {
+                unreachable!()
+            };
+            assert!(buf == stamp(l, gen), "block {l} holds the wrong data");
+        }
+    }
+    drop(img);
+    loop_mount_matches(&p, &model);
+}
+
+/// Mounts the image read-only with the kernel's ext4 and compares `/disk` with the model.
+fn loop_mount_matches(p: &Path, model: &[St]) {
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
+        println!("SKIP: loop mount check needs root and loop devices");
+        return;
+    }
+    let mnt = p.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "loop,ro,noload"])
+        .arg(p)
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "kernel refused to mount the image");
+    let data = std::fs::read(mnt.join("disk"));
+    let _ = Command::new("umount").arg(&mnt).status();
+    let data = data.unwrap();
+    assert_eq!(data.len(), model.len() * 4096);
+    for (l, st) in model.iter().enumerate() {
+        let got = &data[l * 4096..(l + 1) * 4096];
+        match st {
+            St::Written(gen) => assert!(
+                got == stamp(l as u64, *gen).as_slice(),
+                "kernel reads wrong data at block {l}"
+            ),
+            _ => assert!(
+                got.iter().all(|&b| b == 0),
+                "kernel reads non-zero data in unwritten/hole block {l}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn reopen_after_crash_replays_committed_metadata() {
+    let s = Scratch::new("crash");
+    let p = s.path("c.img");
+    create_path(&p, 64 << 20, None, false).unwrap();
+    let mut img = open(&p, false);
+    img.allocate(100, 50).unwrap();
+    img.convert(100, 20).unwrap();
+    img.commit().unwrap();
+    img.allocate(1000, 5).unwrap(); // never committed: must vanish
+                                    // "Crash": drop without close. The log holds one transaction; needs_recovery is set.
+    drop(img);
+    let ro = open(&p, true);
+    assert_eq!(ro.recovery().transactions, 1);
+    let runs: BTreeMap<u64, RunKind> = ro.runs().iter().map(|r| (r.lblk, r.kind)).collect();
+    assert_eq!(runs.get(&100), Some(&RunKind::Data));
+    assert_eq!(runs.get(&120), Some(&RunKind::Unwritten));
+    assert!(!runs.contains_key(&1000));
+    drop(ro);
+    // e2fsck replays it itself and then finds everything consistent.
+    let copy = s.path("copy.img");
+    std::fs::copy(&p, &copy).unwrap();
+    let out = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code().unwrap() <= 1,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    e2fsck_clean(&copy);
+    // Our own replay leaves the same clean image.
+    let img = open(&p, false);
+    img.close().unwrap();
+    e2fsck_clean(&p);
+}
+
+#[test]
+fn a_freed_tree_block_is_revoked_and_never_replayed_over() {
+    let s = Scratch::new("revoke");
+    let p = s.path("r.img");
+    create_path(&p, 64 << 20, None, false).unwrap();
+    let mut img = open(&p, false);
+    for k in 0..8 {
+        img.allocate(k * 10, 1).unwrap();
+    }
+    img.commit().unwrap();
+    let leaf = img.tree().node_blocks();
+    assert_eq!(leaf.len(), 1, "eight extents need one leaf block");
+    let leaf = leaf[0];
+    img.punch(0, 100).unwrap();
+    img.commit().unwrap();
+    assert!(img.tree().node_blocks().is_empty());
+    // Crash with both transactions in the log, then replay two ways.
+    drop(img);
+    let copy = s.path("copy.img");
+    std::fs::copy(&p, &copy).unwrap();
+    let img = open(&p, false);
+    let mut b = vec![0u8; 4096];
+    img.read_block(leaf, &mut b).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "replay wrote the revoked leaf block home"
+    );
+    img.close().unwrap();
+    e2fsck_clean(&p);
+    let out = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.code().unwrap() <= 1);
+    let data = std::fs::read(&copy).unwrap();
+    assert!(
+        data[(leaf * 4096) as usize..(leaf * 4096 + 4096) as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "e2fsck replayed the revoked block: we did not revoke it"
+    );
+}
