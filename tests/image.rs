@@ -93,12 +93,12 @@ fn check_model(img: &Image, model: &[St]) {
     for r in img.runs() {
         for l in r.lblk..r.lblk + r.len {
             let want = model[l as usize];
-            let ok = match (r.kind, want) {
+            let ok = matches!(
+                (r.kind, want),
                 (RunKind::Hole, St::Hole)
-                | (RunKind::Unwritten, St::Unwritten)
-                | (RunKind::Data, St::Written(_)) => true,
-                _ => false,
-            };
+                    | (RunKind::Unwritten, St::Unwritten)
+                    | (RunKind::Data, St::Written(_))
+            );
             assert!(ok, "block {l}: image {:?}, model {want:?}", r.kind);
         }
     }
