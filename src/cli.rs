@@ -26,6 +26,42 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create an extblk image: an ext4 filesystem holding an empty virtual disk as /disk.
     Create(CreateArgs),
+    /// Show an image's virtual size, allocation, extent tree and journal state.
+    Info(InspectArgs),
+    /// List the disk's data, unwritten and hole runs with their image offsets (like qemu-img map).
+    Map(InspectArgs),
+    /// Check an image's consistency (exit 0 clean, 1 problems found, 2 could not check).
+    Check(CheckArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// The image (opened read-only; a journal with committed transactions is read as replayed).
+    pub image: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// First replay the journal into place and close the image cleanly (exact free counts).
+    #[arg(long)]
+    pub repair: bool,
+
+    /// The image.
+    pub image: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,8 +144,18 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Report tools end quietly when their reader goes away (`extblk map img | head`), as the
+/// classic Unix tools do, instead of failing on EPIPE. The daemon keeps Rust's SIG_IGN.
+fn quiet_on_broken_pipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE is async-signal-safe and happens
+    // before this short-lived command starts any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Runs a parsed command line; returns the process exit status.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => {
             let Format::Raw = a.format;
@@ -122,7 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 logical_block_size: a.logical_block_size,
                 serial: a.serial,
             })?;
-            Ok(())
+            Ok(0)
         }
         Command::Create(a) => {
             if let Some(j) = a.journal_size {
@@ -145,7 +191,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 (layout.journal_blocks * 4096) >> 20,
                 layout.data_start
             );
-            Ok(())
+            Ok(0)
+        }
+        Command::Info(a) => {
+            quiet_on_broken_pipe();
+            crate::tools::info(&a.image, a.output == Output::Json)
+        }
+        Command::Map(a) => {
+            quiet_on_broken_pipe();
+            crate::tools::map(&a.image, a.output == Output::Json)
+        }
+        Command::Check(a) => {
+            quiet_on_broken_pipe();
+            crate::tools::check(&a.image, a.output == Output::Json, a.repair)
         }
     }
 }

@@ -3,6 +3,7 @@
 //! Data flows one way, device → engine → backing; completions flow back on whichever thread
 //! can finish them. See `docs/architecture.md`.
 
+pub mod check;
 pub mod cli;
 pub mod device;
 pub mod engine;
@@ -11,5 +12,7 @@ pub mod image;
 pub mod io;
 pub mod jbd2;
 pub mod mapping;
+pub mod repair;
 pub mod serve;
+pub mod tools;
 pub mod units;

@@ -328,3 +328,116 @@ fn a_freed_tree_block_is_revoked_and_never_replayed_over() {
         "e2fsck replayed the revoked block: we did not revoke it"
     );
 }
+
+fn extblk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_extblk"))
+}
+
+/// Builds a small image with a two-level tree, closed cleanly.
+fn fragmented_image(p: &Path) -> extblk::ext4::layout::Layout {
+    let layout = create_path(p, 64 << 20, None, false).unwrap();
+    let mut img = open(p, false);
+    for k in 0..1500u64 {
+        img.allocate(k * 7 % 16000, 1).unwrap();
+        if k % 300 == 0 {
+            img.commit().unwrap();
+        }
+    }
+    img.convert(0, 8000).unwrap();
+    img.close().unwrap();
+    layout
+}
+
+#[test]
+fn a_flipped_byte_in_any_metadata_block_is_reported() {
+    let s = Scratch::new("flip");
+    let p = s.path("f.img");
+    let layout = fragmented_image(&p);
+    e2fsck_clean(&p);
+    let img = open(&p, true);
+    assert!(img.tree().depth() >= 1);
+    let mut regions: Vec<(String, u64, std::ops::Range<usize>)> = vec![
+        ("superblock".into(), 0, 1024..2048),
+        ("group descriptors".into(), 1, 0..4096),
+        ("block bitmap".into(), layout.block_bitmap(0), 0..4096),
+        ("inode bitmap".into(), layout.inode_bitmap(0), 0..4096),
+        ("inode table".into(), layout.inode_table(0), 0..4096),
+        ("root directory".into(), layout.root_dir_block(), 0..4096),
+        ("lost+found".into(), layout.lost_found_block(), 0..4096),
+        (
+            "journal superblock".into(),
+            layout.journal_runs()[0].0,
+            0..4096,
+        ),
+    ];
+    for b in img.tree().node_blocks() {
+        regions.push((format!("extent block {b}"), b, 0..4096));
+    }
+    drop(img);
+    let original = std::fs::read(&p).unwrap();
+    let mut rng = Rng(99);
+    let mut tried = 0;
+    for (what, blk, range) in &regions {
+        for _ in 0..12 {
+            let off = blk * 4096
+                + (range.start + rng.below((range.end - range.start) as u64) as usize) as u64;
+            let mut data = original.clone();
+            data[off as usize] ^= 0x40;
+            std::fs::write(&p, &data).unwrap();
+            let out = extblk().arg("check").arg(&p).output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "flip at byte {off} of the {what} was not reported: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tried += 1;
+        }
+    }
+    assert!(tried >= 100);
+}
+
+#[test]
+fn tools_report_in_human_and_json_form() {
+    let s = Scratch::new("tools");
+    let p = s.path("t.img");
+    fragmented_image(&p);
+    let out = extblk()
+        .args(["info", "--output", "json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["virtual_size"], 64 << 20);
+    assert_eq!(v["state"], "clean");
+    assert!(v["extents"].as_u64().unwrap() > 4);
+    let out = extblk()
+        .args(["map", "--output", "json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = runs.iter().map(|r| r["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 64 << 20, "map covers the whole disk");
+    assert!(
+        runs.iter().any(|r| r["kind"] == "data") && runs.iter().any(|r| r["kind"] == "unwritten")
+    );
+    let out = extblk()
+        .args(["check", "--output", "json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+    // Not an image at all: could not check.
+    let junk = s.path("junk");
+    std::fs::write(&junk, vec![7u8; 1 << 20]).unwrap();
+    let out = extblk().arg("check").arg(&junk).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = extblk().arg("info").arg(&junk).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an ext4 filesystem"));
+}

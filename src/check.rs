@@ -1,0 +1,415 @@
+//! `extblk check`: every cross-structure invariant of an image, as a list of problems.
+//!
+//! Structures are decoded (with their checksums) by `Image::open`; an image whose journal holds
+//! committed transactions is checked as replay would leave it, without writing. On top of that
+//! this module checks what no single structure can: block ownership (no double use, nothing out
+//! of range, bitmaps equal to what is really used, padding), counters, `/disk`'s size and
+//! `i_blocks`, every inode and directory, and the journal's state.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::engine::raw::Backing;
+use crate::ext4::dir;
+use crate::ext4::extent;
+use crate::ext4::group::{BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
+use crate::ext4::inode::Inode;
+use crate::ext4::{bitmap, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE};
+use crate::image::{Image, ImageError, OpenOptions};
+use crate::io::{BlockIo, FileIo};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub image: String,
+    pub clean: bool,
+    pub problems: Vec<String>,
+    /// Committed transactions the journal held (checked as replayed).
+    pub journal_transactions: u32,
+    pub extents: usize,
+    pub allocated_blocks: u64,
+}
+
+/// Exit status of `check`: 0 clean, 1 problems found, 2 could not check.
+pub enum Outcome {
+    Checked(Report),
+    CouldNotCheck(String),
+}
+
+/// Opens `path` read-only and checks it.
+pub fn check_path(path: &Path) -> Outcome {
+    let backing = match Backing::open(path, true) {
+        Ok(b) => b,
+        Err(e) => return Outcome::CouldNotCheck(e.to_string()),
+    };
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(backing));
+    let name = path.display().to_string();
+    match Image::open(io, OpenOptions { read_only: true }) {
+        Ok(img) => Outcome::Checked(check(&img, name)),
+        Err(ImageError::Format(
+            e @ (FormatError::BadMagic(_)
+            | FormatError::UnsupportedFeature(_)
+            | FormatError::MissingFeature(_)
+            | FormatError::Geometry(_)),
+        )) => Outcome::CouldNotCheck(format!("{name}: {e}")),
+        Err(ImageError::Format(e)) => Outcome::Checked(Report {
+            image: name,
+            problems: vec![e.to_string()],
+            ..Default::default()
+        }),
+        Err(e) => Outcome::CouldNotCheck(format!("{name}: {e}")),
+    }
+}
+
+/// A claimed run of blocks and who claims it.
+struct Claim {
+    start: u64,
+    len: u64,
+    owner: String,
+}
+
+pub fn check(img: &Image, name: String) -> Report {
+    let mut p: Vec<String> = Vec::new();
+    let sb = img.superblock();
+    let seed = sb.csum_seed();
+    let alloc = img.allocator();
+    let descs = &alloc.descs;
+    let n = sb.blocks_count;
+    let gdt_blocks = sb.group_count().div_ceil(DESCS_PER_BLOCK);
+    let rec = img.recovery();
+    if let Some(c) = &rec.corrupt {
+        p.push(c.clone());
+    }
+    if rec.bad_tags > 0 {
+        p.push(format!(
+            "{} journal block(s) failed their checksum and were not replayed",
+            rec.bad_tags
+        ));
+    }
+    if sb.has_errors() {
+        p.push(format!(
+            "the filesystem has recorded errors ({} since creation, last in {})",
+            sb.error.count, sb.error.last_func
+        ));
+    }
+    let jsb = img.journal_superblock();
+    if jsb.errno != 0 {
+        p.push(format!("the journal was aborted (errno {})", jsb.errno));
+    }
+    if !sb.needs_recovery() && rec.transactions > 0 {
+        p.push("needs_recovery is clear, but the journal has data".into());
+    }
+
+    let mut claims: Vec<Claim> = Vec::new();
+    let mut claim = |start: u64, len: u64, owner: String| claims.push(Claim { start, len, owner });
+    claim(0, 1 + gdt_blocks, "superblock and group descriptors".into());
+    for g in sb.backup_bgs.iter().filter(|&&g| g != 0) {
+        claim(
+            u64::from(*g) * BLOCKS_PER_GROUP,
+            1 + gdt_blocks,
+            format!("backup superblock of group {g}"),
+        );
+    }
+    let isz = usize::from(sb.inode_size);
+    let itable_blocks = (sb.inodes_per_group as usize * isz).div_ceil(BLOCK_SIZE) as u64;
+    for (g, d) in descs.iter().enumerate() {
+        claim(d.block_bitmap, 1, format!("block bitmap of group {g}"));
+        claim(d.inode_bitmap, 1, format!("inode bitmap of group {g}"));
+        claim(
+            d.inode_table,
+            itable_blocks,
+            format!("inode table of group {g}"),
+        );
+    }
+    // GDT bytes past the last descriptor are zero.
+    if let Ok(b) = img.meta_block(gdt_blocks) {
+        let used = (sb.group_count() - (gdt_blocks - 1) * DESCS_PER_BLOCK) as usize * DESC_SIZE;
+        if b[used..].iter().any(|&x| x != 0) {
+            p.push("garbage after the last group descriptor".into());
+        }
+    }
+
+    // Every inode of every initialised inode table: checksums; used inodes: bitmap agreement.
+    let mut used_inodes = 0u64;
+    let mut dirs_found = 0u32;
+    for (g, d) in descs.iter().enumerate() {
+        let ib = match img.meta_block(d.inode_bitmap) {
+            Ok(b) => b,
+            Err(e) => {
+                p.push(format!("cannot read the inode bitmap of group {g}: {e}"));
+                continue;
+            }
+        };
+        let ipg = sb.inodes_per_group;
+        if d.flags & BG_INODE_UNINIT == 0 {
+            let c = bitmap::inode_bitmap_csum(seed, &ib, ipg);
+            if c != d.inode_bitmap_csum {
+                p.push(format!(
+                    "inode bitmap of group {g} does not match its checksum"
+                ));
+            }
+            if ib[ipg as usize / 8..].iter().any(|&x| x != 0xFF) {
+                p.push(format!(
+                    "padding at the end of the inode bitmap of group {g} is not set"
+                ));
+            }
+        }
+        let mut free = 0u32;
+        for blk in 0..itable_blocks {
+            let t = match img.meta_block(d.inode_table + blk) {
+                Ok(b) => b,
+                Err(e) => {
+                    p.push(format!("cannot read the inode table of group {g}: {e}"));
+                    continue;
+                }
+            };
+            for (k, raw) in t.chunks(isz).enumerate() {
+                let idx = blk as usize * (BLOCK_SIZE / isz) + k;
+                if idx >= ipg as usize {
+                    break;
+                }
+                let ino = g as u32 * ipg + idx as u32 + 1;
+                let in_use = d.flags & BG_INODE_UNINIT == 0 && bitmap::test(&ib, idx);
+                if !in_use {
+                    free += 1;
+                }
+                if d.flags & BG_INODE_UNINIT != 0 && raw.iter().all(|&x| x == 0) {
+                    continue;
+                }
+                match Inode::decode(raw, ino, seed) {
+                    Err(e) => p.push(e.to_string()),
+                    Ok(i) if in_use && i.links > 0 => {
+                        used_inodes += 1;
+                        if i.is_dir() {
+                            dirs_found += 1;
+                        }
+                    }
+                    Ok(i) if !in_use && i.links > 0 && i.dtime == 0 => p.push(format!(
+                        "inode {ino} is in use but free in the inode bitmap"
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        }
+        if d.flags & BG_INODE_UNINIT == 0 && free != d.free_inodes {
+            p.push(format!(
+                "free inodes count wrong for group #{g} ({}, counted={free})",
+                d.free_inodes
+            ));
+        }
+    }
+    if dirs_found != descs.iter().map(|d| d.used_dirs).sum::<u32>() {
+        p.push(format!(
+            "directories count wrong ({} in descriptors, counted={dirs_found})",
+            descs.iter().map(|d| d.used_dirs).sum::<u32>()
+        ));
+    }
+    let _ = used_inodes;
+
+    // Directories (/ and lost+found) and the journal: their blocks are claimed.
+    for (ino, what) in [
+        (crate::ext4::ROOT_INO, "/"),
+        (crate::ext4::LOST_FOUND_INO, "lost+found"),
+        (sb.journal_inum, "journal"),
+    ] {
+        match read_inode(img, ino) {
+            Err(e) => p.push(format!("{what}: {e}")),
+            Ok(i) => {
+                let iseed = inode_seed(seed, ino, i.generation);
+                let root = match extent::decode_root(&i.i_block) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        p.push(format!("{what}: {e}"));
+                        continue;
+                    }
+                };
+                let t = crate::mapping::tree::ExtentTree::load(&root, |b| {
+                    let data = img
+                        .meta_block(b)
+                        .map_err(|e| crate::ext4::corrupt(format!("block {b}"), e.to_string()))?;
+                    extent::decode_block(&data, iseed, b)
+                });
+                match t {
+                    Err(e) => p.push(format!("{what}: {e}")),
+                    Ok(t) => {
+                        for b in t.node_blocks() {
+                            claim(b, 1, format!("{what} extent block"));
+                        }
+                        let mut blocks = t.tree_blocks();
+                        for e in t.iter() {
+                            claim(e.pblk, u64::from(e.len), format!("{what} data"));
+                            blocks += u64::from(e.len);
+                            if i.is_dir() {
+                                for k in 0..e.len {
+                                    if let Ok(b) = img.meta_block(e.pblk + u64::from(k)) {
+                                        if let Err(err) = dir::decode_block(&b, iseed, what) {
+                                            p.push(err.to_string());
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        if i.blocks != blocks * 8 {
+                            p.push(format!(
+                                "inode {ino} ({what}): i_blocks is {}, should be {}",
+                                i.blocks,
+                                blocks * 8
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // /disk.
+    let disk = img.disk_inode();
+    let tree = img.tree();
+    for b in tree.node_blocks() {
+        claim(b, 1, "/disk extent block".into());
+    }
+    for e in tree.iter() {
+        claim(
+            e.pblk,
+            u64::from(e.len),
+            format!("/disk blocks {}..{}", e.lblk, e.end()),
+        );
+        if !e.unwritten && e.end() > img.disk_blocks() {
+            p.push(format!(
+                "/disk: written extent at {} ends past i_size",
+                e.lblk
+            ));
+        }
+    }
+    let want = 8 * (tree.data_blocks() + tree.tree_blocks());
+    if disk.blocks != want {
+        p.push(format!(
+            "inode {} (/disk): i_blocks is {}, should be {want}",
+            img.disk_ino(),
+            disk.blocks
+        ));
+    }
+
+    // The journal superblock block: only its first 1024 bytes are the structure.
+    match img.meta_block(img.log_map().fs_block(0)) {
+        Ok(b) if b[1024..].iter().any(|&x| x != 0) => {
+            p.push("garbage after the journal superblock".into())
+        }
+        Ok(_) => {}
+        Err(e) => p.push(format!("cannot read the journal superblock: {e}")),
+    }
+
+    // Ownership: out of range, double use; then bitmaps against the claims.
+    claims.sort_by_key(|c| c.start);
+    let mut prev: Option<&Claim> = None;
+    for c in &claims {
+        if c.len == 0 {
+            continue;
+        }
+        if c.start + c.len > n {
+            p.push(format!(
+                "{} (blocks {}..{}) past the end of the filesystem",
+                c.owner,
+                c.start,
+                c.start + c.len
+            ));
+        }
+        if let Some(q) = prev {
+            if c.start < q.start + q.len {
+                p.push(format!(
+                    "block {} is used twice: by {} and by {}",
+                    c.start, q.owner, c.owner
+                ));
+            }
+        }
+        if prev.is_none_or(|q| c.start + c.len > q.start + q.len) {
+            prev = Some(c);
+        }
+    }
+    let mut ci = 0usize;
+    let mut free_total = 0u64;
+    for (g, d) in descs.iter().enumerate() {
+        let g = g as u64;
+        let base = g * BLOCKS_PER_GROUP;
+        let gn = bitmap::blocks_in_group(n, g);
+        let mut expect = vec![0u8; BLOCK_SIZE];
+        while ci < claims.len() && claims[ci].start + claims[ci].len <= base {
+            ci += 1;
+        }
+        let mut k = ci;
+        while k < claims.len() && claims[k].start < base + gn {
+            let c = &claims[k];
+            let (a, b) = (c.start.max(base), (c.start + c.len).min(base + gn));
+            if a < b {
+                bitmap::set_range(&mut expect, (a - base) as usize, (b - base) as usize);
+            }
+            k += 1;
+        }
+        bitmap::set_range(&mut expect, gn as usize, BLOCKS_PER_GROUP as usize);
+        let actual = alloc.bitmap(g);
+        if d.flags & BG_BLOCK_UNINIT == 0 && actual[..] != expect[..] {
+            let mut plus = Vec::new();
+            let mut minus = Vec::new();
+            for i in 0..BLOCKS_PER_GROUP as usize {
+                match (bitmap::test(&expect, i), bitmap::test(actual, i)) {
+                    (true, false) if i < gn as usize => plus.push(base + i as u64),
+                    (false, true) => minus.push(base + i as u64),
+                    (true, false) => p.push(format!(
+                        "padding at the end of the block bitmap of group {g} is not set"
+                    )),
+                    _ => {}
+                }
+            }
+            if !plus.is_empty() {
+                p.push(format!(
+                    "block bitmap differences in group {g}: {} used block(s) marked free, first {}",
+                    plus.len(),
+                    plus[0]
+                ));
+            }
+            if !minus.is_empty() {
+                p.push(format!(
+                    "block bitmap differences in group {g}: {} free block(s) marked used, first {}",
+                    minus.len(),
+                    minus[0]
+                ));
+            }
+        }
+        let free = bitmap::count_free(&expect, gn as usize);
+        free_total += free;
+        if u64::from(d.free_blocks) != free {
+            p.push(format!(
+                "free blocks count wrong for group #{g} ({}, counted={free})",
+                d.free_blocks
+            ));
+        }
+    }
+    if !sb.needs_recovery() && sb.free_blocks_count != free_total {
+        p.push(format!(
+            "free blocks count wrong ({}, counted={free_total})",
+            sb.free_blocks_count
+        ));
+    }
+    let clean = !sb.needs_recovery() && jsb.start == 0 && !sb.has_errors();
+    Report {
+        image: name,
+        clean,
+        problems: p,
+        journal_transactions: rec.transactions,
+        extents: tree.extent_count(),
+        allocated_blocks: tree.data_blocks(),
+    }
+}
+
+fn read_inode(img: &Image, ino: u32) -> Result<Inode, ImageError> {
+    let sb = img.superblock();
+    let g = ((ino - 1) / sb.inodes_per_group) as usize;
+    let d = &img.allocator().descs[g];
+    let isz = usize::from(sb.inode_size);
+    let idx = ((ino - 1) % sb.inodes_per_group) as usize;
+    let blk = d.inode_table + (idx * isz / BLOCK_SIZE) as u64;
+    let b = img.meta_block(blk)?;
+    let off = (idx * isz) % BLOCK_SIZE;
+    Ok(Inode::decode(&b[off..off + isz], ino, sb.csum_seed())?)
+}

@@ -1,0 +1,233 @@
+//! The offline image tools behind `info`, `map` and `check`: human and JSON output.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::check::{self, Outcome};
+use crate::engine::raw::Backing;
+use crate::image::{Image, OpenOptions, RunKind};
+use crate::io::{BlockIo, FileIo};
+
+fn open_ro(path: &Path) -> anyhow::Result<Image> {
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, true)?));
+    Image::open(io, OpenOptions { read_only: true })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn uuid_str(u: &[u8; 16]) -> String {
+    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h[0..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..16].concat()
+    )
+}
+
+#[derive(Serialize)]
+struct Info {
+    image: String,
+    format: &'static str,
+    virtual_size: u64,
+    filesystem_size: u64,
+    allocated_bytes: u64,
+    written_bytes: u64,
+    unwritten_bytes: u64,
+    free_bytes: u64,
+    extents: usize,
+    tree_depth: u16,
+    tree_blocks: u64,
+    journal_size: u64,
+    journal_state: String,
+    journal_transactions_pending: u32,
+    needs_recovery: bool,
+    state: &'static str,
+    error_count: u32,
+    uuid: String,
+    label: String,
+}
+
+pub fn info(path: &Path, json: bool) -> anyhow::Result<i32> {
+    let img = open_ro(path)?;
+    let sb = img.superblock();
+    let t = img.tree();
+    let unwritten: u64 = t
+        .iter()
+        .filter(|e| e.unwritten)
+        .map(|e| u64::from(e.len))
+        .sum();
+    let rec = img.recovery();
+    let jsb = img.journal_superblock();
+    let info = Info {
+        image: path.display().to_string(),
+        format: "extblk (ext4)",
+        virtual_size: img.disk_size(),
+        filesystem_size: sb.blocks_count * 4096,
+        allocated_bytes: t.data_blocks() * 4096,
+        written_bytes: (t.data_blocks() - unwritten) * 4096,
+        unwritten_bytes: unwritten * 4096,
+        free_bytes: img.allocator().free_blocks() * 4096,
+        extents: t.extent_count(),
+        tree_depth: t.depth(),
+        tree_blocks: t.tree_blocks(),
+        journal_size: img.log_map().blocks() * 4096,
+        journal_state: if rec.transactions > 0 {
+            format!("{} committed transaction(s) to replay", rec.transactions)
+        } else if jsb.errno != 0 {
+            format!("aborted (errno {})", jsb.errno)
+        } else {
+            "empty".into()
+        },
+        journal_transactions_pending: rec.transactions,
+        needs_recovery: sb.needs_recovery(),
+        state: if sb.has_errors() {
+            "error"
+        } else if sb.needs_recovery() {
+            "in use or not cleanly closed"
+        } else {
+            "clean"
+        },
+        error_count: sb.error.count,
+        uuid: uuid_str(&sb.uuid),
+        label: sb.label(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("image:           {}", info.image);
+        println!("format:          {}", info.format);
+        println!("virtual size:    {} bytes", info.virtual_size);
+        println!("filesystem size: {} bytes", info.filesystem_size);
+        println!(
+            "allocated:       {} bytes ({} written, {} unwritten)",
+            info.allocated_bytes, info.written_bytes, info.unwritten_bytes
+        );
+        println!("free:            {} bytes", info.free_bytes);
+        println!(
+            "extents:         {} (tree depth {}, {} tree blocks)",
+            info.extents, info.tree_depth, info.tree_blocks
+        );
+        println!(
+            "journal:         {} bytes, {}",
+            info.journal_size, info.journal_state
+        );
+        println!(
+            "state:           {}{}",
+            info.state,
+            if info.error_count > 0 {
+                format!(" ({} errors recorded)", info.error_count)
+            } else {
+                String::new()
+            }
+        );
+        println!("uuid:            {}", info.uuid);
+        println!("label:           {}", info.label);
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    /// Like qemu-img: `data` = backed by written blocks, `zero` = reads as zeroes.
+    data: bool,
+    zero: bool,
+    present: bool,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+}
+
+pub fn map(path: &Path, json: bool) -> anyhow::Result<i32> {
+    let img = open_ro(path)?;
+    let size = img.disk_size();
+    let entries: Vec<MapEntry> = img
+        .runs()
+        .into_iter()
+        .map(|r| {
+            let start = r.lblk * 4096;
+            let length = (r.len * 4096).min(size - start);
+            let (data, zero, present, kind) = match r.kind {
+                RunKind::Data => (true, false, true, "data"),
+                RunKind::Unwritten => (false, true, true, "unwritten"),
+                RunKind::Hole => (false, true, false, "hole"),
+            };
+            MapEntry {
+                start,
+                length,
+                data,
+                zero,
+                present,
+                kind,
+                offset: r.pblk.map(|p| p * 4096),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        println!(
+            "{:<20} {:<20} {:<10} {:<20}",
+            "Offset", "Length", "Kind", "Image offset"
+        );
+        for e in &entries {
+            let off = e
+                .offset
+                .map(|o| format!("{o:#x}"))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:<#20x} {:<#20x} {:<10} {:<20}",
+                e.start, e.length, e.kind, off
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub fn check(path: &Path, json: bool, repair: bool) -> anyhow::Result<i32> {
+    if repair {
+        crate::repair::repair(path)?;
+    }
+    match check::check_path(path) {
+        Outcome::CouldNotCheck(why) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "image": path.display().to_string(), "error": why })
+                );
+            } else {
+                eprintln!("extblk: cannot check {why}");
+            }
+            Ok(2)
+        }
+        Outcome::Checked(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for prob in &r.problems {
+                    println!("{prob}");
+                }
+                if r.journal_transactions > 0 {
+                    println!(
+                        "(checked as replayed: the journal holds {} committed transaction(s))",
+                        r.journal_transactions
+                    );
+                }
+                if r.problems.is_empty() {
+                    println!(
+                        "{}: no problems found ({} extents, {} blocks allocated)",
+                        r.image, r.extents, r.allocated_blocks
+                    );
+                } else {
+                    println!("{}: {} problem(s) found", r.image, r.problems.len());
+                }
+            }
+            Ok(if r.problems.is_empty() { 0 } else { 1 })
+        }
+    }
+}
