@@ -19,6 +19,8 @@ pub trait BlockIo: Send + Sync {
     fn size(&self) -> u64;
 }
 
+pub mod record;
+
 /// A regular file or a block device.
 pub struct FileIo {
     file: File,
