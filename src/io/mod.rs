@@ -19,6 +19,7 @@ pub trait BlockIo: Send + Sync {
     fn size(&self) -> u64;
 }
 
+pub mod mem;
 pub mod record;
 
 /// A regular file or a block device.

@@ -1,0 +1,45 @@
+//! A small pristine image built once per fuzz process.
+
+use std::sync::{Arc, OnceLock};
+
+use extblk::ext4::layout::Layout;
+use extblk::image::create::{create, CreateParams};
+use extblk::image::{Image, OpenOptions};
+use extblk::io::mem::MemIo;
+use extblk::io::BlockIo;
+
+pub struct Pristine {
+    pub bytes: Vec<u8>,
+    pub layout: Layout,
+}
+
+/// A 4 MiB disk with a two-level tree of scattered extents, closed cleanly.
+pub fn pristine() -> &'static Pristine {
+    static P: OnceLock<Pristine> = OnceLock::new();
+    P.get_or_init(|| {
+        let probe = Layout::compute(4 << 20, 1024, None).unwrap();
+        let need = probe.data_start + 1024 + probe.tree_reserve + 64;
+        let layout =
+            Layout::compute(4 << 20, 1024, Some(need.max(probe.data_start + 2048))).unwrap();
+        let io = Arc::new(MemIo::new(vec![0u8; (layout.blocks_count * 4096) as usize]));
+        create(
+            &*io,
+            &layout,
+            &CreateParams {
+                label: "fuzz".into(),
+                uuid: [9; 16],
+                now: 1_700_000_000,
+            },
+        )
+        .unwrap();
+        let dynio: Arc<dyn BlockIo> = io.clone();
+        let mut img = Image::open(dynio, OpenOptions::default()).unwrap();
+        for k in 0..400u64 {
+            img.allocate(k * 2 % 1024, 1).unwrap();
+        }
+        img.convert(0, 512).unwrap();
+        img.close().unwrap();
+        let bytes = Arc::try_unwrap(io).ok().unwrap().into_inner();
+        Pristine { bytes, layout }
+    })
+}
