@@ -130,7 +130,7 @@ fn random_mapping_workload_matches_the_model_and_e2fsck() {
     let ops = std::env::var("EXTBLK_TREE_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000u64);
+        .unwrap_or(100_000u64);
     for i in 0..ops {
         let len = 1 + if rng.below(8) == 0 {
             rng.below(600)
