@@ -103,12 +103,14 @@ pub fn check(img: &Image, name: String) -> Report {
 
     let mut claims: Vec<Claim> = Vec::new();
     let mut claim = |start: u64, len: u64, owner: String| claims.push(Claim { start, len, owner });
-    claim(0, 1 + gdt_blocks, "superblock and group descriptors".into());
-    for g in sb.backup_bgs.iter().filter(|&&g| g != 0) {
+    // Superblock copies with their GDT and reserved GDT blocks (the latter also belong to the
+    // resize inode, which extblk never touches: claimed once here).
+    for g in (0..sb.group_count()).filter(|&g| sb.has_super(g)) {
+        let len = sb.super_region_len().min(bitmap::blocks_in_group(n, g));
         claim(
-            u64::from(*g) * BLOCKS_PER_GROUP,
-            1 + gdt_blocks,
-            format!("backup superblock of group {g}"),
+            g * BLOCKS_PER_GROUP,
+            len,
+            format!("superblock copy of group {g}"),
         );
     }
     let isz = usize::from(sb.inode_size);
@@ -260,6 +262,25 @@ pub fn check(img: &Image, name: String) -> Report {
                     }
                 }
             }
+        }
+    }
+
+    // The resize inode (mke2fs's resize_inode feature): its double-indirect block; the reserved
+    // GDT blocks it lists were claimed with the superblock copies.
+    if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
+        match read_inode(img, 7) {
+            Ok(i) => {
+                let dind = u64::from(u32::from_le_bytes([
+                    i.i_block[52],
+                    i.i_block[53],
+                    i.i_block[54],
+                    i.i_block[55],
+                ]));
+                if dind != 0 {
+                    claim(dind, 1, "resize inode".into());
+                }
+            }
+            Err(e) => p.push(format!("resize inode: {e}")),
         }
     }
 

@@ -10,6 +10,7 @@ use extblk::engine::raw::Backing;
 use extblk::image::create::create_path;
 use extblk::image::{Image, OpenOptions, RunKind};
 use extblk::io::{BlockIo, FileIo};
+use extblk::mapping::tree::Lookup;
 
 struct Scratch(PathBuf);
 impl Scratch {
@@ -526,4 +527,197 @@ fn every_cut_of_the_journal_replays_to_a_committed_prefix() {
         }
     }
     assert!(judged > 10 && events.len() > 30, "{} events", events.len());
+}
+
+#[test]
+fn an_abort_is_recorded_like_ext4_and_reported() {
+    let s = Scratch::new("abort");
+    let p = s.path("a.img");
+    create_path(&p, 64 << 20, None, false).unwrap();
+    let mut img = open(&p, false);
+    img.allocate(0, 10).unwrap();
+    img.commit().unwrap();
+    img.allocate(100, 10).unwrap();
+    img.abort(libc::EIO, "write_data", 1234).unwrap();
+    assert!(
+        img.allocate(200, 1).is_err(),
+        "an aborted image takes no more changes"
+    );
+    assert!(img.commit().is_err());
+    drop(img);
+    // Reopen: the committed transaction is replayed, the aborted one is gone, the error shows.
+    let ro = open(&p, true);
+    assert!(ro.superblock().has_errors());
+    assert_eq!(
+        ro.superblock().error.first_errcode,
+        extblk::ext4::superblock::ERRCODE_EIO
+    );
+    assert_eq!(ro.journal_superblock().errno, -libc::EIO);
+    let runs = ro.runs();
+    assert_eq!(runs[0].kind, RunKind::Unwritten);
+    assert!(runs
+        .iter()
+        .all(|r| r.lblk != 100 || r.kind == RunKind::Hole));
+    drop(ro);
+    let out = extblk().arg("info").arg(&p).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("error"),
+        "info shows the error state"
+    );
+    let out = extblk().arg("check").arg(&p).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check reports the recorded error"
+    );
+    // e2fsck sees it too ("contains a file system with errors"), replays and clears it.
+    let out = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.code().unwrap() <= 1, "{text}");
+    e2fsck_clean(&p);
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// mke2fs + debugfs: a filesystem with a sparse `/disk` holding `content` at block 5.
+fn mke2fs_image(p: &Path, features: &[&str], content: &[u8]) {
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    let mut cmd = Command::new("mke2fs");
+    cmd.args(["-q", "-F", "-t", "ext4", "-b", "4096"])
+        .args(features)
+        .arg(p);
+    run_ok(&mut cmd);
+    let src = p.with_extension("src");
+    let mut disk = vec![0u8; 256 << 20];
+    disk[5 * 4096..5 * 4096 + content.len()].copy_from_slice(content);
+    std::fs::write(&src, &disk).unwrap();
+    run_ok(
+        Command::new("debugfs")
+            .args(["-w", "-R"])
+            .arg(format!("write {} disk", src.display()))
+            .arg(p),
+    );
+    std::fs::remove_file(&src).unwrap();
+}
+
+#[test]
+fn images_made_by_mke2fs_open_and_stay_consistent() {
+    let s = Scratch::new("mke2fs");
+    let content = stamp(5, 1);
+    for (name, features) in [
+        (
+            "reference",
+            vec![
+                "-I", "256", "-m", "0", "-O",
+                "none,has_journal,ext_attr,sparse_super,sparse_super2,filetype,extent,64bit,flex_bg,large_file,huge_file,dir_nlink,extra_isize,metadata_csum",
+                "-E", "num_backup_sb=2,lazy_itable_init=0,lazy_journal_init=0",
+            ],
+        ),
+        // Debian's default ext4 (resize_inode, dir_index, BLOCK_UNINIT groups).
+        ("default", vec!["-E", "lazy_itable_init=0,lazy_journal_init=0"]),
+    ] {
+        let p = s.path(&format!("{name}.img"));
+        mke2fs_image(&p, &features, &content);
+        let mut img = open(&p, false);
+        assert_eq!(img.disk_size(), 256 << 20, "{name}");
+        let Lookup::Mapped(e) = img.lookup(5) else { panic!("{name}: block 5 not mapped") };
+        let mut b = vec![0u8; 4096];
+        img.read_block(e.pblk, &mut b).unwrap();
+        assert_eq!(b, content, "{name}: /disk content");
+        // Change it and close: the kernel's and e2fsprogs' structures must survive our writes.
+        img.allocate(10_000, 3000).unwrap();
+        img.punch(0, 8).unwrap();
+        img.commit().unwrap();
+        img.close().unwrap();
+        e2fsck_clean(&p);
+        let out = extblk().arg("check").arg(&p).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    // An incompatible feature set: a clear error naming the feature.
+    let p = s.path("inline.img");
+    mke2fs_image(&p, &["-O", "inline_data"], &content);
+    let out = extblk().arg("info").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unsupported ext4 feature: inline_data"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn create_formats_a_block_device() {
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
+        println!("SKIP: block device test needs root and loop devices");
+        return;
+    }
+    let s = Scratch::new("blockdev");
+    let backing = s.path("dev.raw");
+    // Old tenant's data everywhere: create must not leave any of it readable as metadata.
+    std::fs::write(&backing, vec![0xA5u8; 300 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let out = extblk()
+        .args(["create", "--size", "256M"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a device needs --force");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = extblk()
+        .args(["create", "--force", "--size", "256M"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e2fsck_clean(Path::new(&dev));
+    let out = extblk()
+        .args(["create", "--force", "--size", "1G"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a disk larger than the device is refused"
+    );
+    let mut img = open(Path::new(&dev), false);
+    img.allocate(0, 1000).unwrap();
+    img.close().unwrap();
+    e2fsck_clean(Path::new(&dev));
 }

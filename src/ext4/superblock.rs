@@ -379,6 +379,36 @@ impl Superblock {
         self.blocks_count.div_ceil(BLOCKS_PER_GROUP)
     }
 
+    /// Does group `g` hold a superblock + GDT copy? Group 0 always; then `sparse_super2`'s two
+    /// backups, or `sparse_super`'s groups 1 and powers of 3, 5 and 7, or every group.
+    pub fn has_super(&self, g: u64) -> bool {
+        if g == 0 {
+            return true;
+        }
+        if self.feature_compat & compat::SPARSE_SUPER2 != 0 {
+            return self.backup_bgs.contains(&(g as u32));
+        }
+        if self.feature_ro_compat & ro_compat::SPARSE_SUPER == 0 {
+            return true;
+        }
+        if g == 1 {
+            return true;
+        }
+        [3u64, 5, 7].iter().any(|&b| {
+            let mut p = b;
+            while p < g {
+                p *= b;
+            }
+            p == g
+        })
+    }
+
+    /// Blocks at the start of a group holding a superblock copy: superblock, GDT, reserved GDT.
+    pub fn super_region_len(&self) -> u64 {
+        1 + self.group_count().div_ceil(super::group::DESCS_PER_BLOCK)
+            + u64::from(self.reserved_gdt_blocks)
+    }
+
     /// The seed of every metadata checksum.
     pub fn csum_seed(&self) -> u32 {
         if self.feature_incompat & incompat::CSUM_SEED != 0 {

@@ -478,6 +478,36 @@ impl Image {
         Ok(())
     }
 
+    /// Aborts the journal after a failed data write or commit (`data_err=abort`): no further
+    /// change is accepted, the running transaction is dropped, and the error is recorded the way
+    /// ext4 records it — ERROR_FS and the error fields in the superblock, `s_errno` in the journal
+    /// superblock — in place and durably. Committed transactions stay in the log for replay.
+    pub fn abort(&mut self, errno: i32, func: &str, block: u64) -> Result<(), ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        if self.aborted.is_none() {
+            self.aborted = Some(format!("{func}: {}", io::Error::from_raw_os_error(errno)));
+        }
+        let now = now_secs() as u32;
+        let code = if errno == libc::EIO {
+            crate::ext4::superblock::ERRCODE_EIO
+        } else {
+            1
+        };
+        self.sb.record_error(now, func, code, block);
+        self.write_superblock()?;
+        if let Some(j) = self.journal.as_mut() {
+            j.record_abort(&*self.io, errno)?;
+        }
+        self.io.flush()?;
+        Ok(())
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.is_some()
+    }
+
     /// Writes every committed block home and empties the log.
     pub fn checkpoint(&mut self) -> Result<(), ImageError> {
         if let Some(j) = self.journal.as_mut() {

@@ -127,18 +127,22 @@ fn read_descs(r: &Reader, sb: &Superblock) -> Result<Vec<GroupDesc>, ImageError>
     Ok(descs)
 }
 
-/// A block bitmap for a group the kernel never initialised: its own backup + padding.
+/// A block bitmap for a group the kernel never initialised: its superblock copy (with GDT and
+/// reserved GDT blocks), any group metadata placed in it, and the padding.
 fn synthesize_bitmap(sb: &Superblock, descs: &[GroupDesc], g: u64) -> Vec<u8> {
     let mut bm = vec![0u8; BLOCK_SIZE];
     let base = g * BLOCKS_PER_GROUP;
     let n = bitmap::blocks_in_group(sb.blocks_count, g);
-    let gdt = sb.group_count().div_ceil(DESCS_PER_BLOCK);
-    let backup = g == 0 || sb.backup_bgs.contains(&(g as u32));
-    if backup {
-        bitmap::set_range(&mut bm, 0, (1 + gdt) as usize);
+    if sb.has_super(g) {
+        bitmap::set_range(&mut bm, 0, sb.super_region_len().min(n) as usize);
     }
     for d in descs {
-        for blk in [d.block_bitmap, d.inode_bitmap, d.inode_table] {
+        let itable =
+            (u64::from(sb.inodes_per_group) * u64::from(sb.inode_size)).div_ceil(BLOCK_SIZE_U64);
+        let blocks = [d.block_bitmap, d.inode_bitmap]
+            .into_iter()
+            .chain(d.inode_table..d.inode_table + itable);
+        for blk in blocks {
             if blk / BLOCKS_PER_GROUP == g {
                 bitmap::set(&mut bm, (blk - base) as usize);
             }
@@ -319,13 +323,10 @@ impl Image {
             .max()
             .unwrap_or(0)
             + 1;
-        let gdt = sb.group_count().div_ceil(DESCS_PER_BLOCK);
         let mut data_start = jend;
-        for g in [sb.backup_bgs[0], sb.backup_bgs[1]] {
-            let s = u64::from(g) * BLOCKS_PER_GROUP;
-            if g != 0 && data_start >= s && data_start < s + 1 + gdt {
-                data_start = s + 1 + gdt;
-            }
+        let g = data_start / BLOCKS_PER_GROUP;
+        if data_start % BLOCKS_PER_GROUP < sb.super_region_len() && sb.has_super(g) {
+            data_start = g * BLOCKS_PER_GROUP + sb.super_region_len();
         }
         let alloc = Allocator::new(
             sb.blocks_count,
