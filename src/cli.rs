@@ -16,6 +16,8 @@ pub struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// An extblk image: an ext4 filesystem holding the disk as /disk (`extblk create`).
+    Extblk,
     /// The image is the disk, byte for byte (a regular file or a block device).
     Raw,
 }
@@ -92,10 +94,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// Format of IMAGE. Never guessed: a raw disk that holds a guest's filesystem must never
-    /// be mistaken for an image.
-    #[arg(long, value_enum)]
+    /// Format of IMAGE. Never guessed: a raw disk is only served with `--format raw`, so a
+    /// guest's own ext4 filesystem on a raw disk is never mistaken for an image.
+    #[arg(long, value_enum, default_value_t = Format::Extblk)]
     pub format: Format,
+
+    /// Seconds between journal commits when no FLUSH forces one (extblk images).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
+    pub commit_interval: f64,
 
     /// Offer a read-only disk (VIRTIO_BLK_F_RO); every write is refused with IOERR.
     #[arg(long)]
@@ -119,6 +125,13 @@ pub struct ServeArgs {
 
     /// Regular file or block device holding the disk.
     pub image: PathBuf,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err("commit interval must be a number of seconds between 0 and 3600".into()),
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -158,8 +171,9 @@ fn quiet_on_broken_pipe() {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => {
-            let Format::Raw = a.format;
             serve::serve(&ServeOptions {
+                raw: a.format == Format::Raw,
+                commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
                 socket: a.socket,
                 image: a.image,
                 read_only: a.readonly,

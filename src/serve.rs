@@ -18,8 +18,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::request::ID_BYTES;
 use crate::device::{BlockDevice, DeviceOptions};
+use crate::engine::image::ImageEngine;
 use crate::engine::raw::{Backing, OpenError, RawEngine};
 use crate::engine::{BlockEngine, EngineError};
+use crate::ext4::FormatError;
+use crate::image::ImageError;
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,6 +30,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// What `serve` needs, already validated by the CLI.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
+    /// Serve the file as a raw disk instead of an extblk image.
+    pub raw: bool,
+    pub commit_interval: Duration,
     pub socket: PathBuf,
     pub image: PathBuf,
     pub read_only: bool,
@@ -48,6 +54,10 @@ pub enum ServeError {
     Bind(PathBuf, io::Error),
     #[error(transparent)]
     Open(#[from] OpenError),
+    #[error("{0}: not an extblk image ({1}); to serve a raw disk use --format raw")]
+    NotAnImage(PathBuf, String),
+    #[error("{0}: {1}")]
+    Image(PathBuf, String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("vhost-user: {0}")]
@@ -88,8 +98,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
         // A stale socket from a daemon that died: nobody listens, take it over.
         std::fs::remove_file(path).map_err(|e| ServeError::Bind(path.to_path_buf(), e))?;
     }
-    // SAFETY: umask only changes this process's file-creation mask; no other thread exists yet
-    // (serve binds before spawning any), so nothing else creates files meanwhile.
+    // SAFETY: umask only changes this process's file-creation mask; the only other thread that
+    // may exist now (the image engine's worker) creates no files, so nothing else is affected.
     let old = unsafe { libc::umask(0o177) };
     let res = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
@@ -168,12 +178,39 @@ struct Control {
 }
 
 pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    // Before any thread exists (the image engine starts its worker): every thread inherits the
+    // mask, and only the signal thread takes these signals.
+    let sigset = block_signals().map_err(ServeError::Signals)?;
     let backing = Backing::open(&opts.image, opts.read_only)?;
-    let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size)?;
-    run(engine, opts)
+    if opts.raw {
+        let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size)?;
+        return run(engine, opts, "raw", sigset);
+    }
+    let io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::new(backing));
+    let engine =
+        ImageEngine::open(io, opts.read_only, opts.commit_interval).map_err(|e| match e {
+            ImageError::Format(f @ FormatError::BadMagic(_)) => {
+                ServeError::NotAnImage(opts.image.clone(), f.to_string())
+            }
+            ImageError::Format(FormatError::Corrupt { what, detail })
+                if what == "image" && detail == "no /disk file" =>
+            {
+                ServeError::NotAnImage(
+                    opts.image.clone(),
+                    "no /disk file in its root directory".into(),
+                )
+            }
+            other => ServeError::Image(opts.image.clone(), other.to_string()),
+        })?;
+    run(engine, opts, "extblk image", sigset)
 }
 
-fn run<E: BlockEngine>(engine: E, opts: &ServeOptions) -> Result<(), ServeError> {
+fn run<E: BlockEngine>(
+    engine: E,
+    opts: &ServeOptions,
+    format: &str,
+    sigset: libc::sigset_t,
+) -> Result<(), ServeError> {
     let info = engine.info();
     let device = BlockDevice::new(
         engine,
@@ -185,9 +222,8 @@ fn run<E: BlockEngine>(engine: E, opts: &ServeOptions) -> Result<(), ServeError>
         },
     )?;
     let listener = bind_socket(&opts.socket)?;
-    let sigset = block_signals().map_err(ServeError::Signals)?;
     log::info!(
-        "serving {} ({} bytes, raw, {}) on {}: {} queue(s) of {}, logical block {}",
+        "serving {} ({} bytes, {format}, {}) on {}: {} queue(s) of {}, logical block {}",
         opts.image.display(),
         info.capacity.0,
         if info.read_only {
@@ -215,11 +251,15 @@ fn run<E: BlockEngine>(engine: E, opts: &ServeOptions) -> Result<(), ServeError>
     if !device.drain(DRAIN_TIMEOUT) {
         log::error!("{} request(s) still in flight at exit", device.inflight());
     }
-    if let Err(e) = device.engine().flush() {
+    if let Err(e) = device.engine().close() {
         log::error!("final flush failed: {e}");
         return Err(e.into());
     }
-    log::info!("exiting: {}", device.counters().summary());
+    log::info!(
+        "exiting: {} {}",
+        device.counters().summary(),
+        device.engine().stats()
+    );
     result
 }
 
@@ -232,7 +272,11 @@ fn spawn_signal_thread<E: BlockEngine>(
         .name("signals".into())
         .spawn(move || loop {
             match wait_signal(&set) {
-                libc::SIGUSR1 => log::info!("counters: {}", device.counters().summary()),
+                libc::SIGUSR1 => log::info!(
+                    "counters: {} {}",
+                    device.counters().summary(),
+                    device.engine().stats()
+                ),
                 libc::SIGINT | libc::SIGTERM => {
                     log::info!(
                         "shutting down: draining {} in-flight request(s)",

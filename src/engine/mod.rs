@@ -6,6 +6,9 @@
 //! when its completion fd fires), or from a thread of its own. Engines know nothing of virtio;
 //! the device knows nothing of files.
 
+pub mod fence;
+pub mod image;
+pub mod iov;
 pub mod raw;
 pub mod sysio;
 
@@ -136,6 +139,16 @@ pub trait BlockEngine: Send + Sync + 'static {
 
     /// Makes everything completed so far durable (used at shutdown, after the queues drained).
     fn flush(&self) -> Result<(), EngineError>;
+
+    /// Flushes and releases the backing cleanly (an image is marked clean).
+    fn close(&self) -> Result<(), EngineError> {
+        self.flush()
+    }
+
+    /// Engine counters for the logs (SIGUSR1, exit).
+    fn stats(&self) -> String {
+        String::new()
+    }
 }
 
 /// The engine side of one virtqueue.

@@ -354,6 +354,31 @@ impl Image {
         Ok(converted)
     }
 
+    /// Converts only the unwritten blocks of `[lblk, lblk + len)` that are still at `pblk…`: the
+    /// blocks one write allocated and filled. If a discard removed them meanwhile, or the range
+    /// was reallocated elsewhere, nothing is converted — a conversion never brings back a freed
+    /// extent nor exposes blocks another write has not filled yet.
+    pub fn convert_exact(&mut self, lblk: u64, len: u64, pblk: u64) -> Result<u64, ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(lblk, len)?;
+        let mut converted = 0;
+        for e in self.tree.range(a, b).into_iter().filter(|e| e.unwritten) {
+            if e.pblk != pblk + u64::from(e.lblk - a) {
+                continue;
+            }
+            self.replace(
+                e.lblk,
+                e.lblk + e.len,
+                &[Extent {
+                    unwritten: false,
+                    ..e
+                }],
+            )?;
+            converted += u64::from(e.len);
+        }
+        Ok(converted)
+    }
+
     /// Makes the written blocks of a range unwritten (they read as zeroes; nothing is freed).
     pub fn zero(&mut self, lblk: u64, len: u64) -> Result<(), ImageError> {
         self.writable()?;
@@ -463,19 +488,23 @@ impl Image {
         b
     }
 
-    /// Commits the running transaction. Data written before the call is durable after it.
-    pub fn commit(&mut self) -> Result<(), ImageError> {
+    /// Commits the running transaction; returns whether there was one. Data written before the
+    /// call is durable after it when a transaction was written (the caller flushes otherwise).
+    pub fn commit(&mut self) -> Result<bool, ImageError> {
         self.writable()?;
         let tx = self.build_transaction();
         let Some(j) = self.journal.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
+        if tx.is_empty() {
+            return Ok(false);
+        }
         if let Err(e) = j.commit(&*self.io, &tx, now_secs()) {
             self.aborted = Some(format!("commit failed: {e}"));
             return Err(e.into());
         }
         self.alloc.commit_done();
-        Ok(())
+        Ok(true)
     }
 
     /// Aborts the journal after a failed data write or commit (`data_err=abort`): no further
@@ -518,6 +547,11 @@ impl Image {
 
     /// Clean close: commit, checkpoint, exact free counts, needs_recovery cleared.
     pub fn close(mut self) -> Result<(), ImageError> {
+        self.close_in_place()
+    }
+
+    /// [`Image::close`] for an owner that cannot give the image up; no change is accepted after.
+    pub fn close_in_place(&mut self) -> Result<(), ImageError> {
         if self.read_only || self.aborted.is_some() {
             return Ok(());
         }
@@ -528,6 +562,7 @@ impl Image {
         self.sb.wtime = now_secs() as u32;
         self.write_superblock()?;
         self.io.flush()?;
+        self.aborted = Some("the image is closed".into());
         Ok(())
     }
 

@@ -17,6 +17,37 @@ pub trait BlockIo: Send + Sync {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Size of the backing in bytes.
     fn size(&self) -> u64;
+
+    /// Writes guest buffers at `offset`; `dsync` makes them durable before returning.
+    /// The default gathers into one buffer; backings with vectored I/O override it.
+    fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
+        for v in iovs {
+            // SAFETY: callers pass iovecs describing live buffers (see engine::GuestBuffers).
+            buf.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        self.write_at(&buf, offset)?;
+        if dsync {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Reads into guest buffers from `offset`.
+    fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; iovs.iter().map(|v| v.iov_len).sum()];
+        self.read_at(&mut buf, offset)?;
+        let mut o = 0;
+        for v in iovs {
+            // SAFETY: callers pass iovecs describing live, writable buffers owned by the request.
+            unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) }
+                .copy_from_slice(&buf[o..o + v.iov_len]);
+            o += v.iov_len;
+        }
+        Ok(())
+    }
 }
 
 pub mod mem;
@@ -81,5 +112,13 @@ impl BlockIo for FileIo {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
+        sysio::pwritev_all(&self.file, iovs, offset, dsync)
+    }
+
+    fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
+        sysio::preadv_all(&self.file, iovs, offset)
     }
 }

@@ -1,0 +1,805 @@
+//! The image engine: serves an extblk image's `/disk` with ext4's iomap writeback design.
+//!
+//! - READ and pure OVERWRITE (every block mapped and written) run on the virtqueue thread: the
+//!   mapping comes from a per-queue cache of written extents validated by a sequence number
+//!   (no mapping lock), the data goes straight to the mapped blocks, and the request completes
+//!   there. No journal handle.
+//! - An ALLOCATING write takes the mapping lock, allocates every hole of the request as unwritten
+//!   extents at once, marks those blocks in progress, and writes the data (sub-block pieces of new
+//!   blocks padded with zeroes) outside the lock. The completion worker then converts exactly the
+//!   blocks it wrote and completes the request. A write that touches blocks another write is still
+//!   initialising waits for it, so partial writes into one new block never clobber each other.
+//! - FLUSH, DISCARD and WRITE_ZEROES go to the worker, which keeps order with conversions,
+//!   commits the journal (group commit: one per batch), and punches freed ranges in the backing
+//!   once the freeing transaction is durable.
+//! - `data_err=abort`: a failed data write aborts the journal; reads go on, writes fail.
+
+use std::collections::HashMap;
+use std::io;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::fence::IoFence;
+use super::{
+    iov, BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
+    ZeroRange,
+};
+use crate::ext4::extent::Extent;
+use crate::ext4::BLOCK_SIZE_U64;
+use crate::image::{Image, ImageError, OpenOptions};
+use crate::io::BlockIo;
+use crate::mapping::tree::Lookup;
+use crate::units::Bytes;
+
+const BS: u64 = BLOCK_SIZE_U64;
+static ZERO_BLOCK: [u8; 4096] = [0; 4096];
+
+/// A completion the worker can hold without knowing its type.
+pub trait DynCompletion: Send {
+    fn finish(self: Box<Self>, r: Result<(), EngineError>);
+}
+
+impl<C: Completion> DynCompletion for C {
+    fn finish(self: Box<Self>, r: Result<(), EngineError>) {
+        (*self).complete(r)
+    }
+}
+
+type Done = Box<dyn DynCompletion>;
+
+/// Engine counters: which path each request took.
+#[derive(Default)]
+pub struct EngineStats {
+    pub fast_reads: AtomicU64,
+    pub fast_overwrites: AtomicU64,
+    pub allocating_writes: AtomicU64,
+    pub deferred_writes: AtomicU64,
+    pub journal_handles: AtomicU64,
+    pub converted_blocks: AtomicU64,
+    pub commits: AtomicU64,
+    pub discards: AtomicU64,
+    pub enospc: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} discards={} enospc={}",
+            g(&self.fast_reads),
+            g(&self.fast_overwrites),
+            g(&self.allocating_writes),
+            g(&self.deferred_writes),
+            g(&self.journal_handles),
+            g(&self.converted_blocks),
+            g(&self.commits),
+            g(&self.discards),
+            g(&self.enospc)
+        )
+    }
+}
+
+struct PendingWrite {
+    offset: u64,
+    bufs: GuestBuffers,
+    fua: bool,
+    done: Done,
+}
+
+enum Work {
+    /// Data of an allocating write is on disk: convert `(lblk, len, pblk)` runs, then complete.
+    Convert {
+        runs: Vec<(u64, u64, u64)>,
+        fua: bool,
+        done: Done,
+    },
+    Flush {
+        done: Done,
+    },
+    Zero {
+        ranges: Vec<ZeroRange>,
+        discard: bool,
+        fua: bool,
+        done: Done,
+    },
+    /// Commit now and report (used by `flush()` at shutdown).
+    Sync {
+        reply: Sender<Result<(), String>>,
+    },
+}
+
+/// State behind the mapping lock.
+struct Locked {
+    image: Image,
+    /// Blocks an allocating write is filling: lblk → writers.
+    in_progress: HashMap<u64, u32>,
+    deferred: Vec<PendingWrite>,
+    /// Backing ranges freed by transactions not yet committed, to punch after the commit.
+    punch_after_commit: Vec<(u64, u64)>,
+    frees_pending: bool,
+}
+
+struct Shared {
+    state: Mutex<Locked>,
+    io: Arc<dyn BlockIo>,
+    fence: IoFence,
+    /// Bumped whenever a written mapping is removed or unwritten: invalidates queue caches.
+    unmap_seq: AtomicU64,
+    info: EngineInfo,
+    aborted: AtomicBool,
+    stats: EngineStats,
+    worker: Mutex<Option<Sender<Work>>>,
+}
+
+/// The image engine. Cheap to clone.
+#[derive(Clone)]
+pub struct ImageEngine {
+    shared: Arc<Shared>,
+    worker_thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl ImageEngine {
+    /// Opens `/disk` of the image on `io` and starts the completion worker.
+    pub fn open(
+        io: Arc<dyn BlockIo>,
+        read_only: bool,
+        commit_interval: Duration,
+    ) -> Result<ImageEngine, ImageError> {
+        let image = Image::open(io.clone(), OpenOptions { read_only })?;
+        if image.superblock().has_errors() {
+            log::warn!("the image has recorded errors (run `extblk check`); serving it anyway, as ext4 mounts with errors=continue");
+        }
+        let disk_bytes = image.disk_size() - image.disk_size() % 512;
+        let info = EngineInfo {
+            capacity: Bytes(disk_bytes),
+            read_only,
+            discard_granularity: BS as u32,
+            physical_block_size: BS as u32,
+        };
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Locked {
+                image,
+                in_progress: HashMap::new(),
+                deferred: Vec::new(),
+                punch_after_commit: Vec::new(),
+                frees_pending: false,
+            }),
+            io,
+            fence: IoFence::default(),
+            unmap_seq: AtomicU64::new(0),
+            info,
+            aborted: AtomicBool::new(false),
+            stats: EngineStats::default(),
+            worker: Mutex::new(Some(tx)),
+        });
+        let s2 = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("extblk-worker".into())
+            .spawn(move || worker(s2, rx, commit_interval))
+            .map_err(ImageError::Io)?;
+        Ok(ImageEngine {
+            shared,
+            worker_thread: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    /// Stops the worker and closes the image cleanly (commit, checkpoint, clean superblock).
+    pub fn close(&self) -> Result<(), EngineError> {
+        self.flush()?;
+        lock(&self.shared.worker).take();
+        if let Some(h) = lock(&self.worker_thread).take() {
+            let _ = h.join();
+        }
+        let mut st = lock(&self.shared.state);
+        if st.image.is_read_only() || st.image.is_aborted() {
+            return Ok(());
+        }
+        // Close consumes the image: swap in nothing by closing through a checkpoint + clean mark.
+        st.image.commit().map_err(to_engine)?;
+        st.image.close_in_place().map_err(to_engine)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn to_engine(e: ImageError) -> EngineError {
+    match e {
+        ImageError::Io(e) => EngineError::Io(e),
+        ImageError::NoSpace => EngineError::NoSpace,
+        ImageError::ReadOnly => EngineError::ReadOnly,
+        other => EngineError::Io(io::Error::other(other.to_string())),
+    }
+}
+
+impl Shared {
+    fn send(&self, w: Work) {
+        let tx = lock(&self.worker).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(w)) = tx.send(w) {
+                    fail_work(w, "the completion worker is gone");
+                }
+            }
+            None => fail_work(w, "the engine is closed"),
+        }
+    }
+
+    /// Aborts the journal after a failed data write (data_err=abort).
+    fn abort(&self, st: &mut Locked, e: &io::Error, pblk: u64) {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            log::error!("data write to block {pblk} failed ({e}): aborting the journal; writes will fail from now on");
+        }
+        if !st.image.is_read_only() {
+            if let Err(e2) = st.image.abort(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                "extblk_write_data",
+                pblk,
+            ) {
+                log::error!("cannot record the abort in the image: {e2}");
+            }
+        }
+    }
+
+    fn writable(&self) -> Result<(), EngineError> {
+        if self.info.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        if self.aborted.load(Ordering::Acquire) {
+            return Err(EngineError::Io(io::Error::other(
+                "the journal was aborted after a data write error",
+            )));
+        }
+        Ok(())
+    }
+
+    /// The allocating write path (runs on a queue thread, or on the worker for deferred writes).
+    fn write_slow(self: &Arc<Self>, w: PendingWrite) {
+        if let Err(e) = self.writable() {
+            return w.done.finish(Err(e));
+        }
+        let (b0, b1) = blocks_of(w.offset, w.bufs.len() as u64);
+        let token = self.fence.enter();
+        let mut st = lock(&self.state);
+        if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
+            self.stats.deferred_writes.fetch_add(1, Ordering::Relaxed);
+            drop(token);
+            st.deferred.push(w);
+            return;
+        }
+        self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
+        let mut alloc = st.image.allocate(b0, b1 - b0);
+        if matches!(alloc, Err(ImageError::NoSpace)) {
+            // Blocks freed by the running transaction become free once it commits.
+            self.stats.enospc.fetch_add(1, Ordering::Relaxed);
+            drop(token);
+            let r = self.commit_locked(&mut st);
+            let t2 = self.fence.enter();
+            alloc = r.and_then(|_| st.image.allocate(b0, b1 - b0));
+            if alloc.is_err() {
+                drop(t2);
+                drop(st);
+                return w.done.finish(Err(EngineError::NoSpace));
+            }
+            return self.write_allocated(st, t2, w, b0, b1);
+        }
+        if let Err(e) = alloc {
+            drop(st);
+            return w.done.finish(Err(to_engine(e)));
+        }
+        self.write_allocated(st, token, w, b0, b1)
+    }
+
+    fn write_allocated(
+        self: &Arc<Self>,
+        mut st: MutexGuard<'_, Locked>,
+        token: super::fence::FenceToken<'_>,
+        w: PendingWrite,
+        b0: u64,
+        b1: u64,
+    ) {
+        self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
+        let runs: Vec<Extent> = st.image.tree().range(b0 as u32, b1 as u32);
+        let mut to_convert = Vec::new();
+        for e in runs.iter().filter(|e| e.unwritten) {
+            for b in u64::from(e.lblk)..e.end() {
+                *st.in_progress.entry(b).or_insert(0) += 1;
+            }
+            to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
+        }
+        drop(st);
+        let result = self.write_runs(&runs, &w);
+        drop(token);
+        match result {
+            Ok(()) => self.send(Work::Convert {
+                runs: to_convert,
+                fua: w.fua,
+                done: w.done,
+            }),
+            Err((e, pblk)) => {
+                let mut st = lock(&self.state);
+                unmark(&mut st, &to_convert);
+                let enospc = e.raw_os_error() == Some(libc::ENOSPC);
+                if enospc {
+                    // The host filesystem under a sparse image is full: fail this request only.
+                    self.stats.enospc.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("no space in the host filesystem for block {pblk}: {e}");
+                } else {
+                    self.abort(&mut st, &e, pblk);
+                }
+                let redo = take_ready(&mut st);
+                drop(st);
+                w.done.finish(Err(if enospc {
+                    EngineError::NoSpace
+                } else {
+                    EngineError::Io(e)
+                }));
+                for p in redo {
+                    self.write_slow(p);
+                }
+            }
+        }
+    }
+
+    /// Writes a request's data over its mapped runs; unwritten blocks get zero padding.
+    fn write_runs(&self, runs: &[Extent], w: &PendingWrite) -> Result<(), (io::Error, u64)> {
+        let (start, end) = (w.offset, w.offset + w.bufs.len() as u64);
+        for e in runs {
+            let (rs, re) = (u64::from(e.lblk) * BS, e.end() * BS);
+            let (s, t) = (start.max(rs), end.min(re));
+            if s >= t {
+                continue;
+            }
+            let mut parts = iov::slice(w.bufs.iovecs(), (s - start) as usize, (t - s) as usize);
+            let mut at = e.pblk * BS + (s - rs);
+            if e.unwritten {
+                // New blocks: the rest of a partially written block must read as zero.
+                let head = s % BS;
+                let tail = (BS - t % BS) % BS;
+                if head > 0 {
+                    parts.insert(
+                        0,
+                        libc::iovec {
+                            iov_base: ZERO_BLOCK.as_ptr() as *mut _,
+                            iov_len: head as usize,
+                        },
+                    );
+                    at -= head;
+                }
+                if tail > 0 {
+                    parts.push(libc::iovec {
+                        iov_base: ZERO_BLOCK.as_ptr() as *mut _,
+                        iov_len: tail as usize,
+                    });
+                }
+            }
+            self.io
+                .writev_at(&parts, at, w.fua && !e.unwritten)
+                .map_err(|err| (err, at / BS))?;
+        }
+        Ok(())
+    }
+
+    fn commit_locked(&self, st: &mut Locked) -> Result<(), ImageError> {
+        if st.frees_pending {
+            // No I/O that saw the old mapping may still touch the blocks about to be reused.
+            self.fence.wait_prior();
+        }
+        let wrote = st.image.commit()?;
+        if !wrote {
+            // Nothing to journal: FLUSH still needs the data durable.
+            self.io.flush()?;
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        st.frees_pending = false;
+        for (p, l) in std::mem::take(&mut st.punch_after_commit) {
+            if let Err(e) = self.io.punch(p * BS, l * BS) {
+                log::warn!("cannot deallocate blocks {p}+{l} in the backing: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_ranges(
+        &self,
+        st: &mut Locked,
+        ranges: &[ZeroRange],
+        discard: bool,
+    ) -> Result<(), EngineError> {
+        for r in ranges {
+            let (s, t) = (r.range.offset.0, r.range.offset.0 + r.range.len.0);
+            let (fs, ft) = (s.div_ceil(BS), t / BS);
+            if fs < ft {
+                if discard || r.unmap {
+                    let freed = st.image.punch(fs, ft - fs).map_err(to_engine)?;
+                    if !freed.is_empty() {
+                        st.frees_pending = true;
+                        st.punch_after_commit.extend(freed);
+                    }
+                } else {
+                    st.image.zero(fs, ft - fs).map_err(to_engine)?;
+                }
+                self.unmap_seq.fetch_add(1, Ordering::AcqRel);
+            }
+            if discard {
+                continue; // partial blocks of a discard: advisory, nothing to do
+            }
+            // Partial blocks of WRITE_ZEROES must read as zero: overwrite their written parts.
+            let mut parts = Vec::new();
+            if fs > ft {
+                parts.push((s, t));
+            } else {
+                if s < fs * BS {
+                    parts.push((s, fs * BS));
+                }
+                if t > ft * BS && ft * BS >= s {
+                    parts.push((ft * BS, t));
+                }
+            }
+            for (a, b) in parts {
+                if let Lookup::Mapped(e) = st.image.lookup((a / BS) as u32) {
+                    if !e.unwritten {
+                        let at = e.pblk * BS + a % BS;
+                        self.io
+                            .write_at(&ZERO_BLOCK[..(b - a) as usize], at)
+                            .map_err(EngineError::Io)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
+    (offset / BS, (offset + len).div_ceil(BS))
+}
+
+fn unmark(st: &mut Locked, runs: &[(u64, u64, u64)]) {
+    for &(l, n, _) in runs {
+        for b in l..l + n {
+            if let Some(c) = st.in_progress.get_mut(&b) {
+                *c -= 1;
+                if *c == 0 {
+                    st.in_progress.remove(&b);
+                }
+            }
+        }
+    }
+}
+
+/// Deferred writes whose blocks are no longer being initialised.
+fn take_ready(st: &mut Locked) -> Vec<PendingWrite> {
+    let mut ready = Vec::new();
+    let mut keep = Vec::new();
+    for w in st.deferred.drain(..) {
+        let (b0, b1) = blocks_of(w.offset, w.bufs.len() as u64);
+        if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
+            keep.push(w);
+        } else {
+            ready.push(w);
+        }
+    }
+    st.deferred = keep;
+    ready
+}
+
+fn fail_work(w: Work, why: &str) {
+    let e = || EngineError::Io(io::Error::other(why.to_string()));
+    match w {
+        Work::Convert { done, .. } | Work::Flush { done } | Work::Zero { done, .. } => {
+            done.finish(Err(e()))
+        }
+        Work::Sync { reply } => {
+            let _ = reply.send(Err(why.to_string()));
+        }
+    }
+}
+
+/// The completion worker: conversions, flushes, discards and commits, in arrival order.
+fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
+    let mut last_commit = Instant::now();
+    loop {
+        let timeout = interval
+            .saturating_sub(last_commit.elapsed())
+            .max(Duration::from_millis(1));
+        let first = match rx.recv_timeout(timeout) {
+            Ok(w) => Some(w),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batch: Vec<Work> = first.into_iter().collect();
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut st = lock(&s.state);
+        let mut done_now: Vec<(Done, Result<(), EngineError>)> = Vec::new();
+        let mut after_commit: Vec<Done> = Vec::new();
+        let mut syncs = Vec::new();
+        let mut need_commit = last_commit.elapsed() >= interval;
+        for w in batch {
+            match w {
+                Work::Convert { runs, fua, done } => {
+                    let mut r = Ok(());
+                    for &(l, n, p) in &runs {
+                        match st.image.convert_exact(l, n, p) {
+                            Ok(c) => {
+                                s.stats.converted_blocks.fetch_add(c, Ordering::Relaxed);
+                            }
+                            Err(e) => r = Err(to_engine(e)),
+                        }
+                    }
+                    unmark(&mut st, &runs);
+                    if fua && r.is_ok() {
+                        need_commit = true;
+                        after_commit.push(done);
+                    } else {
+                        done_now.push((done, r));
+                    }
+                }
+                Work::Flush { done } => {
+                    need_commit = true;
+                    after_commit.push(done);
+                }
+                Work::Zero {
+                    ranges,
+                    discard,
+                    fua,
+                    done,
+                } => {
+                    s.stats.discards.fetch_add(1, Ordering::Relaxed);
+                    s.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
+                    match s
+                        .writable()
+                        .and_then(|_| s.zero_ranges(&mut st, &ranges, discard))
+                    {
+                        Ok(()) if fua => {
+                            need_commit = true;
+                            after_commit.push(done);
+                        }
+                        r => done_now.push((done, r)),
+                    }
+                }
+                Work::Sync { reply } => {
+                    need_commit = true;
+                    syncs.push(reply);
+                }
+            }
+        }
+        if st.image.should_commit() {
+            need_commit = true;
+        }
+        let mut commit_result = Ok(());
+        if need_commit && !st.image.is_read_only() && !s.aborted.load(Ordering::Acquire) {
+            if let Err(e) = s.commit_locked(&mut st) {
+                log::error!("journal commit failed: {e}");
+                let ioe = io::Error::other(e.to_string());
+                s.abort(&mut st, &ioe, 0);
+                commit_result = Err(e.to_string());
+            }
+            last_commit = Instant::now();
+        } else if need_commit {
+            last_commit = Instant::now();
+            if s.aborted.load(Ordering::Acquire) {
+                commit_result = Err("the journal was aborted".into());
+            }
+        }
+        let redo = take_ready(&mut st);
+        drop(st);
+        for (d, r) in done_now {
+            d.finish(r);
+        }
+        for d in after_commit {
+            d.finish(
+                commit_result
+                    .clone()
+                    .map_err(|e| EngineError::Io(io::Error::other(e))),
+            );
+        }
+        for r in syncs {
+            let _ = r.send(commit_result.clone());
+        }
+        for w in redo {
+            s.write_slow(w);
+        }
+    }
+}
+
+/// A queue thread's side: its cache of written extents.
+pub struct ImageQueue<C> {
+    shared: Arc<Shared>,
+    cache: Vec<Extent>,
+    cache_seq: u64,
+    _c: PhantomData<fn(C)>,
+}
+
+impl<C> ImageQueue<C> {
+    /// The written extent covering `lblk` from the cache, or from the tree under the lock.
+    /// `None`: the block is a hole or unwritten.
+    fn written_at(&mut self, lblk: u64) -> Result<Option<Extent>, Lookup> {
+        let seq = self.shared.unmap_seq.load(Ordering::Acquire);
+        if seq != self.cache_seq {
+            self.cache.clear();
+            self.cache_seq = seq;
+        }
+        if let Some(e) = self
+            .cache
+            .iter()
+            .find(|e| u64::from(e.lblk) <= lblk && lblk < e.end())
+        {
+            return Ok(Some(*e));
+        }
+        let found = lock(&self.shared.state).image.lookup(lblk as u32);
+        match found {
+            Lookup::Mapped(e) if !e.unwritten => {
+                if self.cache.len() >= 64 {
+                    self.cache.remove(0);
+                }
+                self.cache.push(e);
+                Ok(Some(e))
+            }
+            other => Err(other),
+        }
+    }
+
+    fn read(&mut self, offset: u64, bufs: &GuestBuffers) -> Result<(), EngineError> {
+        let sh = self.shared.clone();
+        let _token = sh.fence.enter();
+        let end = offset + bufs.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let lblk = pos / BS;
+            let (run_end, pblk) = match self.written_at(lblk) {
+                Ok(Some(e)) => (e.end() * BS, Some(e.pblk + (lblk - u64::from(e.lblk)))),
+                Err(Lookup::Mapped(e)) => (e.end() * BS, None),
+                Err(Lookup::Hole { len }) => ((lblk + len) * BS, None),
+                Ok(None) => ((lblk + 1) * BS, None),
+            };
+            let n = run_end.min(end) - pos;
+            let parts = iov::slice(bufs.iovecs(), (pos - offset) as usize, n as usize);
+            match pblk {
+                Some(p) => self.shared.io.readv_at(&parts, p * BS + pos % BS)?,
+                None => iov::zero(&parts),
+            }
+            pos += n;
+        }
+        self.shared.stats.fast_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The pure-overwrite fast path; `false` if some block needs allocation or conversion.
+    fn try_overwrite(
+        &mut self,
+        offset: u64,
+        bufs: &GuestBuffers,
+        fua: bool,
+    ) -> Result<bool, EngineError> {
+        let sh = self.shared.clone();
+        let token = sh.fence.enter();
+        let end = offset + bufs.len() as u64;
+        let mut plan = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let lblk = pos / BS;
+            let Ok(Some(e)) = self.written_at(lblk) else {
+                drop(token);
+                return Ok(false);
+            };
+            let n = (e.end() * BS).min(end) - pos;
+            plan.push((
+                pos,
+                n,
+                (e.pblk + (lblk - u64::from(e.lblk))) * BS + pos % BS,
+            ));
+            pos += n;
+        }
+        for (p, n, at) in plan {
+            let parts = iov::slice(bufs.iovecs(), (p - offset) as usize, n as usize);
+            if let Err(e) = self.shared.io.writev_at(&parts, at, fua) {
+                drop(token);
+                if e.raw_os_error() != Some(libc::ENOSPC) {
+                    let mut st = lock(&self.shared.state);
+                    self.shared.abort(&mut st, &e, at / BS);
+                }
+                return Err(EngineError::Io(e));
+            }
+        }
+        self.shared
+            .stats
+            .fast_overwrites
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
+    fn submit(&mut self, op: EngineOp, done: C) {
+        let sh = self.shared.clone();
+        match op {
+            EngineOp::Read { offset, bufs } => {
+                let r = self.read(offset.0, &bufs);
+                drop(bufs);
+                done.complete(r);
+            }
+            EngineOp::Write { offset, bufs, fua } => {
+                if let Err(e) = sh.writable() {
+                    return done.complete(Err(e));
+                }
+                match self.try_overwrite(offset.0, &bufs, fua) {
+                    Ok(true) => done.complete(Ok(())),
+                    Ok(false) => sh.write_slow(PendingWrite {
+                        offset: offset.0,
+                        bufs,
+                        fua,
+                        done: Box::new(done),
+                    }),
+                    Err(e) => done.complete(Err(e)),
+                }
+            }
+            EngineOp::Flush => sh.send(Work::Flush {
+                done: Box::new(done),
+            }),
+            EngineOp::Discard { ranges, fua } => sh.send(Work::Zero {
+                ranges,
+                discard: true,
+                fua,
+                done: Box::new(done),
+            }),
+            EngineOp::WriteZeroes { ranges, fua } => sh.send(Work::Zero {
+                ranges,
+                discard: false,
+                fua,
+                done: Box::new(done),
+            }),
+        }
+    }
+}
+
+impl BlockEngine for ImageEngine {
+    type Queue<C: Completion> = ImageQueue<C>;
+
+    fn info(&self) -> EngineInfo {
+        self.shared.info.clone()
+    }
+
+    fn open_queue<C: Completion>(&self, _index: usize) -> Result<ImageQueue<C>, EngineError> {
+        Ok(ImageQueue {
+            shared: self.shared.clone(),
+            cache: Vec::new(),
+            cache_seq: 0,
+            _c: PhantomData,
+        })
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        if self.shared.info.read_only {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.shared.send(Work::Sync { reply: tx });
+        rx.recv()
+            .map_err(|_| EngineError::Io(io::Error::other("the completion worker is gone")))?
+            .map_err(|e| EngineError::Io(io::Error::other(e)))
+    }
+
+    fn close(&self) -> Result<(), EngineError> {
+        ImageEngine::close(self)
+    }
+
+    fn stats(&self) -> String {
+        self.shared.stats.summary()
+    }
+}
