@@ -186,7 +186,14 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size)?;
         return run(engine, opts, "raw", sigset);
     }
-    let io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::new(backing));
+    let mut io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::new(backing));
+    if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
+        // Test-only: inject I/O errors below the engine (see io::fault).
+        let spec = crate::io::fault::FaultSpec::parse(&spec)
+            .map_err(|e| ServeError::Image(opts.image.clone(), e))?;
+        log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
+        io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
+    }
     let engine =
         ImageEngine::open(io, opts.read_only, opts.commit_interval).map_err(|e| match e {
             ImageError::Format(f @ FormatError::BadMagic(_)) => {

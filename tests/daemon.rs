@@ -718,3 +718,374 @@ fn a_raw_file_is_never_taken_for_an_image() {
         "{err}"
     );
 }
+
+impl Daemon {
+    /// SIGKILL: a crash of the daemon (the host's page cache survives, as after a daemon crash).
+    fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        log
+    }
+}
+
+/// Submits writes of `data[i]` at `offsets[i]` on one queue, all in flight together.
+fn write_many(q: &mut Blkioq, region: usize, offsets: &[u64], len: usize) -> Vec<i32> {
+    for (i, &o) in offsets.iter().enumerate() {
+        q.write(
+            o,
+            (region + i * len) as *const u8,
+            len,
+            i,
+            ReqFlags::empty(),
+        );
+    }
+    let mut rets = vec![i32::MIN; offsets.len()];
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..offsets.len()).map(|_| MaybeUninit::uninit()).collect();
+    let mut done = 0;
+    while done < offsets.len() {
+        let n = q
+            .do_io(&mut comps[..offsets.len() - done], 1, None, None)
+            .unwrap();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised these n entries.
+            let c = unsafe { c.assume_init_read() };
+            rets[c.user_data] = c.ret;
+        }
+        done += n;
+    }
+    rets
+}
+
+#[test]
+fn image_concurrent_sub_block_writes_into_fresh_blocks_never_clobber_each_other() {
+    let s = Scratch::new("img-subblock");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "16M");
+    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
+    let mut c = Client::connect(&sock, 2);
+    const BLOCKS: usize = 64;
+    // Queue 0 writes the first half of each fresh 4 KiB block, queue 1 the second half, at once.
+    for (half, fill) in [(0usize, 0x11u8), (1, 0x22u8)] {
+        c.buf(half * (1 << 20), BLOCKS * 2048).fill(fill);
+    }
+    let region = c.region.addr;
+    let mut queues = std::mem::take(&mut c.queues);
+    std::thread::scope(|sc| {
+        for (half, q) in queues.iter_mut().enumerate() {
+            sc.spawn(move || {
+                let offsets: Vec<u64> = (0..BLOCKS)
+                    .map(|b| (b * 4096 + half * 2048) as u64)
+                    .collect();
+                let rets = write_many(q, region + half * (1 << 20), &offsets, 2048);
+                assert!(rets.iter().all(|&r| r == 0), "{rets:?}");
+            });
+        }
+    });
+    c.queues = queues;
+    let got = c.read(0, 0, BLOCKS * 4096).unwrap();
+    for b in 0..BLOCKS {
+        let blk = &got[b * 4096..(b + 1) * 4096];
+        assert!(
+            blk[..2048].iter().all(|&x| x == 0x11) && blk[2048..].iter().all(|&x| x == 0x22),
+            "block {b} lost half a write"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+}
+
+#[test]
+fn image_flushed_writes_survive_sigkill_and_nothing_is_stale() {
+    let s = Scratch::new("img-kill");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "64M");
+    let d = Daemon::start_image(&img, &sock, &["--commit-interval", "3600"]);
+    let mut c = Client::connect(&sock, 1);
+    let mut rng = Rng(77);
+    // Flushed: scattered allocating writes, then a flush.
+    let mut flushed = Vec::new();
+    for i in 0..300u64 {
+        let off = rng.below((64 << 20) / 4096) * 4096;
+        let data = pattern(1000 + i, 4096);
+        assert_eq!(c.write(0, off, &data), 0);
+        flushed.push((off, data));
+    }
+    assert_eq!(c.flush(0), 0);
+    // Not flushed: more writes, some over flushed blocks.
+    let mut unflushed = Vec::new();
+    for i in 0..200u64 {
+        let off = if i % 3 == 0 {
+            flushed[i as usize].0
+        } else {
+            rng.below((64 << 20) / 4096) * 4096
+        };
+        let data = pattern(5000 + i, 4096);
+        assert_eq!(c.write(0, off, &data), 0);
+        unflushed.push((off, data));
+    }
+    drop(c);
+    let _ = d.kill();
+    // A copy of the crashed image for e2fsprogs: its own replay must leave a consistent image.
+    let copy = s.path("copy.img");
+    fs::copy(&img, &copy).unwrap();
+    let out = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().unwrap() <= 1 && !text.contains("checksum") && !text.contains("corrupt"),
+        "{text}"
+    );
+    image_clean(&copy);
+    // e2fsck's replay and ours (a read-only open replays in memory) give the same disk.
+    let map = |p: &Path| {
+        extblk()
+            .args(["map", "--output", "json"])
+            .arg(p)
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert!(
+        map(&copy) == map(&img),
+        "e2fsck's replay maps /disk differently from ours"
+    );
+    // Restart on the crashed image (our replay) and read everything back.
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    let mut last: std::collections::HashMap<u64, Vec<Vec<u8>>> = std::collections::HashMap::new();
+    for (off, data) in flushed.iter().chain(unflushed.iter()) {
+        last.entry(*off).or_default().push(data.clone());
+    }
+    for (off, versions) in &last {
+        let got = c.read(0, *off, 4096).unwrap();
+        let flushed_version = flushed.iter().rev().find(|(o, _)| o == off).map(|(_, d)| d);
+        let ok =
+            versions.contains(&got) || (flushed_version.is_none() && got.iter().all(|&b| b == 0));
+        assert!(
+            ok,
+            "block at {off}: neither a version written to it nor (if never flushed) zeroes"
+        );
+        if let Some(f) = flushed_version {
+            let later = unflushed.iter().any(|(o, _)| o == off);
+            assert!(later || &got == f, "flushed block at {off} lost");
+        }
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+}
+
+#[test]
+fn image_discards_racing_writes_leave_a_consistent_image() {
+    let s = Scratch::new("img-race");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "16M");
+    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
+    let mut c = Client::connect(&sock, 2);
+    const SPAN: u64 = 1 << 20;
+    // Self-identifying blocks: lblk and round in every 8 bytes.
+    let stamp = |lblk: u64, round: u64| -> Vec<u8> {
+        (0..512)
+            .flat_map(|i: u64| ((lblk << 40) | (round << 16) | i).to_le_bytes())
+            .collect()
+    };
+    let region = c.region.addr;
+    let mut queues = std::mem::take(&mut c.queues);
+    let (q0, rest) = queues.split_at_mut(1);
+    std::thread::scope(|sc| {
+        let writer = &mut q0[0];
+        let discarder = &mut rest[0];
+        sc.spawn(move || {
+            for round in 0..40u64 {
+                let offsets: Vec<u64> = (0..SPAN / 4096).map(|b| b * 4096).collect();
+                for (i, &o) in offsets.iter().enumerate() {
+                    let data = stamp(o / 4096, round);
+                    // SAFETY: the first half of the region belongs to this thread.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr(),
+                            (region + i * 4096) as *mut u8,
+                            4096,
+                        )
+                    };
+                }
+                let rets = write_many(writer, region, &offsets, 4096);
+                assert!(rets.iter().all(|&r| r == 0), "{rets:?}");
+            }
+        });
+        sc.spawn(move || {
+            for k in 0..400u64 {
+                let off = (k * 7919 % (SPAN / 4096 - 16)) * 4096;
+                discarder.discard(off, 16 * 4096, 0, ReqFlags::empty());
+                let mut comp = [MaybeUninit::<Completion>::uninit()];
+                discarder.do_io(&mut comp, 1, None, None).unwrap();
+                // SAFETY: do_io initialised the completion.
+                assert_eq!(unsafe { comp[0].assume_init_read() }.ret, 0);
+            }
+        });
+    });
+    c.queues = queues;
+    assert_eq!(c.flush(0), 0);
+    let got = c.read(0, 0, SPAN as usize).unwrap();
+    for b in 0..SPAN / 4096 {
+        let blk = &got[(b * 4096) as usize..((b + 1) * 4096) as usize];
+        let first = u64::from_le_bytes(blk[..8].try_into().unwrap());
+        let ok = blk.iter().all(|&x| x == 0) || blk == stamp(b, (first >> 16) & 0xFFFF).as_slice();
+        assert!(
+            ok,
+            "block {b} holds data that is neither zero nor one of its own writes"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+}
+
+#[test]
+fn image_a_data_write_error_aborts_the_journal_and_is_recorded() {
+    let s = Scratch::new("img-eio");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "16M");
+    let child = extblk()
+        .env("EXTBLK_FAULT", "eio:data:20")
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Client::connect(&sock, 1);
+    let mut written = Vec::new();
+    for i in 0..20u64 {
+        let data = pattern(i, 4096);
+        assert_eq!(c.write(0, i * 8192, &data), 0);
+        written.push((i * 8192, data));
+    }
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(
+        c.write(0, 1 << 20, &pattern(99, 4096)),
+        EIO,
+        "the failing write answers IOERR"
+    );
+    assert_eq!(
+        c.write(0, 2 << 20, &pattern(98, 4096)),
+        EIO,
+        "every later write too"
+    );
+    assert!(c.read(0, 0, 4096).unwrap() == written[0].1, "reads go on");
+    drop(c);
+    let (_, log) = d.stop();
+    assert!(log.contains("aborting the journal"), "{log}");
+    // The error is in the image: info and check show it; e2fsck replays and clears it.
+    let out = extblk()
+        .args(["info", "--output", "json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "error");
+    assert_eq!(
+        extblk()
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(1)
+    );
+    let out = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("errors") || out.status.code() == Some(1),
+        "{text}"
+    );
+    image_clean(&img);
+    // Flushed data survived the abort.
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for (off, data) in &written {
+        assert!(
+            &c.read(0, *off, 4096).unwrap() == data,
+            "flushed block at {off} lost after the abort"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn image_enospc_fails_one_request_and_the_daemon_keeps_serving() {
+    let s = Scratch::new("img-enospc");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "16M");
+    let child = extblk()
+        .env("EXTBLK_FAULT", "enospc:data:5:1")
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Client::connect(&sock, 1);
+    let mut rets = Vec::new();
+    for i in 0..10u64 {
+        rets.push(c.write(0, i * 4096 * 3, &pattern(i, 4096)));
+    }
+    assert_eq!(
+        rets.iter().filter(|&&r| r != 0).count(),
+        1,
+        "exactly the injected write fails: {rets:?}"
+    );
+    for (i, r) in rets.iter().enumerate() {
+        let got = c.read(0, i as u64 * 4096 * 3, 4096).unwrap();
+        if *r == 0 {
+            assert_eq!(got, pattern(i as u64, 4096));
+        } else {
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "a failed write leaves no data behind"
+            );
+        }
+    }
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+}

@@ -50,6 +50,7 @@ pub trait BlockIo: Send + Sync {
     }
 }
 
+pub mod fault;
 pub mod mem;
 pub mod record;
 

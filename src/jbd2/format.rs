@@ -225,8 +225,9 @@ fn put_header(b: &mut [u8], blocktype: u32, tid: u32) {
     put_be32(b, 8, tid);
 }
 
+/// Checksum of a descriptor or revoke block: the whole block with its 4-byte tail taken as zero.
 fn tail_csum(b: &[u8], jseed: u32) -> u32 {
-    crc(jseed, &b[..TAIL]) // bytes 4092..4096 hold the checksum and are excluded
+    crc(crc(jseed, &b[..TAIL]), &[0u8; 4])
 }
 
 /// One descriptor tag: where a logged block goes home, and its checksum.
