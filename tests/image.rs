@@ -92,6 +92,27 @@ fn e2fsck_replay(path: &Path) {
     }
 }
 
+/// `dumpe2fs` reads every group and the journal superblock without complaint, and sees a clean
+/// extblk filesystem with the documented features.
+fn dumpe2fs_ok(path: &Path) {
+    let out = Command::new("dumpe2fs").arg(path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "dumpe2fs failed: {err}");
+    for want in [
+        "Filesystem features:      has_journal ext_attr sparse_super2 filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum",
+        "Filesystem state:         clean",
+        "Journal features:         journal_incompat_revoke journal_64bit journal_checksum_v3",
+        "Checksum type:            crc32c",
+    ] {
+        assert!(text.contains(want), "dumpe2fs lacks {want:?}:\n{}", &text[..text.len().min(3000)]);
+    }
+    assert!(
+        !err.to_lowercase().contains("corrupt") && !err.contains("checksum"),
+        "{err}"
+    );
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum St {
     Hole,
@@ -143,6 +164,7 @@ fn created_images_pass_e2fsck() {
         let bytes = extblk::units::parse_size(size).unwrap().0;
         create_path(&p, bytes, None, false).unwrap();
         e2fsck_clean(&p);
+        dumpe2fs_ok(&p);
         let img = open(&p, true);
         assert_eq!(img.disk_size(), bytes);
         assert_eq!(img.runs().len(), 1, "a new disk is one hole");
@@ -224,6 +246,7 @@ fn random_mapping_workload_matches_the_model_and_e2fsck() {
     );
     img.close().unwrap();
     e2fsck_clean(&p);
+    dumpe2fs_ok(&p);
 
     // Reopen: same mapping; the bytes of every written block are the last ones written.
     let img = open(&p, true);

@@ -197,3 +197,107 @@ impl Allocator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ext4::group::GroupDesc;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// Three groups; the first 100 blocks are metadata; the last group is partial (padding).
+    fn allocator() -> Allocator {
+        let blocks = 2 * BLOCKS_PER_GROUP + 5000;
+        let mut bitmaps = Vec::new();
+        let mut descs = Vec::new();
+        for g in 0..3u64 {
+            let mut bm = vec![0u8; BLOCK_SIZE];
+            if g == 0 {
+                bitmap::set_range(&mut bm, 0, 100);
+            }
+            let n = bitmap::blocks_in_group(blocks, g);
+            bitmap::set_range(&mut bm, n as usize, BLOCKS_PER_GROUP as usize);
+            descs.push(GroupDesc {
+                free_blocks: bitmap::count_free(&bm, n as usize) as u32,
+                ..Default::default()
+            });
+            bitmaps.push(bm);
+        }
+        Allocator::new(blocks, 100, 100 + 40_000, descs, bitmaps)
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Data(u64, u64),
+        Tree,
+        FreeSome(usize),
+        Commit,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..45_000, 1u64..3000).prop_map(|(l, n)| Op::Data(l, n)),
+            1 => Just(Op::Tree),
+            2 => (0usize..1000).prop_map(Op::FreeSome),
+            1 => Just(Op::Commit),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Against a model set of used blocks: no double allocation, no allocation of metadata or
+        /// padding, freed blocks not reused before the commit, counters exact.
+        #[test]
+        fn allocator_matches_the_model(ops in prop::collection::vec(op(), 1..200)) {
+            let mut a = allocator();
+            let total = a.free_blocks();
+            let mut used: Vec<(u64, u64)> = Vec::new();
+            let mut pending: BTreeSet<u64> = BTreeSet::new();
+            for o in ops {
+                match o {
+                    Op::Data(l, n) => {
+                        if let Ok((s, got)) = a.alloc_data(l, n) {
+                            prop_assert!(got >= 1 && got <= n);
+                            prop_assert!(s >= 100, "metadata handed out");
+                            prop_assert!(s + got <= 2 * BLOCKS_PER_GROUP + 5000, "padding handed out");
+                            for b in s..s + got {
+                                prop_assert!(!pending.contains(&b), "block {} reused before its free committed", b);
+                                prop_assert!(!used.iter().any(|&(us, ul)| b >= us && b < us + ul), "block {} allocated twice", b);
+                            }
+                            used.push((s, got));
+                        }
+                    }
+                    Op::Tree => {
+                        if let Ok(b) = a.alloc_tree(0) {
+                            prop_assert!(!pending.contains(&b) && !used.iter().any(|&(us, ul)| b >= us && b < us + ul));
+                            used.push((b, 1));
+                        }
+                    }
+                    Op::FreeSome(i) => {
+                        if !used.is_empty() {
+                            let (s, l) = used.swap_remove(i % used.len());
+                            a.free(s, l);
+                            pending.extend(s..s + l);
+                        }
+                    }
+                    Op::Commit => {
+                        a.commit_done();
+                        pending.clear();
+                    }
+                }
+                let in_use: u64 = used.iter().map(|r| r.1).sum();
+                prop_assert_eq!(a.free_blocks(), total - in_use);
+            }
+        }
+    }
+
+    #[test]
+    fn identity_placement_then_the_spare_area() {
+        let mut a = allocator();
+        assert_eq!(a.alloc_data(5, 10).unwrap(), (105, 10));
+        // The identity slot of block 7 is taken (by block 5's run): go to the spare area.
+        let (s, _) = a.alloc_data(7, 1).unwrap();
+        assert_eq!(s, 40_100);
+        assert_eq!(a.alloc_tree(0).unwrap(), 40_101);
+    }
+}
