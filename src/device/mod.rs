@@ -177,11 +177,16 @@ impl<E: BlockEngine> BlockDevice<E> {
     }
 
     /// Waits until nothing is in flight, or `timeout` passes. Returns whether it drained.
+    /// Reaps engine completions itself: the queue threads of a frontend that disconnected are
+    /// gone, and their io_uring completions would otherwise never be collected.
     pub fn drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.inflight() > 0 {
             if Instant::now() > deadline {
                 return false;
+            }
+            for q in &self.inner.queues {
+                lock(q).process_completions();
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -243,6 +248,8 @@ impl<E: BlockEngine> BlockDevice<E> {
             let parsed = request::parse(chain, mem, &self.inner.limits);
             self.dispatch(q, vring, mem, parsed);
         }
+        // One io_uring_enter for the whole batch.
+        lock(&self.inner.queues[q]).submit_batch();
     }
 
     fn dispatch(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>, parsed: Parsed) {

@@ -21,18 +21,28 @@ pub struct FenceToken<'a> {
 
 impl IoFence {
     pub fn enter(&self) -> FenceToken<'_> {
+        FenceToken {
+            fence: self,
+            parity: self.enter_raw(),
+        }
+    }
+
+    /// Enters without a borrow, for I/O that completes later on an io_uring; the caller must
+    /// call [`IoFence::exit`] with the returned parity exactly once.
+    pub fn enter_raw(&self) -> usize {
         loop {
             let e = self.epoch.load(Ordering::Acquire);
             let parity = (e & 1) as usize;
             self.counts[parity].fetch_add(1, Ordering::AcqRel);
             if self.epoch.load(Ordering::Acquire) == e {
-                return FenceToken {
-                    fence: self,
-                    parity,
-                };
+                return parity;
             }
             self.counts[parity].fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    pub fn exit(&self, parity: usize) {
+        self.counts[parity].fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Waits for every I/O that entered before this call. One waiter at a time (the worker).

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fence::IoFence;
+use super::uring::Ring;
 use super::{
     iov, BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
     ZeroRange,
@@ -36,7 +36,6 @@ use crate::mapping::tree::Lookup;
 use crate::units::Bytes;
 
 const BS: u64 = BLOCK_SIZE_U64;
-static ZERO_BLOCK: [u8; 4096] = [0; 4096];
 
 /// A completion the worker can hold without knowing its type.
 pub trait DynCompletion: Send {
@@ -263,51 +262,46 @@ impl Shared {
         Ok(())
     }
 
-    /// The allocating write path (runs on a queue thread, or on the worker for deferred writes).
-    fn write_slow(self: &Arc<Self>, w: PendingWrite) {
+    /// The first half of an allocating write: under the mapping lock, allocate every hole of
+    /// the request as unwritten extents and mark the blocks in progress. Returns the request,
+    /// its mapped runs, the runs to convert afterwards and the fence parity it entered with; or
+    /// `None` when the request was deferred (it touches blocks another write is initialising)
+    /// or already failed.
+    fn begin_alloc(self: &Arc<Self>, w: PendingWrite) -> Option<Allocated> {
         if let Err(e) = self.writable() {
-            return w.done.finish(Err(e));
+            w.done.finish(Err(e));
+            return None;
         }
         let (b0, b1) = blocks_of(w.offset, w.bufs.len() as u64);
-        let token = self.fence.enter();
+        // Lock first, then enter the fence: the worker waits on the fence while holding the
+        // lock, so entering first and then blocking on the lock would deadlock.
         let mut st = lock(&self.state);
+        let mut parity = self.fence.enter_raw();
         if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
             self.stats.deferred_writes.fetch_add(1, Ordering::Relaxed);
-            drop(token);
+            self.fence.exit(parity);
             st.deferred.push(w);
-            return;
+            return None;
         }
         self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
         let mut alloc = st.image.allocate(b0, b1 - b0);
         if matches!(alloc, Err(ImageError::NoSpace)) {
             // Blocks freed by the running transaction become free once it commits.
             self.stats.enospc.fetch_add(1, Ordering::Relaxed);
-            drop(token);
+            self.fence.exit(parity);
             let r = self.commit_locked(&mut st);
-            let t2 = self.fence.enter();
+            parity = self.fence.enter_raw();
             alloc = r.and_then(|_| st.image.allocate(b0, b1 - b0));
-            if alloc.is_err() {
-                drop(t2);
-                drop(st);
-                return w.done.finish(Err(EngineError::NoSpace));
-            }
-            return self.write_allocated(st, t2, w, b0, b1);
         }
         if let Err(e) = alloc {
+            self.fence.exit(parity);
             drop(st);
-            return w.done.finish(Err(to_engine(e)));
+            w.done.finish(Err(match e {
+                ImageError::NoSpace => EngineError::NoSpace,
+                other => to_engine(other),
+            }));
+            return None;
         }
-        self.write_allocated(st, token, w, b0, b1)
-    }
-
-    fn write_allocated(
-        self: &Arc<Self>,
-        mut st: MutexGuard<'_, Locked>,
-        token: super::fence::FenceToken<'_>,
-        w: PendingWrite,
-        b0: u64,
-        b1: u64,
-    ) {
         self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
         let runs: Vec<Extent> = st.image.tree().range(b0 as u32, b1 as u32);
         let mut to_convert = Vec::new();
@@ -317,18 +311,28 @@ impl Shared {
             }
             to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
         }
-        drop(st);
-        let result = self.write_runs(&runs, &w);
-        drop(token);
+        Some(Allocated {
+            w,
+            runs,
+            to_convert,
+            parity,
+        })
+    }
+
+    /// The second half, once the data is on disk (or failed): hand the conversion to the worker,
+    /// or undo and report.
+    fn end_alloc(self: &Arc<Self>, a: AllocatedDone, result: Result<(), (io::Error, u64)>) {
+        self.fence.exit(a.parity);
         match result {
             Ok(()) => self.send(Work::Convert {
-                runs: to_convert,
-                fua: w.fua,
-                done: w.done,
+                runs: a.to_convert,
+                fua: a.fua,
+                done: a.done,
             }),
-            Err((e, pblk)) => {
+            Err((e, at)) => {
+                let pblk = at / BS;
                 let mut st = lock(&self.state);
-                unmark(&mut st, &to_convert);
+                unmark(&mut st, &a.to_convert);
                 let enospc = e.raw_os_error() == Some(libc::ENOSPC);
                 if enospc {
                     // The host filesystem under a sparse image is full: fail this request only.
@@ -339,7 +343,7 @@ impl Shared {
                 }
                 let redo = take_ready(&mut st);
                 drop(st);
-                w.done.finish(Err(if enospc {
+                a.done.finish(Err(if enospc {
                     EngineError::NoSpace
                 } else {
                     EngineError::Io(e)
@@ -351,43 +355,31 @@ impl Shared {
         }
     }
 
-    /// Writes a request's data over its mapped runs; unwritten blocks get zero padding.
-    fn write_runs(&self, runs: &[Extent], w: &PendingWrite) -> Result<(), (io::Error, u64)> {
-        let (start, end) = (w.offset, w.offset + w.bufs.len() as u64);
-        for e in runs {
-            let (rs, re) = (u64::from(e.lblk) * BS, e.end() * BS);
-            let (s, t) = (start.max(rs), end.min(re));
-            if s >= t {
-                continue;
+    /// The allocating write with positioned I/O (backings without an io_uring, deferred writes).
+    fn write_slow(self: &Arc<Self>, w: PendingWrite) {
+        let Some(a) = self.begin_alloc(w) else { return };
+        let mut result = Ok(());
+        for op in run_ops(&a.runs, &a.w) {
+            if let Err(e) = self.io.writev_at(&op.iovs, op.offset, op.dsync) {
+                result = Err((e, op.offset));
+                break;
             }
-            let mut parts = iov::slice(w.bufs.iovecs(), (s - start) as usize, (t - s) as usize);
-            let mut at = e.pblk * BS + (s - rs);
-            if e.unwritten {
-                // New blocks: the rest of a partially written block must read as zero.
-                let head = s % BS;
-                let tail = (BS - t % BS) % BS;
-                if head > 0 {
-                    parts.insert(
-                        0,
-                        libc::iovec {
-                            iov_base: ZERO_BLOCK.as_ptr() as *mut _,
-                            iov_len: head as usize,
-                        },
-                    );
-                    at -= head;
-                }
-                if tail > 0 {
-                    parts.push(libc::iovec {
-                        iov_base: ZERO_BLOCK.as_ptr() as *mut _,
-                        iov_len: tail as usize,
-                    });
-                }
-            }
-            self.io
-                .writev_at(&parts, at, w.fua && !e.unwritten)
-                .map_err(|err| (err, at / BS))?;
         }
-        Ok(())
+        let Allocated {
+            w,
+            to_convert,
+            parity,
+            ..
+        } = a;
+        self.end_alloc(
+            AllocatedDone {
+                to_convert,
+                fua: w.fua,
+                done: w.done,
+                parity,
+            },
+            result,
+        );
     }
 
     fn commit_locked(&self, st: &mut Locked) -> Result<(), ImageError> {
@@ -451,7 +443,7 @@ impl Shared {
                     if !e.unwritten {
                         let at = e.pblk * BS + a % BS;
                         self.io
-                            .write_at(&ZERO_BLOCK[..(b - a) as usize], at)
+                            .write_at(&ZERO_PAGE.0[..(b - a) as usize], at)
                             .map_err(EngineError::Io)?;
                     }
                 }
@@ -463,6 +455,71 @@ impl Shared {
 
 fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     (offset / BS, (offset + len).div_ceil(BS))
+}
+
+/// An allocating write between allocation and data I/O.
+struct Allocated {
+    w: PendingWrite,
+    runs: Vec<Extent>,
+    to_convert: Vec<(u64, u64, u64)>,
+    parity: usize,
+}
+
+/// What remains of an allocating write once its data I/O is under way.
+struct AllocatedDone {
+    to_convert: Vec<(u64, u64, u64)>,
+    fua: bool,
+    done: Done,
+    parity: usize,
+}
+
+/// A zero block aligned for any direct I/O, for padding partial new blocks.
+#[repr(C, align(4096))]
+struct ZeroPage([u8; 4096]);
+static ZERO_PAGE: ZeroPage = ZeroPage([0; 4096]);
+
+/// The data writes of a request over its mapped runs. Unwritten (new) blocks get zero padding
+/// around a partial write, so the rest of the block reads as zero once converted; written
+/// blocks take just the guest's bytes (durable at once with FUA).
+fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<super::uring::Op> {
+    let (start, end) = (w.offset, w.offset + w.bufs.len() as u64);
+    let mut ops = Vec::with_capacity(runs.len());
+    for e in runs {
+        let (rs, re) = (u64::from(e.lblk) * BS, e.end() * BS);
+        let (s, t) = (start.max(rs), end.min(re));
+        if s >= t {
+            continue;
+        }
+        let mut iovs = iov::slice(w.bufs.iovecs(), (s - start) as usize, (t - s) as usize);
+        let mut at = e.pblk * BS + (s - rs);
+        if e.unwritten {
+            let head = s % BS;
+            let tail = (BS - t % BS) % BS;
+            if head > 0 {
+                iovs.insert(
+                    0,
+                    libc::iovec {
+                        iov_base: ZERO_PAGE.0.as_ptr() as *mut _,
+                        iov_len: head as usize,
+                    },
+                );
+                at -= head;
+            }
+            if tail > 0 {
+                iovs.push(libc::iovec {
+                    iov_base: ZERO_PAGE.0.as_ptr() as *mut _,
+                    iov_len: tail as usize,
+                });
+            }
+        }
+        ops.push(super::uring::Op {
+            iovs,
+            offset: at,
+            write: true,
+            dsync: w.fua && !e.unwritten,
+        });
+    }
+    ops
 }
 
 fn unmark(st: &mut Locked, runs: &[(u64, u64, u64)]) {
@@ -618,18 +675,41 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
     }
 }
 
-/// A queue thread's side: its cache of written extents.
+/// A queue thread's side: its cache of written extents and its io_uring.
 pub struct ImageQueue<C> {
     shared: Arc<Shared>,
     cache: Vec<Extent>,
     cache_seq: u64,
-    _c: PhantomData<fn(C)>,
+    ring: Option<Ring<Flight<C>>>,
 }
 
-impl<C> ImageQueue<C> {
+/// A request whose data I/O is on the ring.
+enum Flight<C> {
+    Read {
+        done: C,
+        _bufs: GuestBuffers,
+        parity: usize,
+    },
+    Overwrite {
+        done: C,
+        _bufs: GuestBuffers,
+        parity: usize,
+    },
+    Alloc {
+        rest: AllocatedDone,
+        _bufs: GuestBuffers,
+    },
+}
+
+/// Where a request's bytes go: the written runs (as operations) and the ranges that read as zero.
+struct Plan {
+    ops: Vec<super::uring::Op>,
+    zero: Vec<(u64, u64)>,
+}
+
+impl<C: Completion> ImageQueue<C> {
     /// The written extent covering `lblk` from the cache, or from the tree under the lock.
-    /// `None`: the block is a hole or unwritten.
-    fn written_at(&mut self, lblk: u64) -> Result<Option<Extent>, Lookup> {
+    fn written_at(&mut self, lblk: u64) -> Result<Extent, Lookup> {
         let seq = self.shared.unmap_seq.load(Ordering::Acquire);
         if seq != self.cache_seq {
             self.cache.clear();
@@ -640,7 +720,7 @@ impl<C> ImageQueue<C> {
             .iter()
             .find(|e| u64::from(e.lblk) <= lblk && lblk < e.end())
         {
-            return Ok(Some(*e));
+            return Ok(*e);
         }
         let found = lock(&self.shared.state).image.lookup(lblk as u32);
         match found {
@@ -649,79 +729,113 @@ impl<C> ImageQueue<C> {
                     self.cache.remove(0);
                 }
                 self.cache.push(e);
-                Ok(Some(e))
+                Ok(e)
             }
             other => Err(other),
         }
     }
 
-    fn read(&mut self, offset: u64, bufs: &GuestBuffers) -> Result<(), EngineError> {
-        let sh = self.shared.clone();
-        let _token = sh.fence.enter();
+    /// Maps a request. For a write, `None` if some block is not written (the allocating path).
+    fn plan(&mut self, offset: u64, bufs: &GuestBuffers, write: bool, fua: bool) -> Option<Plan> {
         let end = offset + bufs.len() as u64;
+        let mut plan = Plan {
+            ops: Vec::new(),
+            zero: Vec::new(),
+        };
         let mut pos = offset;
         while pos < end {
             let lblk = pos / BS;
             let (run_end, pblk) = match self.written_at(lblk) {
-                Ok(Some(e)) => (e.end() * BS, Some(e.pblk + (lblk - u64::from(e.lblk)))),
+                Ok(e) => (e.end() * BS, Some(e.pblk + (lblk - u64::from(e.lblk)))),
+                Err(_) if write => return None,
                 Err(Lookup::Mapped(e)) => (e.end() * BS, None),
                 Err(Lookup::Hole { len }) => ((lblk + len) * BS, None),
-                Ok(None) => ((lblk + 1) * BS, None),
             };
             let n = run_end.min(end) - pos;
-            let parts = iov::slice(bufs.iovecs(), (pos - offset) as usize, n as usize);
             match pblk {
-                Some(p) => self.shared.io.readv_at(&parts, p * BS + pos % BS)?,
-                None => iov::zero(&parts),
+                Some(p) => plan.ops.push(super::uring::Op {
+                    iovs: iov::slice(bufs.iovecs(), (pos - offset) as usize, n as usize),
+                    offset: p * BS + pos % BS,
+                    write,
+                    dsync: fua,
+                }),
+                None => plan.zero.push((pos - offset, n)),
             }
             pos += n;
         }
-        self.shared.stats.fast_reads.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Some(plan)
     }
 
-    /// The pure-overwrite fast path; `false` if some block needs allocation or conversion.
-    fn try_overwrite(
+    /// Plans a read or an overwrite and enters the fence with a mapping still valid: if a
+    /// discard unmapped written blocks between the lookup and the fence, look up again.
+    fn plan_fenced(
         &mut self,
         offset: u64,
         bufs: &GuestBuffers,
+        write: bool,
         fua: bool,
-    ) -> Result<bool, EngineError> {
-        let sh = self.shared.clone();
-        let token = sh.fence.enter();
-        let end = offset + bufs.len() as u64;
-        let mut plan = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let lblk = pos / BS;
-            let Ok(Some(e)) = self.written_at(lblk) else {
-                drop(token);
-                return Ok(false);
-            };
-            let n = (e.end() * BS).min(end) - pos;
-            plan.push((
-                pos,
-                n,
-                (e.pblk + (lblk - u64::from(e.lblk))) * BS + pos % BS,
-            ));
-            pos += n;
+    ) -> Option<(Plan, usize)> {
+        loop {
+            let seq = self.shared.unmap_seq.load(Ordering::Acquire);
+            let plan = self.plan(offset, bufs, write, fua)?;
+            let parity = self.shared.fence.enter_raw();
+            if self.shared.unmap_seq.load(Ordering::Acquire) == seq {
+                return Some((plan, parity));
+            }
+            self.shared.fence.exit(parity);
         }
-        for (p, n, at) in plan {
-            let parts = iov::slice(bufs.iovecs(), (p - offset) as usize, n as usize);
-            if let Err(e) = self.shared.io.writev_at(&parts, at, fua) {
-                drop(token);
-                if e.raw_os_error() != Some(libc::ENOSPC) {
-                    let mut st = lock(&self.shared.state);
-                    self.shared.abort(&mut st, &e, at / BS);
+    }
+
+    fn finish(&mut self, f: Flight<C>, r: Result<(), (io::Error, u64)>) {
+        let sh = self.shared.clone();
+        match f {
+            Flight::Read { done, parity, .. } => {
+                sh.fence.exit(parity);
+                if r.is_ok() {
+                    sh.stats.fast_reads.fetch_add(1, Ordering::Relaxed);
                 }
-                return Err(EngineError::Io(e));
+                done.complete(r.map_err(|(e, _)| EngineError::Io(e)));
+            }
+            Flight::Overwrite { done, parity, .. } => {
+                sh.fence.exit(parity);
+                if let Err((e, at)) = &r {
+                    if e.raw_os_error() != Some(libc::ENOSPC) {
+                        let mut st = lock(&sh.state);
+                        sh.abort(&mut st, e, at / BS);
+                    }
+                } else {
+                    sh.stats.fast_overwrites.fetch_add(1, Ordering::Relaxed);
+                }
+                done.complete(r.map_err(|(e, _)| EngineError::Io(e)));
+            }
+            Flight::Alloc { rest, .. } => sh.end_alloc(rest, r),
+        }
+    }
+
+    fn start(&mut self, ops: Vec<super::uring::Op>, f: Flight<C>) {
+        let mut finished = Vec::new();
+        match self.ring.as_mut() {
+            Some(ring) => ring.start(ops, f, &mut finished),
+            None => {
+                // Positioned I/O through the backing's trait (recording, fault injection).
+                let mut r = Ok(());
+                for op in &ops {
+                    let res = if op.write {
+                        self.shared.io.writev_at(&op.iovs, op.offset, op.dsync)
+                    } else {
+                        self.shared.io.readv_at(&op.iovs, op.offset)
+                    };
+                    if let Err(e) = res {
+                        r = Err((e, op.offset));
+                        break;
+                    }
+                }
+                finished.push((f, r));
             }
         }
-        self.shared
-            .stats
-            .fast_overwrites
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        for (f, r) in finished {
+            self.finish(f, r);
+        }
     }
 }
 
@@ -730,23 +844,65 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
         let sh = self.shared.clone();
         match op {
             EngineOp::Read { offset, bufs } => {
-                let r = self.read(offset.0, &bufs);
-                drop(bufs);
-                done.complete(r);
+                let Some((plan, parity)) = self.plan_fenced(offset.0, &bufs, false, false) else {
+                    return done.complete(Err(EngineError::Unsupported(
+                        "unreachable: reads always plan",
+                    )));
+                };
+                for (o, n) in &plan.zero {
+                    iov::zero(&iov::slice(bufs.iovecs(), *o as usize, *n as usize));
+                }
+                self.start(
+                    plan.ops,
+                    Flight::Read {
+                        done,
+                        _bufs: bufs,
+                        parity,
+                    },
+                );
             }
             EngineOp::Write { offset, bufs, fua } => {
                 if let Err(e) = sh.writable() {
                     return done.complete(Err(e));
                 }
-                match self.try_overwrite(offset.0, &bufs, fua) {
-                    Ok(true) => done.complete(Ok(())),
-                    Ok(false) => sh.write_slow(PendingWrite {
-                        offset: offset.0,
-                        bufs,
-                        fua,
-                        done: Box::new(done),
-                    }),
-                    Err(e) => done.complete(Err(e)),
+                match self.plan_fenced(offset.0, &bufs, true, fua) {
+                    Some((plan, parity)) => self.start(
+                        plan.ops,
+                        Flight::Overwrite {
+                            done,
+                            _bufs: bufs,
+                            parity,
+                        },
+                    ),
+                    None => {
+                        let w = PendingWrite {
+                            offset: offset.0,
+                            bufs,
+                            fua,
+                            done: Box::new(done),
+                        };
+                        let Some(a) = sh.begin_alloc(w) else { return };
+                        let ops = run_ops(&a.runs, &a.w);
+                        let Allocated {
+                            w,
+                            to_convert,
+                            parity,
+                            ..
+                        } = a;
+                        let rest = AllocatedDone {
+                            to_convert,
+                            fua: w.fua,
+                            done: w.done,
+                            parity,
+                        };
+                        self.start(
+                            ops,
+                            Flight::Alloc {
+                                rest,
+                                _bufs: w.bufs,
+                            },
+                        );
+                    }
                 }
             }
             EngineOp::Flush => sh.send(Work::Flush {
@@ -766,6 +922,27 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
             }),
         }
     }
+
+    fn submit_batch(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            if let Err(e) = ring.submit() {
+                log::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.as_ref().map(Ring::event_fd)
+    }
+
+    fn process_completions(&mut self) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        for (f, r) in ring.reap() {
+            self.finish(f, r);
+        }
+    }
 }
 
 impl BlockEngine for ImageEngine {
@@ -776,11 +953,15 @@ impl BlockEngine for ImageEngine {
     }
 
     fn open_queue<C: Completion>(&self, _index: usize) -> Result<ImageQueue<C>, EngineError> {
+        let ring = match self.shared.io.raw_fd() {
+            Some(fd) => Some(Ring::new(fd)?),
+            None => None,
+        };
         Ok(ImageQueue {
             shared: self.shared.clone(),
             cache: Vec::new(),
             cache_seq: 0,
-            _c: PhantomData,
+            ring,
         })
     }
 

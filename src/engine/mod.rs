@@ -11,6 +11,7 @@ pub mod image;
 pub mod iov;
 pub mod raw;
 pub mod sysio;
+pub mod uring;
 
 use std::any::Any;
 use std::io;
@@ -155,6 +156,9 @@ pub trait BlockEngine: Send + Sync + 'static {
 pub trait EngineQueue<C: Completion>: Send {
     /// Starts `op`; `done` is called when it finishes, possibly before this returns.
     fn submit(&mut self, op: EngineOp, done: C);
+
+    /// Called after a batch of `submit`s: hand queued I/O to the kernel at once.
+    fn submit_batch(&mut self) {}
 
     /// An fd that becomes readable when completions wait for [`Self::process_completions`] on
     /// this queue's thread. `None` for engines that complete synchronously or from other threads.

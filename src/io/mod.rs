@@ -18,6 +18,13 @@ pub trait BlockIo: Send + Sync {
     /// Size of the backing in bytes.
     fn size(&self) -> u64;
 
+    /// The file descriptor behind this backing, for engines that submit data I/O to an
+    /// io_uring themselves. Layers that must see every I/O (recording, fault injection)
+    /// return `None`, which keeps engines on the positioned-I/O path through them.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Writes guest buffers at `offset`; `dsync` makes them durable before returning.
     /// The default gathers into one buffer; backings with vectored I/O override it.
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
@@ -117,6 +124,10 @@ impl BlockIo for FileIo {
 
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
         sysio::pwritev_all(&self.file, iovs, offset, dsync)
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
     }
 
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {

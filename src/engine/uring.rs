@@ -1,0 +1,215 @@
+//! One io_uring per virtqueue thread: vectored reads and writes of many requests in flight at
+//! once, completions signalled on an eventfd that sits in the queue thread's epoll set.
+//!
+//! A request may need several operations (one per mapped run); the ring tracks them under one
+//! slot and hands the finished request back with its first error.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// How a request's operations ended: the first error, with the file offset it happened at.
+pub type OpResult = Result<(), (io::Error, u64)>;
+
+/// Finished requests, with their tags.
+pub type Finished<T> = Vec<(T, OpResult)>;
+
+/// One piece of a request: buffers and a file offset.
+pub struct Op {
+    pub iovs: Vec<libc::iovec>,
+    pub offset: u64,
+    pub write: bool,
+    pub dsync: bool,
+}
+
+struct Slot<T> {
+    remaining: usize,
+    error: Option<(io::Error, u64)>,
+    ops: Vec<Op>,
+    tag: Option<T>,
+}
+
+pub struct Ring<T> {
+    ring: IoUring,
+    efd: EventFd,
+    fd: RawFd,
+    slots: Vec<Option<Slot<T>>>,
+    free: Vec<usize>,
+    unsubmitted: usize,
+}
+
+// SAFETY: the raw iovec pointers in `slots` point into guest memory that the request owns until
+// its completion (kept alive by the tag's GuestBuffers); the ring is used by one thread at a time
+// (the queue's mutex).
+unsafe impl<T: Send> Send for Ring<T> {}
+
+const ENTRIES: u32 = 256;
+
+impl<T> Ring<T> {
+    pub fn new(fd: RawFd) -> io::Result<Ring<T>> {
+        let ring = IoUring::new(ENTRIES)?;
+        let efd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        Ok(Ring {
+            ring,
+            efd,
+            fd,
+            slots: Vec::new(),
+            free: Vec::new(),
+            unsubmitted: 0,
+        })
+    }
+
+    pub fn event_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
+    /// later [`Ring::reap`]) when they all finished, with the first error.
+    pub fn start(&mut self, ops: Vec<Op>, tag: T, done: &mut Finished<T>) {
+        if ops.is_empty() {
+            done.push((tag, Ok(())));
+            return;
+        }
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let n = ops.len();
+        let entries: Vec<io_uring::squeue::Entry> = ops
+            .iter()
+            .enumerate()
+            .map(|(sub, op)| {
+                let ud = ((idx as u64) << 16) | sub as u64;
+                let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
+                if op.write {
+                    opcode::Writev::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
+                        .offset(op.offset)
+                        .rw_flags(flags)
+                        .build()
+                        .user_data(ud)
+                } else {
+                    opcode::Readv::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
+                        .offset(op.offset)
+                        .build()
+                        .user_data(ud)
+                }
+            })
+            .collect();
+        // The iovec arrays move into the slot; their heap addresses (used by the entries) stay.
+        self.slots[idx] = Some(Slot {
+            remaining: n,
+            error: None,
+            ops,
+            tag: Some(tag),
+        });
+        for (pushed, entry) in entries.iter().enumerate() {
+            let mut tries = 0;
+            loop {
+                // SAFETY: the iovecs and their buffers stay alive in `self.slots` (and in the
+                // request's guest buffers) until this entry's completion is reaped.
+                if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                    self.unsubmitted += 1;
+                    break;
+                }
+                // Submission queue full: hand it to the kernel; if that fails, wait for one
+                // completion to make room.
+                self.unsubmitted = 0;
+                let r = match self.ring.submit() {
+                    Ok(0) | Err(_) => self.ring.submit_and_wait(1),
+                    ok => ok,
+                };
+                self.reap_into(done);
+                tries += 1;
+                if let Err(e) = r {
+                    if tries > 100 {
+                        // The ring is unusable: fail what was not submitted.
+                        log::error!("io_uring submission failed: {e}");
+                        if let Some(slot) = self.slots[idx].as_mut() {
+                            slot.remaining -= n - pushed;
+                            slot.error.get_or_insert((e, 0));
+                            if slot.remaining == 0 {
+                                let mut s =
+                                    self.slots[idx].take().unwrap_or_else(|| unreachable!());
+                                self.free.push(idx);
+                                if let Some(t) = s.tag.take() {
+                                    done.push((t, s.error.take().map_or(Ok(()), Err)));
+                                }
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands queued operations to the kernel (once per batch of requests).
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Collects finished requests.
+    pub fn reap(&mut self) -> Finished<T> {
+        let _ = self.efd.read();
+        let mut done = Vec::new();
+        self.reap_into(&mut done);
+        done
+    }
+
+    fn reap_into(&mut self, done: &mut Finished<T>) {
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in cqes {
+            let idx = (ud >> 16) as usize;
+            let sub = (ud & 0xFFFF) as usize;
+            let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            let op = &slot.ops[sub];
+            let want: usize = op.iovs.iter().map(|v| v.iov_len).sum();
+            let err = if res < 0 {
+                Some(io::Error::from_raw_os_error(-res))
+            } else if res as usize != want {
+                // Regular files and block devices do not return short transfers except past
+                // their end: treat it as the I/O error it is.
+                Some(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short transfer: {res} of {want} bytes"),
+                ))
+            } else {
+                None
+            };
+            if let Some(e) = err {
+                if slot.error.is_none() {
+                    slot.error = Some((e, op.offset));
+                }
+            }
+            slot.remaining -= 1;
+            if slot.remaining == 0 {
+                if let Some(mut s) = self.slots[idx].take() {
+                    self.free.push(idx);
+                    if let Some(tag) = s.tag.take() {
+                        done.push((tag, s.error.take().map_or(Ok(()), Err)));
+                    }
+                }
+            }
+        }
+    }
+}
