@@ -469,6 +469,11 @@ impl Rig {
         self.device
             .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
             .unwrap();
+        // Reads and writes complete on the queue's io_uring: collect them.
+        assert!(
+            self.device.drain(std::time::Duration::from_secs(10)),
+            "request still in flight"
+        );
         let used = self.used;
         let idx: u16 = m.read_obj(used.unchecked_add(2)).unwrap();
         assert_eq!(idx, self.used_seen + 1, "request was not completed");

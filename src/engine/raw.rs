@@ -1,7 +1,8 @@
 //! The raw engine: the virtual disk is the backing file or block device byte for byte.
 //!
-//! It completes every request synchronously on the virtqueue thread with positioned I/O; it
-//! is the baseline the image engine is measured against and what users of raw images expect.
+//! Reads and writes go through the queue thread's io_uring; flushes, discards and write-zeroes
+//! are single syscalls. It is the baseline the image engine is measured against and what users
+//! of raw images expect.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -12,7 +13,11 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::sysio;
-use super::{BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, ZeroRange};
+use super::uring::{Finished, Op, Ring};
+use super::{
+    BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
+    ZeroRange,
+};
 use crate::units::{Bytes, SECTOR_SIZE};
 
 /// Why a backing could not be opened. Each names the path so the CLI can print one line.
@@ -232,35 +237,94 @@ fn write_zero_bytes(file: &File, mut off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The raw engine's per-queue state: none, requests complete inside `submit`.
-pub struct RawQueue {
+/// The raw engine's per-queue state: its io_uring for reads and writes. Flushes, discards and
+/// write-zeroes are single syscalls done in place.
+pub struct RawQueue<C> {
     engine: RawEngine,
+    ring: Ring<RawFlight<C>>,
 }
 
-impl<C: Completion> EngineQueue<C> for RawQueue {
-    fn submit(&mut self, op: EngineOp, done: C) {
-        let result = self.engine.execute(&op);
-        if let Err(e) = &result {
-            log::warn!(
-                "request failed on {}: {e}",
-                self.engine.inner.backing.path.display()
-            );
+struct RawFlight<C> {
+    done: C,
+    _bufs: GuestBuffers,
+}
+
+impl<C: Completion> RawQueue<C> {
+    fn finish(&self, finished: Finished<RawFlight<C>>) {
+        for (f, r) in finished {
+            if let Err((e, at)) = &r {
+                log::warn!(
+                    "I/O at byte {at} of {} failed: {e}",
+                    self.engine.inner.backing.path.display()
+                );
+            }
+            f.done.complete(r.map_err(|(e, _)| EngineError::Io(e)));
         }
-        drop(op);
-        done.complete(result);
+    }
+}
+
+impl<C: Completion> EngineQueue<C> for RawQueue<C> {
+    fn submit(&mut self, op: EngineOp, done: C) {
+        let (offset, bufs, write, fua) = match op {
+            EngineOp::Read { offset, bufs } => (offset, bufs, false, false),
+            EngineOp::Write { offset, bufs, fua } => {
+                if self.engine.inner.info.read_only {
+                    return done.complete(Err(EngineError::ReadOnly));
+                }
+                (offset, bufs, true, fua)
+            }
+            other => {
+                let result = self.engine.execute(&other);
+                if let Err(e) = &result {
+                    log::warn!(
+                        "request failed on {}: {e}",
+                        self.engine.inner.backing.path.display()
+                    );
+                }
+                drop(other);
+                return done.complete(result);
+            }
+        };
+        let op = Op {
+            iovs: bufs.iovecs().to_vec(),
+            offset: offset.0,
+            write,
+            dsync: fua,
+        };
+        let mut finished = Vec::new();
+        self.ring
+            .start(vec![op], RawFlight { done, _bufs: bufs }, &mut finished);
+        self.finish(finished);
+    }
+
+    fn submit_batch(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            log::error!("io_uring submit failed: {e}");
+        }
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.event_fd())
+    }
+
+    fn process_completions(&mut self) {
+        let finished = self.ring.reap();
+        self.finish(finished);
     }
 }
 
 impl BlockEngine for RawEngine {
-    type Queue<C: Completion> = RawQueue;
+    type Queue<C: Completion> = RawQueue<C>;
 
     fn info(&self) -> EngineInfo {
         self.inner.info.clone()
     }
 
-    fn open_queue<C: Completion>(&self, _index: usize) -> Result<RawQueue, EngineError> {
+    fn open_queue<C: Completion>(&self, _index: usize) -> Result<RawQueue<C>, EngineError> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.inner.backing.file);
         Ok(RawQueue {
             engine: self.clone(),
+            ring: Ring::new(fd)?,
         })
     }
 
