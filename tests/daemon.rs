@@ -1094,3 +1094,179 @@ fn image_enospc_fails_one_request_and_the_daemon_keeps_serving() {
     assert!(status.success(), "{log}");
     image_clean(&img);
 }
+
+/// Issue check: a timed random workload on two queues (EXTBLK_WORKLOAD_SECS, default 30) with
+/// flushes, discards and both kinds of write-zeroes; then check + e2fsck clean; then another
+/// round, SIGKILL, restart, and every write acknowledged before the last completed flush reads
+/// back (blocks written after it hold either version).
+#[test]
+fn image_timed_multi_queue_workload_then_sigkill() {
+    let secs: u64 = std::env::var("EXTBLK_WORKLOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let s = Scratch::new("img-soak");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    const SIZE: u64 = 64 << 20;
+    const BLOCKS: u64 = SIZE / 4096;
+    create_image(&img, "64M");
+    // Per block: (flushed version, versions written since the last flush). Version 0 = zeroes.
+    type Versions = (u64, Vec<u64>);
+    let state: std::sync::Mutex<Vec<Versions>> =
+        std::sync::Mutex::new(vec![(0, Vec::new()); BLOCKS as usize]);
+    let block = |b: u64, v: u64| -> Vec<u8> {
+        if v == 0 {
+            return vec![0u8; 4096];
+        }
+        (0..512u64)
+            .flat_map(|i| (b << 40 ^ v << 12 ^ i).to_le_bytes())
+            .collect()
+    };
+    let run = |deadline: Instant, c: &mut Client, seed: u64| {
+        let region = c.region.addr;
+        let mut queues = std::mem::take(&mut c.queues);
+        std::thread::scope(|sc| {
+            for (qi, q) in queues.iter_mut().enumerate() {
+                let state = &state;
+                sc.spawn(move || {
+                    let mut rng = Rng(seed ^ ((qi as u64 + 1) * 0x9E37_79B9));
+                    let mut version = (seed << 20) | (qi as u64) << 16;
+                    let buf = region + qi * (REGION / 2);
+                    while Instant::now() < deadline {
+                        // Each queue owns every other 64-block stripe, so its own model is exact.
+                        let stripe = rng.below(BLOCKS / 64 / 2) * 2 + qi as u64;
+                        let b = stripe * 64 + rng.below(60);
+                        let n = 1 + rng.below(4);
+                        let mut comp = [MaybeUninit::<Completion>::uninit()];
+                        let mut wait = |q: &mut Blkioq| {
+                            q.do_io(&mut comp, 1, None, None).unwrap();
+                            // SAFETY: do_io initialised the completion.
+                            assert_eq!(unsafe { comp[0].assume_init_read() }.ret, 0);
+                        };
+                        match rng.below(10) {
+                            0..=5 => {
+                                for k in 0..n {
+                                    version += 1;
+                                    let d = block(b + k, version);
+                                    // SAFETY: this queue's half of the region.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(
+                                            d.as_ptr(),
+                                            (buf + (k as usize) * 4096) as *mut u8,
+                                            4096,
+                                        )
+                                    };
+                                    state.lock().unwrap()[(b + k) as usize].1.push(version);
+                                }
+                                q.write(
+                                    b * 4096,
+                                    buf as *const u8,
+                                    (n * 4096) as usize,
+                                    0,
+                                    ReqFlags::empty(),
+                                );
+                                wait(q);
+                            }
+                            6 => {
+                                // Flush: everything this queue wrote is now flushed.
+                                q.flush(0, ReqFlags::empty());
+                                let snapshot: Vec<(u64, u64)> = {
+                                    let st = state.lock().unwrap();
+                                    (0..BLOCKS)
+                                        .filter(|x| (x / 64) % 2 == qi as u64)
+                                        .filter_map(|x| st[x as usize].1.last().map(|&v| (x, v)))
+                                        .collect()
+                                };
+                                wait(q);
+                                let mut st = state.lock().unwrap();
+                                for (x, v) in snapshot {
+                                    // Only this queue touches its stripes, and it waited for
+                                    // the flush: all it wrote before is flushed.
+                                    let e = &mut st[x as usize];
+                                    e.0 = v;
+                                    e.1.clear();
+                                }
+                            }
+                            7 => {
+                                q.discard(b * 4096, n * 4096, 0, ReqFlags::empty());
+                                wait(q);
+                                // Discarded blocks read as zeroes (version 0).
+                                let mut st = state.lock().unwrap();
+                                for k in 0..n {
+                                    st[(b + k) as usize].1.push(0);
+                                }
+                            }
+                            _ => {
+                                let flags = if rng.below(2) == 0 {
+                                    ReqFlags::empty()
+                                } else {
+                                    ReqFlags::NO_UNMAP
+                                };
+                                q.write_zeroes(b * 4096, n * 4096, 0, flags);
+                                wait(q);
+                                let mut st = state.lock().unwrap();
+                                for k in 0..n {
+                                    st[(b + k) as usize].1.push(0);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        c.queues = queues;
+    };
+    let check_reads = |c: &mut Client, strict_unflushed: bool| {
+        let st = state.lock().unwrap();
+        for chunk in 0..BLOCKS / 256 {
+            let got = c.read(0, chunk * 256 * 4096, 256 * 4096).unwrap();
+            for k in 0..256u64 {
+                let b = chunk * 256 + k;
+                let (flushed, later) = &st[b as usize];
+                let blk = &got[(k * 4096) as usize..((k + 1) * 4096) as usize];
+                let ok = if strict_unflushed {
+                    blk == block(b, *later.last().unwrap_or(flushed)).as_slice()
+                } else {
+                    blk == block(b, *flushed).as_slice()
+                        || later.iter().any(|&v| blk == block(b, v).as_slice())
+                };
+                if !ok {
+                    let first = u64::from_le_bytes(blk[..8].try_into().unwrap());
+                    let held = if blk.iter().all(|&x| x == 0) {
+                        "zeroes".to_string()
+                    } else {
+                        format!("version {}", (first ^ (b << 40)) >> 12)
+                    };
+                    panic!(
+                        "block {b}: holds {held}, expected flushed {flushed} or later {later:?}"
+                    );
+                }
+            }
+        }
+    };
+    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
+    let mut c = Client::connect(&sock, 2);
+    run(Instant::now() + Duration::from_secs(secs / 2), &mut c, 1);
+    check_reads(&mut c, true);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+    // Second half, then a crash.
+    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
+    let mut c = Client::connect(&sock, 2);
+    run(
+        Instant::now() + Duration::from_secs(secs - secs / 2),
+        &mut c,
+        2,
+    );
+    drop(c);
+    let _ = d.kill();
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    check_reads(&mut c, false);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    image_clean(&img);
+}
