@@ -1270,3 +1270,41 @@ fn image_timed_multi_queue_workload_then_sigkill() {
     assert!(status.success(), "{log}");
     image_clean(&img);
 }
+
+#[test]
+fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_the_worker() {
+    let s = Scratch::new("img-paths");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "16M");
+    // Allocate and write 64 blocks, then stop.
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for b in 0..64u64 {
+        assert_eq!(c.write(0, b * 4096, &pattern(b, 4096)), 0);
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(counter(&log, "allocating_writes"), 64, "{log}");
+    assert!(
+        counter(&log, "completed_elsewhere") >= 64,
+        "allocating writes complete on the worker: {log}"
+    );
+    // Pure overwrites and reads: all on the queue thread, no journal handle, no worker.
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for i in 0..200u64 {
+        let b = i % 64;
+        assert_eq!(c.write(0, b * 4096 + (i % 8) * 512, &pattern(i, 512)), 0);
+        assert!(c.read(0, b * 4096, 4096).is_ok());
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(counter(&log, "fast_overwrites"), 200, "{log}");
+    assert_eq!(counter(&log, "journal_handles"), 0, "{log}");
+    assert_eq!(counter(&log, "allocating_writes"), 0, "{log}");
+    assert_eq!(counter(&log, "completed_elsewhere"), 0, "{log}");
+    assert!(counter(&log, "completed_on_queue_thread") >= 400, "{log}");
+    image_clean(&img);
+}

@@ -149,6 +149,22 @@ impl ImageEngine {
         commit_interval: Duration,
     ) -> Result<ImageEngine, ImageError> {
         let image = Image::open(io.clone(), OpenOptions { read_only })?;
+        let sb = image.superblock();
+        let rec = image.recovery();
+        log::info!(
+            "image: {} bytes virtual, {} bytes allocated in {} extents (tree depth {}), journal {} KiB, \
+             features compat={:#x} incompat={:#x} ro_compat={:#x}, {}{}",
+            image.disk_size(),
+            image.tree().data_blocks() * BS,
+            image.tree().extent_count(),
+            image.tree().depth(),
+            image.log_map().blocks() * 4,
+            sb.feature_compat,
+            sb.feature_incompat,
+            sb.feature_ro_compat,
+            if read_only { "read-only" } else { "read-write" },
+            if rec.transactions > 0 { format!(", replayed {} journal transaction(s)", rec.transactions) } else { String::new() }
+        );
         if image.superblock().has_errors() {
             log::warn!("the image has recorded errors (run `extblk check`); serving it anyway, as ext4 mounts with errors=continue");
         }
