@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job in one command: install what is needed, build extblk, create a sparse 1 GiB
-# disk under ./extblk-demo/ (kept between runs), and serve it until Ctrl-C.
+# The main job in one command: install what is needed, build extblk, create a 1 GiB extblk
+# image under ./extblk-demo/ (kept between runs), and serve it until Ctrl-C.
 # Usage: scripts/serve-demo.sh [SIZE_IN_MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,11 +9,11 @@ scripts/install-deps.sh
 cargo build --release
 dir=$PWD/extblk-demo
 mkdir -p "$dir"
-img=$dir/disk.raw
+img=$dir/disk.img
 if [ ! -e "$img" ]; then
-  truncate -s "${1:-1024}M" "$img"
-  echo "created sparse disk $img ($(du -h --apparent-size "$img" | cut -f1))"
+  target/release/extblk create --size "${1:-1024}M" "$img"
 fi
+target/release/extblk info "$img"
 sock=$dir/extblk.sock
 cat <<MSG
 
@@ -24,6 +24,7 @@ Serving $img on $sock. Attach a QEMU guest with:
     -chardev socket,id=blk0,path=$sock \\
     -device vhost-user-blk-pci,chardev=blk0,num-queues=2 ...
 
-Ctrl-C stops the daemon (in-flight requests drain, data is flushed).
+Ctrl-C stops the daemon (in-flight requests drain, the journal is committed and the image
+marked clean). Then: target/release/extblk check $img   (or e2fsck -fn $img)
 MSG
-exec target/release/extblk serve --format raw --queues 2 --socket "$sock" "$img"
+exec target/release/extblk serve --queues 2 --socket "$sock" "$img"

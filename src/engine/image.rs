@@ -68,7 +68,7 @@ impl EngineStats {
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} discards={} enospc={}",
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} zeroing_ops={} enospc={}",
             g(&self.fast_reads),
             g(&self.fast_overwrites),
             g(&self.allocating_writes),
