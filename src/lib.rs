@@ -14,5 +14,6 @@ pub mod jbd2;
 pub mod mapping;
 pub mod repair;
 pub mod serve;
+pub mod testing;
 pub mod tools;
 pub mod units;

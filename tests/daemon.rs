@@ -2,7 +2,7 @@
 //! `virtio-blk-vhost-user` driver. No VM, no mocks.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -39,9 +39,40 @@ fn make_image(path: &Path, size: u64) {
     f.set_len(size).unwrap();
 }
 
-/// A running daemon, killed on drop if the test did not stop it.
+/// A running daemon, killed on drop if the test did not stop it. Its log goes to a file that is
+/// printed if the test fails.
 struct Daemon {
     child: Child,
+    log: PathBuf,
+}
+
+static LOG_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Spawns `cmd` with its stderr in a fresh log file.
+fn spawn_logged(mut cmd: Command) -> Daemon {
+    let n = LOG_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("extblk-daemon-{}-{n}.log", std::process::id()));
+    let f = File::create(&log).unwrap();
+    let child = cmd.stdout(Stdio::null()).stderr(f).spawn().unwrap();
+    Daemon { child, log }
+}
+
+impl Daemon {
+    fn read_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_socket(&self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket: {}",
+                self.read_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 fn extblk() -> Command {
@@ -64,25 +95,14 @@ impl Daemon {
 
     fn start_with(image: &Path, socket: &Path, extra: &[&str]) -> Daemon {
         let _ = fs::remove_file(socket);
-        let child = extblk()
-            .arg("serve")
+        let mut cmd = extblk();
+        cmd.arg("serve")
             .arg("--socket")
             .arg(socket)
             .args(extra)
-            .arg(image)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let d = Daemon { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            .arg(image);
+        let d = spawn_logged(cmd);
+        d.wait_socket(socket);
         d
     }
 
@@ -91,14 +111,7 @@ impl Daemon {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
-        let mut log = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut log)
-            .unwrap();
-        (status, log)
+        (status, self.read_log())
     }
 }
 
@@ -106,6 +119,10 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log ----\n{}", self.read_log());
+        }
+        let _ = fs::remove_file(&self.log);
     }
 }
 
@@ -729,14 +746,7 @@ impl Daemon {
     fn kill(mut self) -> String {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let mut log = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut log)
-            .unwrap();
-        log
+        self.read_log()
     }
 }
 
@@ -967,21 +977,13 @@ fn image_a_data_write_error_aborts_the_journal_and_is_recorded() {
     let s = Scratch::new("img-eio");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     create_image(&img, "16M");
-    let child = extblk()
-        .env("EXTBLK_FAULT", "eio:data:20")
+    let mut cmd = extblk();
+    cmd.env("EXTBLK_FAULT", "eio:data:20")
         .args(["serve", "--socket"])
         .arg(&sock)
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        .arg(&img);
+    let d = spawn_logged(cmd);
+    d.wait_socket(&sock);
     let mut c = Client::connect(&sock, 1);
     let mut written = Vec::new();
     for i in 0..20u64 {
@@ -1052,21 +1054,13 @@ fn image_enospc_fails_one_request_and_the_daemon_keeps_serving() {
     let s = Scratch::new("img-enospc");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     create_image(&img, "16M");
-    let child = extblk()
-        .env("EXTBLK_FAULT", "enospc:data:5:1")
+    let mut cmd = extblk();
+    cmd.env("EXTBLK_FAULT", "enospc:data:5:1")
         .args(["serve", "--socket"])
         .arg(&sock)
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        .arg(&img);
+    let d = spawn_logged(cmd);
+    d.wait_socket(&sock);
     let mut c = Client::connect(&sock, 1);
     let mut rets = Vec::new();
     for i in 0..10u64 {

@@ -319,6 +319,11 @@ impl Shared {
             return None;
         }
         self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
+        if crate::testing::broken(crate::testing::Broken::ConvertBeforeWrite) {
+            // Deliberately wrong (tests only): written, and committed, before the data exists.
+            let _ = st.image.convert(b0, b1 - b0);
+            let _ = st.image.commit();
+        }
         let runs: Vec<Extent> = st.image.tree().range(b0 as u32, b1 as u32);
         let mut to_convert = Vec::new();
         for e in runs.iter().filter(|e| e.unwritten) {

@@ -1,0 +1,28 @@
+//! Test-only switches that break the engine on purpose, so the crash tests can prove they catch
+//! each class of bug. Nothing sets them outside tests; they cost one relaxed load where checked.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Broken {
+    None = 0,
+    /// The journal writes the commit record without the barrier that makes data and log durable
+    /// first.
+    CommitBeforeData = 1,
+    /// Blocks freed by the running transaction are reusable at once.
+    ReuseBeforeCommit = 2,
+    /// Allocating writes are converted to written before their data is written.
+    ConvertBeforeWrite = 3,
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+#[doc(hidden)]
+pub fn set_broken(b: Broken) {
+    MODE.store(b as u8, Ordering::Relaxed);
+}
+
+pub(crate) fn broken(b: Broken) -> bool {
+    MODE.load(Ordering::Relaxed) == b as u8
+}
