@@ -19,6 +19,7 @@ use extblk::engine::{
 use extblk::ext4::layout::Layout;
 use extblk::image::create::{create, CreateParams};
 use extblk::image::{Image, OpenOptions};
+use extblk::io::fault::{FaultIo, FaultOp, FaultSpec};
 use extblk::io::mem::MemIo;
 use extblk::io::record::{IoEvent, RecordingIo};
 use extblk::io::BlockIo;
@@ -98,6 +99,8 @@ struct OpRecord {
     is_flush: bool,
     start: usize,
     end: usize,
+    /// The engine reported success.
+    ok: bool,
 }
 
 struct Run {
@@ -118,6 +121,11 @@ fn buffers(data: Vec<u8>) -> GuestBuffers {
 
 /// Builds a poisoned image, runs `nops` seeded operations through the engine, records the log.
 fn workload(seed: u64, nops: usize) -> Run {
+    workload_with(seed, nops, None).0
+}
+
+/// The same with a fault injected below the engine; also returns the final backing bytes.
+fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<u8>) {
     let probe = Layout::compute(DISK_BLOCKS * 4096, 1024, None).unwrap();
     let need = probe.data_start + 2 * DISK_BLOCKS + probe.tree_reserve + 64;
     let layout = Layout::compute(DISK_BLOCKS * 4096, 1024, Some(need)).unwrap();
@@ -136,7 +144,12 @@ fn workload(seed: u64, nops: usize) -> Run {
     for p in layout.data_start..layout.blocks_count {
         base[(p * 4096) as usize..((p + 1) * 4096) as usize].copy_from_slice(&poison(p));
     }
-    let rec = Arc::new(RecordingIo::new(Arc::new(MemIo::new(base.clone()))));
+    let mem = Arc::new(MemIo::new(base.clone()));
+    let below: Arc<dyn BlockIo> = match fault {
+        Some(spec) => Arc::new(FaultIo::new(mem.clone(), spec)),
+        None => mem.clone(),
+    };
+    let rec = Arc::new(RecordingIo::new(below));
     let engine = ImageEngine::open(rec.clone(), false, Duration::from_secs(3600)).unwrap();
     let mut q = engine.open_queue::<Done>(0).unwrap();
     let mut rng = Rng(seed | 1);
@@ -202,28 +215,34 @@ fn workload(seed: u64, nops: usize) -> Run {
         };
         q.submit(op, slot.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let ok = loop {
             if let Some(r) = slot.0.lock().unwrap().take() {
-                r.unwrap_or_else(|e| panic!("seed {seed}: operation failed: {e}"));
-                break;
+                if fault.is_none() {
+                    if let Err(e) = &r {
+                        panic!("seed {seed}: operation failed: {e}");
+                    }
+                }
+                break r.is_ok();
             }
             assert!(Instant::now() < deadline, "seed {seed}: operation hangs");
             std::thread::sleep(Duration::from_micros(50));
-        }
+        };
         ops.push(OpRecord {
             effects,
             is_flush,
             start,
             end: rec.len(),
+            ok,
         });
     }
     drop(q);
+    let _ = engine.close();
     drop(engine);
-    Run {
-        base,
-        events: rec.events(),
-        ops,
-    }
+    let events = rec.events();
+    drop(rec);
+    let mut bytes = vec![0u8; mem.size() as usize];
+    mem.read_at(&mut bytes, 0).unwrap();
+    (Run { base, events, ops }, bytes)
 }
 
 /// Applies events. `punch_zeroes`: a sparse file (a punched range reads as zeroes); otherwise a
@@ -247,13 +266,22 @@ fn apply(state: &mut [u8], events: &[&IoEvent], punch_zeroes: bool) {
 /// The values each block may hold after a crash at event `cut` (see §5).
 fn allowed(run: &Run, cut: usize) -> Vec<HashSet<Val>> {
     // The last FLUSH that completed before the cut makes everything before it durable.
-    let last_flush = run.ops.iter().rposition(|o| o.is_flush && o.end <= cut);
+    let last_flush = run
+        .ops
+        .iter()
+        .rposition(|o| o.is_flush && o.ok && o.end <= cut);
     let mut durable = vec![Val::Zero; DISK_BLOCKS as usize];
+    // Failed requests before the flush: what they did may or may not be there.
+    let mut maybe: Vec<(u64, Val)> = Vec::new();
     let from = match last_flush {
         Some(i) => {
             for o in &run.ops[..i] {
                 for &(b, v) in &o.effects {
-                    durable[b as usize] = v;
+                    if o.ok {
+                        durable[b as usize] = v;
+                    } else {
+                        maybe.push((b, v));
+                    }
                 }
             }
             i + 1
@@ -261,6 +289,9 @@ fn allowed(run: &Run, cut: usize) -> Vec<HashSet<Val>> {
         None => 0,
     };
     let mut allowed: Vec<HashSet<Val>> = durable.iter().map(|&v| HashSet::from([v])).collect();
+    for (b, v) in maybe {
+        allowed[b as usize].insert(v);
+    }
     // Not flushed: anything written by operations that had started by the cut, and (when never
     // flushed) zeroes — already there.
     for o in run.ops[from..].iter().filter(|o| o.start <= cut) {
@@ -551,4 +582,102 @@ fn converting_before_the_data_write_is_caught() {
         "the crash tests missed a conversion before the data write"
     );
     println!("caught: {}", r.unwrap());
+}
+
+/// Faults below the engine: EIO on data writes, on metadata/journal writes and on fdatasync,
+/// ENOSPC, and short writes. The engine must fail requests cleanly or abort the journal; the
+/// image must then reopen (replay) consistent, with every acknowledged flush intact.
+#[test]
+fn injected_faults_fail_cleanly_and_the_image_reopens_consistent() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    set_broken(Broken::None);
+    let mut tried = 0;
+    let mut fired: std::collections::HashMap<String, usize> = Default::default();
+    for (kind, op) in [
+        ("eio", FaultOp::Data),
+        ("eio", FaultOp::Meta),
+        ("eio", FaultOp::Flush),
+        ("enospc", FaultOp::Data),
+        ("short", FaultOp::Data),
+        ("short", FaultOp::Meta),
+    ] {
+        for (seed, after) in [(11u64, 3u64), (12, 20), (13, 60)] {
+            let spec = FaultSpec {
+                errno: if kind == "enospc" {
+                    libc::ENOSPC
+                } else {
+                    libc::EIO
+                },
+                short: kind == "short",
+                op,
+                after,
+                // A short write happens once; a device that tears every later write (the
+                // superblock's error record included) leaves only e2fsck's backups to help.
+                count: match kind {
+                    "enospc" => 2,
+                    "short" => 1,
+                    _ => u64::MAX,
+                },
+            };
+            let (run, bytes) = workload_with(seed, 100, Some(spec));
+            let failed = run.ops.iter().filter(|o| !o.ok).count();
+            *fired.entry(format!("{kind}/{op:?}")).or_default() += failed;
+            // Reopen read-write (our replay), close cleanly, then judge the result.
+            let io: Arc<dyn BlockIo> = Arc::new(MemIo::new(bytes));
+            let img = Image::open(io.clone(), OpenOptions::default()).unwrap_or_else(|e| {
+                panic!("{kind}/{op:?} seed {seed}: the image does not reopen: {e}")
+            });
+            img.close().unwrap();
+            let mut after_close = vec![0u8; io.size() as usize];
+            io.read_at(&mut after_close, 0).unwrap();
+            let allowed = allowed(&run, run.events.len());
+            if let Err(e) = judge_with_errors(after_close, &allowed) {
+                panic!("{kind}/{op:?} after {after}, seed {seed} ({failed} requests failed): {e}");
+            }
+            tried += 1;
+        }
+    }
+    assert_eq!(tried, 18);
+    println!("failed requests per fault: {fired:?}");
+    for (k, n) in &fired {
+        assert!(*n > 0, "fault {k} never made a request fail");
+    }
+}
+
+/// Like `judge`, but an image that recorded an abort may report exactly that error.
+fn judge_with_errors(state: Vec<u8>, allowed: &[HashSet<Val>]) -> Result<(), String> {
+    let io: Arc<dyn BlockIo> = Arc::new(MemIo::new(state.clone()));
+    let img = Image::open(io, OpenOptions { read_only: true }).map_err(|e| format!("open: {e}"))?;
+    let report = extblk::check::check(&img, "fault".into());
+    let real: Vec<&String> = report
+        .problems
+        .iter()
+        .filter(|p| !p.contains("recorded errors") && !p.contains("journal was aborted"))
+        .collect();
+    if !real.is_empty() {
+        return Err(format!("check: {real:?}"));
+    }
+    drop(img);
+    // The contract on data, ignoring the recorded error state.
+    let mut clean = state;
+    clear_error_state(&mut clean);
+    judge(clean, allowed)
+}
+
+/// Clears ERROR_FS and the journal's errno the way e2fsck would, so `judge` sees a plain image.
+fn clear_error_state(state: &mut [u8]) {
+    use extblk::ext4::superblock::Superblock;
+    let mut sb = Superblock::decode(&state[1024..2048]).unwrap();
+    sb.state &= !extblk::ext4::superblock::STATE_ERROR;
+    sb.error = Default::default();
+    state[1024..2048].copy_from_slice(&sb.encode());
+    let io: Arc<dyn BlockIo> = Arc::new(MemIo::new(state.to_vec()));
+    let img = Image::open(io, OpenOptions { read_only: true }).unwrap();
+    let jblk = img.log_map().fs_block(0) as usize;
+    drop(img);
+    let mut jsb =
+        extblk::jbd2::format::JournalSuperblock::decode(&state[jblk * 4096..jblk * 4096 + 4096])
+            .unwrap();
+    jsb.errno = 0;
+    state[jblk * 4096..jblk * 4096 + 4096].copy_from_slice(&jsb.encode());
 }

@@ -2,8 +2,8 @@
 //! barriers). The daemon installs it when `EXTBLK_FAULT` is set, e.g.
 //! `EXTBLK_FAULT=eio:data:100` (every guest-data write from the 100th fails with EIO) or
 //! `EXTBLK_FAULT=enospc:data:20:3` (data writes 20, 21 and 22 fail with ENOSPC). Kinds: `eio`,
-//! `enospc`; operations: `data` (vectored guest-data writes), `meta` (metadata and journal
-//! writes), `flush`.
+//! `enospc`, `short` (the first half of the buffer is written, then EIO); operations: `data`
+//! (vectored guest-data writes), `meta` (metadata and journal writes), `flush`.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,8 @@ pub enum FaultOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultSpec {
     pub errno: i32,
+    /// Write the first half of the buffer before failing (a short write).
+    pub short: bool,
     pub op: FaultOp,
     /// 0-based index of the first failing operation of that kind.
     pub after: u64,
@@ -33,9 +35,10 @@ impl FaultSpec {
         if parts.len() < 3 || parts.len() > 4 {
             return Err(format!("bad fault spec {s:?}: want KIND:OP:AFTER[:COUNT]"));
         }
-        let errno = match parts[0] {
-            "eio" => libc::EIO,
-            "enospc" => libc::ENOSPC,
+        let (errno, short) = match parts[0] {
+            "eio" => (libc::EIO, false),
+            "enospc" => (libc::ENOSPC, false),
+            "short" => (libc::EIO, true),
             k => return Err(format!("unknown fault kind {k:?}")),
         };
         let op = match parts[1] {
@@ -50,6 +53,7 @@ impl FaultSpec {
         };
         Ok(FaultSpec {
             errno,
+            short,
             op,
             after: num(parts[2])?,
             count: parts
@@ -96,7 +100,12 @@ impl BlockIo for FaultIo {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.maybe_fail(FaultOp::Meta)?;
+        if let Err(e) = self.maybe_fail(FaultOp::Meta) {
+            if self.spec.short {
+                self.inner.write_at(&buf[..buf.len() / 2], offset)?;
+            }
+            return Err(e);
+        }
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
@@ -110,7 +119,14 @@ impl BlockIo for FaultIo {
         self.inner.size()
     }
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
-        self.maybe_fail(FaultOp::Data)?;
+        if let Err(e) = self.maybe_fail(FaultOp::Data) {
+            if self.spec.short {
+                let total: usize = iovs.iter().map(|v| v.iov_len).sum();
+                let half = crate::engine::iov::slice(iovs, 0, total / 2);
+                self.inner.writev_at(&half, offset, dsync)?;
+            }
+            return Err(e);
+        }
         self.inner.writev_at(iovs, offset, dsync)
     }
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {

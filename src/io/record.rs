@@ -94,4 +94,26 @@ impl BlockIo for RecordingIo {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+
+    fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
+        // Forwarded as a data write (layers below tell data from metadata), logged gathered.
+        self.inner.writev_at(iovs, offset, dsync)?;
+        let mut data = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
+        for v in iovs {
+            // SAFETY: callers pass iovecs describing live buffers (see engine::GuestBuffers).
+            data.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        let mut log = self.lock();
+        log.push(IoEvent::Write { offset, data });
+        if dsync {
+            log.push(IoEvent::Flush);
+        }
+        Ok(())
+    }
+
+    fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
+        self.inner.readv_at(iovs, offset)
+    }
 }
