@@ -144,11 +144,13 @@ mod tests {
             FaultSpec::parse("eio:data:5").unwrap(),
             FaultSpec {
                 errno: libc::EIO,
+                short: false,
                 op: FaultOp::Data,
                 after: 5,
                 count: u64::MAX
             }
         );
+        assert!(FaultSpec::parse("short:meta:1").unwrap().short);
         assert_eq!(FaultSpec::parse("enospc:meta:0:2").unwrap().count, 2);
         assert!(FaultSpec::parse("eio:data").is_err());
         assert!(FaultSpec::parse("boom:data:1").is_err());
