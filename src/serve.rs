@@ -187,6 +187,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         return run(engine, opts, "raw", sigset);
     }
     let mut io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::new(backing));
+    if let Ok(path) = std::env::var("EXTBLK_RECORD") {
+        // Test-only: log every write, barrier and punch of the backing (see io::record).
+        log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");
+        let rec = crate::io::record::RecordingIo::to_file(io, std::path::Path::new(&path))
+            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?;
+        io = Arc::new(rec);
+    }
     if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
         // Test-only: inject I/O errors below the engine (see io::fault).
         let spec = crate::io::fault::FaultSpec::parse(&spec)

@@ -1302,3 +1302,152 @@ fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_th
     assert!(counter(&log, "completed_on_queue_thread") >= 400, "{log}");
     image_clean(&img);
 }
+
+/// Crash states of a workload driven through the real daemon by libblkio: the daemon records
+/// every write, barrier and punch of its backing (`EXTBLK_RECORD`); the image is rebuilt at every
+/// barrier of the log and at the end; each state must pass `check` and read back every flushed
+/// write, with every block holding zeroes or a value written to it, never another block's data.
+#[test]
+fn image_crash_states_through_the_real_daemon() {
+    use extblk::image::{Image, OpenOptions};
+    use extblk::io::record::{decode_events, IoEvent};
+    let s = Scratch::new("img-record");
+    let (img, sock, rec) = (s.path("disk.img"), s.path("sock"), s.path("io.log"));
+    create_image(&img, "16M");
+    let base = fs::read(&img).unwrap();
+    let mut cmd = extblk();
+    cmd.env("EXTBLK_RECORD", &rec)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .arg(&img);
+    let d = spawn_logged(cmd);
+    d.wait_socket(&sock);
+    let mut c = Client::connect(&sock, 1);
+    let stamp = |b: u64, v: u64| -> Vec<u8> {
+        (0..512u64)
+            .flat_map(|i| ((0xDA7Au64 << 48) | (b << 24) | (v << 8) | (i & 0xFF)).to_le_bytes())
+            .collect()
+    };
+    const BLOCKS: u64 = 256;
+    let mut rng = Rng(4242);
+    // history[b] = versions in order (0 = zeroes); flushes = (log bytes when acked, versions then).
+    let mut history: Vec<Vec<u64>> = vec![vec![0]; BLOCKS as usize];
+    let mut flushes: Vec<(u64, Vec<usize>)> = Vec::new();
+    for v in 1..=400u64 {
+        let b = rng.below(BLOCKS);
+        match rng.below(8) {
+            0 => {
+                assert_eq!(c.flush(0), 0);
+                let at = fs::metadata(&rec).unwrap().len();
+                flushes.push((at, history.iter().map(Vec::len).collect()));
+            }
+            1 => {
+                assert_eq!(c.discard(0, b * 4096, 4096), 0);
+                history[b as usize].push(0);
+            }
+            _ => {
+                assert_eq!(c.write(0, b * 4096, &stamp(b, v)), 0);
+                history[b as usize].push(v);
+            }
+        }
+    }
+    drop(c);
+    let _ = d.kill();
+    let raw = fs::read(&rec).unwrap();
+    let events = decode_events(&raw);
+    // Byte position of the end of each event, to place the flush acknowledgements.
+    let mut ends = Vec::with_capacity(events.len());
+    let mut pos = 0u64;
+    for e in &events {
+        pos += 17
+            + if let IoEvent::Write { data, .. } = e {
+                data.len() as u64
+            } else {
+                0
+            };
+        ends.push(pos);
+    }
+    let cuts: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == IoEvent::Flush)
+        .map(|(i, _)| i + 1)
+        .chain([events.len()])
+        .collect();
+    assert!(cuts.len() > 10, "too few barriers: {}", cuts.len());
+    let mut buf = vec![0u8; 4096];
+    for &cut in &cuts {
+        let mut state = base.clone();
+        for e in &events[..cut] {
+            match e {
+                IoEvent::Write { offset, data } => {
+                    state[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                }
+                IoEvent::Punch { offset, len } => {
+                    state[*offset as usize..(*offset + *len) as usize].fill(0)
+                }
+                IoEvent::Flush => {}
+            }
+        }
+        let io: std::sync::Arc<dyn extblk::io::BlockIo> =
+            std::sync::Arc::new(extblk::io::mem::MemIo::new(state));
+        let image = Image::open(io, OpenOptions { read_only: true })
+            .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        let report = extblk::check::check(&image, "cut".into());
+        assert!(
+            report.problems.is_empty(),
+            "cut {cut}: {:?}",
+            report.problems
+        );
+        // The last flush acknowledged before this cut fixes each block's oldest allowed version.
+        let cut_bytes = if cut == 0 { 0 } else { ends[cut - 1] };
+        let floor = flushes
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= cut_bytes)
+            .map(|(_, lens)| lens.clone());
+        for b in 0..BLOCKS {
+            let got = match image.lookup(b as u32) {
+                extblk::mapping::tree::Lookup::Mapped(e) if !e.unwritten => {
+                    image.read_block(e.pblk, &mut buf).unwrap();
+                    let w = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    assert!(
+                        w >> 48 == 0xDA7A && (w >> 24) & 0xFF_FFFF == b,
+                        "cut {cut}: block {b} holds stale or foreign data ({w:#x})"
+                    );
+                    let v = (w >> 8) & 0xFFFF;
+                    assert!(
+                        buf == stamp(b, v),
+                        "cut {cut}: block {b} is not one written value"
+                    );
+                    v
+                }
+                _ => 0,
+            };
+            let h = &history[b as usize];
+            let from = floor.as_ref().map_or(0, |lens| lens[b as usize] - 1);
+            if !h[from..].contains(&got) {
+                let near: Vec<_> = image
+                    .runs()
+                    .into_iter()
+                    .filter(|r| r.lblk <= b && b < r.lblk + r.len)
+                    .collect();
+                let kinds: Vec<String> = events[..cut]
+                    .iter()
+                    .rev()
+                    .take(12)
+                    .map(|e| match e {
+                        IoEvent::Write { offset, data } => {
+                            format!("W{}+{}", offset / 4096, data.len())
+                        }
+                        IoEvent::Flush => "F".into(),
+                        IoEvent::Punch { offset, len } => {
+                            format!("P{}+{}", offset / 4096, len / 4096)
+                        }
+                    })
+                    .collect();
+                panic!("cut {cut}: block {b} holds version {got}, allowed {:?}; run {near:?}; recovery {:?}; last events (newest first) {kinds:?}; flush acks {:?}; cut bytes {cut_bytes}", &h[from..], image.recovery(), flushes.iter().map(|f| f.0).collect::<Vec<_>>());
+            }
+        }
+    }
+}
