@@ -34,6 +34,43 @@ pub enum Command {
     Map(InspectArgs),
     /// Check an image's consistency (exit 0 clean, 1 problems found, 2 could not check).
     Check(CheckArgs),
+    /// Measure any vhost-user-blk socket (extblk, qemu-storage-daemon, ...) through libblkio.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// vhost-user-blk socket to measure.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Access pattern.
+    #[arg(long, value_enum, default_value_t = crate::bench::Pattern::Randwrite)]
+    pub pattern: crate::bench::Pattern,
+
+    /// Request size.
+    #[arg(long, default_value = "4K", value_parser = parse_size_arg)]
+    pub bs: u64,
+
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub iodepth: u16,
+
+    /// Queues (one thread each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_interval)]
+    pub runtime: f64,
+
+    /// Use only the first SIZE bytes of the disk.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub size: Option<u64>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -214,6 +251,27 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Map(a) => {
             quiet_on_broken_pipe();
             crate::tools::map(&a.image, a.output == Output::Json)
+        }
+        Command::Bench(a) => {
+            let r = crate::bench::run(&crate::bench::BenchOptions {
+                socket: a.socket.display().to_string(),
+                pattern: a.pattern,
+                bs: a.bs,
+                iodepth: usize::from(a.iodepth),
+                queues: usize::from(a.queues),
+                runtime: std::time::Duration::from_secs_f64(a.runtime),
+                size: a.size,
+                progress: a.output == Output::Human,
+            })?;
+            if a.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{:?} bs={} iodepth={} queues={}: {:.0} IOPS, {:.1} MB/s, latency mean {:.0} us, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us",
+                    r.pattern, r.bs, r.iodepth, r.queues, r.iops, r.mb_per_s, r.lat_mean_us, r.lat_p50_us, r.lat_p99_us, r.lat_p999_us
+                );
+            }
+            Ok(0)
         }
         Command::Check(a) => {
             quiet_on_broken_pipe();

@@ -3,6 +3,7 @@
 //! Data flows one way, device → engine → backing; completions flow back on whichever thread
 //! can finish them. See `docs/architecture.md`.
 
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod device;

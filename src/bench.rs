@@ -1,0 +1,269 @@
+//! `extblk bench`: a load generator for any vhost-user-blk socket, through libblkio (as fio's
+//! libblkio engine does). One thread per queue keeps `iodepth` requests in flight; it reports
+//! IOPS, MB/s and latency percentiles, with a progress line while it runs.
+
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use blkio::{Blkio, Completion, ReqFlags};
+use clap::ValueEnum;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pattern {
+    Randwrite,
+    Randread,
+    Write,
+    Read,
+    /// Random writes, each block at most once: every write allocates on a fresh image.
+    RandwriteAlloc,
+    /// Random writes with a FLUSH after every 16 writes on each queue.
+    WriteFlush,
+}
+
+pub struct BenchOptions {
+    pub socket: String,
+    pub pattern: Pattern,
+    pub bs: u64,
+    pub iodepth: usize,
+    pub queues: usize,
+    pub runtime: Duration,
+    /// Bytes of the disk to use (from offset 0); default the whole disk.
+    pub size: Option<u64>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub pattern: Pattern,
+    pub bs: u64,
+    pub iodepth: usize,
+    pub queues: usize,
+    pub seconds: f64,
+    pub ios: u64,
+    pub iops: f64,
+    pub mb_per_s: f64,
+    pub lat_mean_us: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    pub lat_p999_us: f64,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
+    if o.bs == 0 || o.bs % 512 != 0 {
+        bail!("--bs must be a positive multiple of 512");
+    }
+    let mut b =
+        Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("libblkio: {}", e.message()))?;
+    b.set_str("path", &o.socket)
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    b.connect()
+        .map_err(|e| anyhow!("cannot connect to {}: {}", o.socket, e.message()))?;
+    b.set_i32("num-queues", o.queues as i32)
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    let capacity = b
+        .get_u64("capacity")
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    let mut started = b
+        .start()
+        .map_err(|e| anyhow!("cannot start: {}", e.message()))?;
+    let size = o.size.unwrap_or(capacity).min(capacity);
+    let blocks = size / o.bs;
+    if blocks < (o.queues * o.iodepth) as u64 {
+        bail!(
+            "the disk ({size} bytes) is too small for {} requests of {} bytes in flight",
+            o.queues * o.iodepth,
+            o.bs
+        );
+    }
+    let slot = o.bs as usize * o.iodepth;
+    let region_len = (slot * o.queues).div_ceil(2 << 20) * (2 << 20);
+    let region = b
+        .alloc_mem_region(region_len)
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    b.map_mem_region(&region)
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    // Non-zero data so nothing can shortcut zeroes.
+    // SAFETY: the region is a fresh mapping of region_len bytes that only this function uses.
+    unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0xA5, region_len) };
+    let done_ios = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut handles = Vec::new();
+    for (qi, mut q) in started.queues.drain(..).enumerate() {
+        let (done_ios, stop) = (done_ios.clone(), stop.clone());
+        let (pattern, bs, depth, nq) = (o.pattern, o.bs, o.iodepth, o.queues as u64);
+        let base = region.addr + qi * slot;
+        handles.push(std::thread::spawn(move || -> Result<Vec<u32>, String> {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (qi as u64 + 1));
+            // Sequential patterns: each queue walks its own share of the disk.
+            let share = blocks / nq;
+            let mut seq = 0u64;
+            // Allocating pattern: a random permutation of this queue's blocks (stride walk).
+            let stride = {
+                let mut s = (share / 2) | 1;
+                while gcd(s, share) != 1 {
+                    s += 2;
+                }
+                s
+            };
+            let mut perm = rng.next() % share.max(1);
+            let mut next_block = |rng: &mut Rng| -> u64 {
+                match pattern {
+                    Pattern::Write | Pattern::Read => {
+                        let b = qi as u64 * share + seq % share;
+                        seq += 1;
+                        b
+                    }
+                    Pattern::RandwriteAlloc => {
+                        perm = (perm + stride) % share;
+                        qi as u64 * share + perm
+                    }
+                    _ => rng.next() % blocks,
+                }
+            };
+            let write = !matches!(pattern, Pattern::Read | Pattern::Randread);
+            let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
+            let mut started_at = vec![Instant::now(); depth];
+            let mut since_flush = 0u32;
+            let submit = |q: &mut blkio::Blkioq, slot_i: usize, blk: u64| {
+                let buf = base + slot_i * bs as usize;
+                if write {
+                    q.write(
+                        blk * bs,
+                        buf as *const u8,
+                        bs as usize,
+                        slot_i,
+                        ReqFlags::empty(),
+                    );
+                } else {
+                    q.read(
+                        blk * bs,
+                        buf as *mut u8,
+                        bs as usize,
+                        slot_i,
+                        ReqFlags::empty(),
+                    );
+                }
+            };
+            for i in 0..depth {
+                let blk = next_block(&mut rng);
+                started_at[i] = Instant::now();
+                submit(&mut q, i, blk);
+            }
+            let mut comps: Vec<MaybeUninit<Completion>> =
+                (0..depth).map(|_| MaybeUninit::uninit()).collect();
+            let mut inflight = depth;
+            while inflight > 0 {
+                let n = q
+                    .do_io(&mut comps, 1, None, None)
+                    .map_err(|e| e.message().to_string())?;
+                let now = Instant::now();
+                for c in &comps[..n] {
+                    // SAFETY: do_io initialised these n completions.
+                    let c = unsafe { c.assume_init_read() };
+                    if c.ret != 0 {
+                        return Err(format!("request failed: errno {}", -c.ret));
+                    }
+                    inflight -= 1;
+                    if c.user_data == usize::MAX {
+                        continue; // a flush
+                    }
+                    let i = c.user_data;
+                    lat.push(
+                        now.duration_since(started_at[i])
+                            .as_micros()
+                            .min(u32::MAX as u128) as u32,
+                    );
+                    done_ios.fetch_add(1, Ordering::Relaxed);
+                    if pattern == Pattern::WriteFlush {
+                        since_flush += 1;
+                        if since_flush == 16 {
+                            since_flush = 0;
+                            q.flush(usize::MAX, ReqFlags::empty());
+                            inflight += 1;
+                        }
+                    }
+                    if !stop.load(Ordering::Relaxed) {
+                        let blk = next_block(&mut rng);
+                        started_at[i] = Instant::now();
+                        submit(&mut q, i, blk);
+                        inflight += 1;
+                    }
+                }
+            }
+            Ok(lat)
+        }));
+    }
+    let mut last = 0;
+    while t0.elapsed() < o.runtime {
+        std::thread::sleep(Duration::from_millis(200).min(o.runtime.saturating_sub(t0.elapsed())));
+        if o.progress && t0.elapsed().as_millis() / 1000 != last {
+            last = t0.elapsed().as_millis() / 1000;
+            let ios = done_ios.load(Ordering::Relaxed);
+            eprint!(
+                "\r{:?} {:>5.1}s {:>10.0} IOPS",
+                o.pattern,
+                t0.elapsed().as_secs_f64(),
+                ios as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let mut lat: Vec<u32> = Vec::new();
+    for h in handles {
+        let l = h
+            .join()
+            .map_err(|_| anyhow!("a queue thread panicked"))?
+            .map_err(|e| anyhow!(e))
+            .context("benchmark")?;
+        lat.extend(l);
+    }
+    if o.progress {
+        eprintln!();
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    let ios = lat.len() as u64;
+    Ok(BenchResult {
+        pattern: o.pattern,
+        bs: o.bs,
+        iodepth: o.iodepth,
+        queues: o.queues,
+        seconds: secs,
+        ios,
+        iops: ios as f64 / secs,
+        mb_per_s: ios as f64 * o.bs as f64 / secs / 1e6,
+        lat_mean_us: lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len().max(1) as f64,
+        lat_p50_us: pct(0.50),
+        lat_p99_us: pct(0.99),
+        lat_p999_us: pct(0.999),
+    })
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
