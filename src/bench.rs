@@ -160,9 +160,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
                     );
                 }
             };
-            for i in 0..depth {
+            for (i, at) in started_at.iter_mut().enumerate() {
                 let blk = next_block(&mut rng);
-                started_at[i] = Instant::now();
+                *at = Instant::now();
                 submit(&mut q, i, blk);
             }
             let mut comps: Vec<MaybeUninit<Completion>> =
