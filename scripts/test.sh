@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests (request parsing on mock virtqueues, config, units) and the
-# integration tests that drive the real daemon with libblkio's vhost-user client.
+# Runs every test: unit and property tests, the integration tests that drive the real daemon with
+# libblkio's vhost-user client, the image and crash-consistency tests, then QEMU guests on extblk
+# (tests/guest.sh; it prints "SKIP: guest tests: ..." where no QEMU can run). Arguments go to
+# cargo test; EXTBLK_SKIP_GUESTS=1 leaves the guests out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 cargo test --all-targets "$@"
+if [ -z "${EXTBLK_SKIP_GUESTS:-}" ]; then
+  tests/guest.sh
+fi

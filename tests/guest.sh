@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# End-to-end tests: real Linux guests (QEMU, vm-images/build.sh) on disks served by `extblk serve`
+# over vhost-user-blk with 2 queues, judged by the guest's own tools (fio --verify, md5sum,
+# e2fsck, xfs_repair) and on the host by `extblk check` and `e2fsck -fn` of the image.
+#
+#   ext4    mkfs.ext4, fio randwrite 4k-64k with crc32c verify, file create/delete/truncate churn;
+#           daemon restarted; the fio data re-verified and the churn files' md5s checked; fio files
+#           deleted; fstrim -v must lower the image's allocated_bytes (extblk info --output json);
+#           e2fsck -fn /dev/vda in the guest; extblk check and e2fsck -fn of the image on the host
+#   xfs     the same with mkfs.xfs and xfs_repair -n
+#   crash   a guest writes files one by one (write, fsync the file, fsync the directory) and prints
+#           each file's md5 once durable; the daemon is SIGKILLed mid-workload; restarted on the
+#           same image; a new guest mounts (journal recovery) and every reported file must be intact
+#   reconnect  a guest writes files (fsync each) while the daemon is stopped (SIGTERM) and started
+#           again; QEMU (chardev reconnect=1) reconnects and the guest verifies every file
+#   raw     a raw file (--format raw): fio writes 64M with crc32c headers straight to /dev/vda, the
+#           guest pauses, then verifies everything again
+#
+# EXTBLK_E2E_CORRUPT=1 proves the checks can fail: while the `raw` guest is paused between its
+# write and verify passes, the host overwrites a few bytes of the raw file behind its back (the
+# daemon serves the file as is). fio's verify must detect it, so the suite must FAIL.
+#
+# If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
+# "SKIP: guest tests: <reason>" and exits 0. Ends with "N passed, M failed"; exit 1 if any failed.
+# Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw" (subset), RUST_LOG.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+T0=$(date +%s)
+RUN_GUEST=$ROOT/scripts/run-guest.sh
+CORRUPT=${EXTBLK_E2E_CORRUPT:-0}
+
+say() { echo "guest.sh: $*"; }
+skip() { echo "SKIP: guest tests: $*"; exit 0; }
+
+# ---------------------------------------------------------------- daemon binary
+if [ -n "${EXTBLK_BIN:-}" ]; then
+  BIN=$EXTBLK_BIN
+else
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  cargo build --release --quiet || { echo "guest.sh: error: cargo build --release failed"; exit 1; }
+  BIN=$ROOT/target/release/extblk
+fi
+[ -x "$BIN" ] || { echo "guest.sh: error: $BIN is not executable"; exit 1; }
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/extblk-e2e.XXXXXX")
+DAEMONS=() BGPIDS=()
+cleanup() {
+  local p
+  for p in "${BGPIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${DAEMONS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  if [ "${EXTBLK_E2E_KEEP:-0}" = 1 ] || [ "${FAILED:-0}" -gt 0 ]; then
+    echo "guest.sh: logs kept in $T"
+  else
+    rm -rf "$T"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- can we run guests at all?
+if ! "$ROOT/vm-images/build.sh" > "$T/vm-build.log" 2>&1; then
+  skip "no usable QEMU or guest image: $(grep -v '^\s*$' "$T/vm-build.log" | tail -1)"
+fi
+sed 's/^/guest.sh: /' "$T/vm-build.log" | grep -E 'kernel:|qemu:'
+if ! out=$("$RUN_GUEST" --timeout 180 -- 'echo EXTBLK-BOOT-OK' 2>&1) || ! grep -q EXTBLK-BOOT-OK <<<"$out"; then
+  skip "the guest does not boot: $(grep -v '^\s*$' <<<"$out" | head -3 | tr '\n' ' ')"
+fi
+say "guest boots ($(( $(date +%s) - T0 ))s so far); work directory $T"
+
+# ---------------------------------------------------------------- helpers
+PASSED=0 FAILED=0
+DPID=""
+start_daemon() {  # NAME IMAGE [serve options...]; socket $T/NAME.sock, log $T/NAME.log
+  local name=$1 img=$2 i
+  shift 2
+  rm -f "$T/$name.sock"
+  echo "=== start $(date +%T): extblk serve --socket $T/$name.sock --queues 2 $* $img" >> "$T/$name.log"
+  RUST_LOG=${RUST_LOG:-info} "$BIN" serve --socket "$T/$name.sock" --queues 2 "$@" "$img" >> "$T/$name.log" 2>&1 &
+  DPID=$!
+  DAEMONS+=("$DPID")
+  for i in $(seq 100); do
+    [ -S "$T/$name.sock" ] && return 0
+    kill -0 "$DPID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "  daemon did not come up:"; tail -5 "$T/$name.log" | sed 's/^/    /'
+  return 1
+}
+stop_daemon() {  # SIGTERM the current daemon; must exit 0
+  local rc
+  kill -TERM "$DPID" 2>/dev/null
+  wait "$DPID"; rc=$?
+  DPID=""
+  [ $rc -eq 0 ] || { echo "  daemon exited $rc after SIGTERM"; return 1; }
+}
+guest() {  # NAME SOCK SCRIPT [ARGS...]: run a guest script, output to $T/NAME.out (shown indented)
+  local name=$1 sock=$2 script=$3 rc
+  shift 3
+  "$RUN_GUEST" --timeout 240 --queues 2 --xfer "$T/xfer" --log "$T/$name.serial" \
+    --disk "$sock" --script "$T/$script" "$@" > "$T/$name.out" 2>&1
+  rc=$?
+  sed 's/^/    | /' "$T/$name.out"
+  [ $rc -eq 0 ] || echo "  guest $name exited $rc"
+  return $rc
+}
+allocated() { "$BIN" info --output json "$1" | sed -n 's/.*"allocated_bytes": *\([0-9]*\).*/\1/p'; }
+host_checks() {  # IMAGE: extblk check and e2fsck -fn of the image, both must be clean
+  local out
+  out=$("$BIN" check "$1" 2>&1) || { echo "  extblk check failed: $out"; return 1; }
+  echo "  host: $out"
+  out=$(e2fsck -fn "$1" 2>&1) || { echo "  e2fsck -fn of the image failed:"; sed 's/^/    /' <<<"$out"; return 1; }
+  echo "  host: e2fsck -fn: $(tail -1 <<<"$out")"
+}
+run_test() {  # NAME FUNCTION
+  local name=$1 t=$(date +%s)
+  echo "--- $name"
+  if "$2"; then
+    PASSED=$((PASSED + 1)); echo "PASS: $name ($(( $(date +%s) - t ))s)"
+  else
+    FAILED=$((FAILED + 1)); echo "FAIL: $name ($(( $(date +%s) - t ))s)"
+    [ -z "$DPID" ] || { kill -TERM "$DPID" 2>/dev/null; wait "$DPID" 2>/dev/null; DPID=""; }
+  fi
+}
+mkdir -p "$T/xfer"
+
+# ---------------------------------------------------------------- guest scripts
+# fio options shared by the write and the verify-only passes (same seed: same offsets and sizes)
+cat > "$T/xfer/fio.opts" <<'EOF'
+--name=v --size=32M --numjobs=2 --rw=randwrite --bsrange=4k-64k --ioengine=libaio --iodepth=16
+--direct=1 --verify=crc32c --verify_fatal=1 --randseed=4242 --group_reporting
+EOF
+
+# Random file contents are slices of a pool made on the host: /dev/urandom is very slow under TCG,
+# and busybox (static) starts much faster than dynamically linked tools read over 9p.
+head -c 8M /dev/urandom > "$T/xfer/pool"
+cat > "$T/xfer/rnd.sh" <<'EOF'
+B=busybox
+[ -e /run/extblk-pool ] || $B cp /xfer/pool /run/extblk-pool
+POOLSZ=$($B stat -c %s /run/extblk-pool)
+rnd() {  # FILE SIZE [dd options]: SIZE bytes from a random offset of the pool
+  local f=$1 n=$2; shift 2
+  $B dd if=/run/extblk-pool of="$f" bs=64k iflag=skip_bytes,count_bytes \
+    skip=$(( (RANDOM * 32768 + RANDOM) % (POOLSZ - n) )) count=$n "$@" 2>/dev/null
+}
+EOF
+
+cat > "$T/fs1.sh" <<'EOF'
+# $1 = ext4|xfs: mkfs, fio write+verify, churn, sync, unmount
+set -euo pipefail
+fs=$1
+case $fs in
+  ext4) mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda ;;
+  xfs)  mkfs.xfs -f -q /dev/vda ;;
+esac
+mount /dev/vda /mnt
+echo "mkfs.$fs + mount ok"
+fio --directory=/mnt $(cat /xfer/fio.opts) --do_verify=1 | grep -E 'err=|WRITE:|READ:'
+mkdir /mnt/churn
+cd /mnt/churn
+. /xfer/rnd.sh
+RANDOM=7
+for i in $(seq 1 300); do
+  rnd f$i $(( (RANDOM % 64) * 4096 + RANDOM % 4096 ))
+  case $((i % 7)) in
+    0) $B rm -f f$((i - 3)) ;;                                                  # delete
+    1) [ ! -e f$((i - 5)) ] || $B truncate -s $((RANDOM * 3)) f$((i - 5)) ;;    # shrink or extend
+    2) [ ! -e f$((i - 2)) ] || rnd f$((i - 2)) $((RANDOM * 2)) conv=notrunc oflag=append ;;  # append
+    3) [ ! -e f$((i - 1)) ] || $B mv f$((i - 1)) g$i ;;                        # rename
+  esac
+  [ $((i % 50)) -ne 0 ] || sync
+done
+md5sum * > /xfer/churn.md5
+echo "churn: $(ls | wc -l) files, $(du -sk . | cut -f1) KiB"
+cd /
+sync
+umount /mnt
+echo "run1 ok"
+EOF
+
+cat > "$T/fs2.sh" <<'EOF'
+# after a daemon restart: verify fio data and churn files, delete the fio files and half the churn
+set -euo pipefail
+fs=$1
+mount /dev/vda /mnt
+fio --directory=/mnt $(cat /xfer/fio.opts) --verify_only | grep -E 'err=|READ:'
+(cd /mnt/churn && md5sum -c --quiet /xfer/churn.md5) && echo "churn: $(wc -l < /xfer/churn.md5) files verified"
+rm -f /mnt/v.*
+cd /mnt/churn && ls | awk 'NR % 2 == 0' | xargs rm -f && md5sum * > /xfer/churn.md5 && cd /
+df -k /mnt | tail -1
+sync
+umount /mnt
+echo "run2 ok"
+EOF
+
+cat > "$T/fs3.sh" <<'EOF'
+# fstrim, churn files still intact, unmount, the guest's fsck
+set -euo pipefail
+fs=$1
+mount /dev/vda /mnt
+fstrim -v /mnt
+(cd /mnt/churn && md5sum -c --quiet /xfer/churn.md5) && echo "churn: $(wc -l < /xfer/churn.md5) files verified"
+umount /mnt
+case $fs in
+  ext4) e2fsck -fn /dev/vda ;;
+  xfs)  xfs_repair -n /dev/vda 2>&1 | tail -3 ;;
+esac
+echo "run3 ok"
+EOF
+
+cat > "$T/crash1.sh" <<'EOF'
+# write files one by one; report each one's md5 once the file and its directory are fsynced;
+# fio keeps random writes to another file in flight meanwhile
+set -euo pipefail
+mkfs.ext4 -F -q /dev/vda
+mount /dev/vda /mnt
+mkdir /mnt/c
+sync
+# background load, so the kill lands among in-flight writes, flushes and journal commits
+fio --name=bg --filename=/mnt/bg.dat --size=256M --rw=randwrite --bsrange=4k-128k --ioengine=libaio \
+  --iodepth=4 --direct=1 --fsync=8 --time_based --runtime=3600 > /dev/null 2>&1 &
+. /xfer/rnd.sh
+for i in $(seq 1 100000); do
+  rnd /run/src $(( (RANDOM % 32 + 1) * 8192 + RANDOM % 8192 ))
+  m=$($B md5sum /run/src); m=${m%% *}
+  $B dd if=/run/src of=/mnt/c/f$i bs=64k conv=fsync 2>/dev/null   # data + inode
+  $B sync /mnt/c                                                  # the directory entry
+  echo "FSYNCED f$i $m"
+done
+EOF
+
+cat > "$T/crash2.sh" <<'EOF'
+# after the crash: mount (journal recovery), every file in /xfer/expected must be intact
+set -uo pipefail
+mount /dev/vda /mnt || exit 1
+ok=0 bad=0
+while read -r f m; do
+  got=$(md5sum < /mnt/c/$f 2>/dev/null | cut -c1-32)
+  if [ "$got" = "$m" ]; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "LOST: $f expected $m got ${got:-missing}"; fi
+done < /xfer/expected
+echo "files intact: $ok, damaged or missing: $bad, present on disk: $(ls /mnt/c | wc -l)"
+umount /mnt || exit 1
+e2fsck -fn /dev/vda || exit 1
+[ $bad -eq 0 ] && [ $ok -gt 0 ]
+EOF
+
+cat > "$T/reconnect.sh" <<'EOF'
+# write 40 files (fsync each) while the host restarts the daemon; QEMU reconnects; verify all
+set -euo pipefail
+B=busybox
+mkfs.ext4 -F -q /dev/vda
+mount /dev/vda /mnt
+slice() { $B dd if=/xfer/pool bs=64k iflag=skip_bytes,count_bytes skip=$(($1 * 100003)) count=262144 "${@:2}" 2>/dev/null; }
+for i in $(seq 1 40); do
+  slice $i of=/mnt/f$i conv=fsync
+  echo "WROTE f$i"
+done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+for i in $(seq 1 40); do
+  [ "$(slice $i | md5sum)" = "$(md5sum < /mnt/f$i)" ] || { echo "MISMATCH f$i"; exit 1; }
+done
+echo "40 files verified after the daemon restart"
+umount /mnt
+e2fsck -fn /dev/vda > /dev/null 2>&1 && echo "e2fsck -fn /dev/vda: clean"
+EOF
+
+cat > "$T/raw.sh" <<'EOF'
+# fio writes with crc32c headers to the raw disk, waits for the host, verifies
+set -euo pipefail
+opts="--filename=/dev/vda --name=raw --size=64M --rw=randwrite --bsrange=4k-64k --ioengine=libaio
+      --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 --randseed=99"
+fio $opts --do_verify=0 | grep -E 'err=|WRITE:'
+echo "RAW-WRITTEN"
+i=0
+while [ ! -e /xfer/raw-go ]; do sleep 0.2; i=$((i + 1)); [ $i -lt 600 ] || { echo "host never said go"; exit 1; }; done
+fio $opts --verify_only | grep -E 'err=|READ:|verify|crc'
+echo "raw verify ok"
+EOF
+
+# ---------------------------------------------------------------- tests
+fs_test() {  # ext4|xfs
+  local fs=$1 img=$T/$1.img before after sock=$T/$1.sock
+  "$BIN" create --size 2G "$img" > /dev/null || return 1
+  start_daemon "$fs" "$img" || return 1
+  echo "  guest 1: mkfs.$fs, fio write+verify, churn"
+  guest "$fs-1" "$sock" fs1.sh "$fs" || return 1
+  stop_daemon || return 1                    # restart between guests: data must survive it
+  echo "  host: after guest 1: allocated $(allocated "$img") bytes"
+  start_daemon "$fs" "$img" || return 1
+  echo "  guest 2: re-verify fio data and churn files, delete fio files"
+  guest "$fs-2" "$sock" fs2.sh "$fs" || return 1
+  stop_daemon || return 1
+  before=$(allocated "$img")
+  echo "  host: before fstrim: allocated $before bytes"
+  start_daemon "$fs" "$img" || return 1
+  echo "  guest 3: fstrim, verify churn files, fsck"
+  guest "$fs-3" "$sock" fs3.sh "$fs" || return 1
+  stop_daemon || return 1
+  after=$(allocated "$img")
+  echo "  host: after fstrim:  allocated $after bytes (freed $(( (before - after) / 1048576 )) MiB)"
+  # the deleted fio files alone were 64 MiB
+  [ "$after" -lt $((before - 32 * 1048576)) ] || { echo "  fstrim did not lower allocated_bytes enough"; return 1; }
+  echo "  host: daemon $(grep -o 'exiting:.*' "$T/$fs.log" | tail -1)"
+  host_checks "$img"
+}
+test_ext4() { fs_test ext4; }
+test_xfs() { fs_test xfs; }
+
+test_crash() {
+  local img=$T/crash.img sock=$T/crash.sock gpid n=0 i rc out
+  "$BIN" create --size 2G "$img" > /dev/null || return 1
+  start_daemon crash "$img" || return 1
+  echo "  guest 1: writing files with fsync; the daemon gets SIGKILL after 25 are reported"
+  "$RUN_GUEST" --timeout 300 --queues 2 --xfer "$T/xfer" --log "$T/crash-1.serial" \
+    --disk "$sock" --script "$T/crash1.sh" > "$T/crash-1.out" 2>&1 &
+  gpid=$!
+  BGPIDS+=("$gpid")
+  for i in $(seq 1200); do
+    n=$(grep -c '^FSYNCED ' "$T/crash-1.out")
+    [ "$n" -lt 25 ] || break
+    kill -0 "$gpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ "$n" -lt 25 ]; then
+    echo "  only $n files reported"; sed 's/^/    | /' "$T/crash-1.out" | tail -20
+    kill -TERM "$gpid"; wait "$gpid"; return 1
+  fi
+  kill -KILL "$DPID"; wait "$DPID" 2>/dev/null; DPID=""
+  echo "  host: SIGKILLed the daemon after $n files were reported"
+  sleep 2
+  kill -TERM "$gpid"; wait "$gpid" 2>/dev/null
+  grep '^FSYNCED ' "$T/crash-1.out" | cut -d' ' -f2,3 > "$T/xfer/expected"
+  echo "  host: $(wc -l < "$T/xfer/expected") files reported fsynced in total (last: $(tail -1 "$T/xfer/expected"))"
+  out=$("$BIN" check "$img" 2>&1); rc=$?
+  echo "  host: extblk check of the crashed image (exit $rc):"; sed 's/^/    /' <<<"$out"
+  [ $rc -eq 0 ] || return 1
+  start_daemon crash "$img" || return 1
+  echo "  guest 2: mount, verify every reported file, e2fsck"
+  guest crash-2 "$sock" crash2.sh || return 1
+  stop_daemon || return 1
+  host_checks "$img"
+}
+
+test_reconnect() {
+  local img=$T/reconnect.img sock=$T/reconnect.sock gpid i n=0 rc
+  "$BIN" create --size 2G "$img" > /dev/null || return 1
+  start_daemon reconnect "$img" || return 1
+  echo "  guest: writes 40 files with fsync; the daemon is restarted (SIGTERM) after 10; QEMU reconnects"
+  "$RUN_GUEST" --timeout 240 --queues 2 --reconnect 1 --xfer "$T/xfer" --log "$T/reconnect.serial" \
+    --disk "$sock" --script "$T/reconnect.sh" > "$T/reconnect.out" 2>&1 &
+  gpid=$!
+  BGPIDS+=("$gpid")
+  for i in $(seq 1200); do
+    n=$(grep -c '^WROTE ' "$T/reconnect.out")
+    [ "$n" -lt 10 ] || break
+    kill -0 "$gpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ "$n" -ge 10 ] || { echo "  only $n files written"; kill -TERM "$gpid"; wait "$gpid"; return 1; }
+  stop_daemon || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
+  echo "  host: daemon stopped after $n files; restarting it in 2 s"
+  sleep 2
+  start_daemon reconnect "$img" || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
+  wait "$gpid"; rc=$?
+  sed 's/^/    | /' "$T/reconnect.out" | grep -v '| WROTE'
+  [ $rc -eq 0 ] || { echo "  guest exited $rc"; return 1; }
+  stop_daemon || return 1
+  host_checks "$img"
+}
+
+test_raw() {
+  local img=$T/raw.img sock=$T/raw.sock gpid i rc
+  truncate -s 1G "$img"
+  start_daemon raw "$img" --format raw || return 1
+  rm -f "$T/xfer/raw-go"
+  echo "  guest: fio writes 64M to /dev/vda, pauses, verifies"
+  "$RUN_GUEST" --timeout 240 --queues 2 --xfer "$T/xfer" --log "$T/raw.serial" \
+    --disk "$sock" --script "$T/raw.sh" > "$T/raw.out" 2>&1 &
+  gpid=$!
+  BGPIDS+=("$gpid")
+  for i in $(seq 1800); do
+    grep -q '^RAW-WRITTEN' "$T/raw.out" && break
+    kill -0 "$gpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q '^RAW-WRITTEN' "$T/raw.out"; then
+    echo "  the guest never reported RAW-WRITTEN"; sed 's/^/    | /' "$T/raw.out" | tail -20
+    kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1
+  fi
+  if [ "$CORRUPT" = 1 ]; then
+    # EXTBLK_E2E_CORRUPT=1: overwrite 16 bytes at three offsets inside the 64 MiB fio wrote, in the
+    # file the daemon serves, while the guest waits. fio's crc32c verify must report it.
+    for off in $((1048576 + 100)) $((20971520 + 5000)) $((50331648 + 77)); do
+      head -c 16 /dev/urandom | dd of="$img" bs=1 seek="$off" conv=notrunc,fsync status=none
+    done
+    echo "  host: EXTBLK_E2E_CORRUPT=1: overwrote 3x16 bytes of $img behind the guest's back (this test must FAIL)"
+  fi
+  touch "$T/xfer/raw-go"
+  wait "$gpid"; rc=$?
+  sed 's/^/    | /' "$T/raw.out"
+  [ $rc -eq 0 ] || { echo "  guest exited $rc"; stop_daemon; return 1; }
+  stop_daemon
+}
+
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw}
+for t in $TESTS; do
+  run_test "$t" "test_$t"
+done
+echo "guest.sh: total $(( $(date +%s) - T0 ))s"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
