@@ -29,6 +29,13 @@ pub struct Report {
     pub journal_transactions: u32,
     pub extents: usize,
     pub allocated_blocks: u64,
+    /// Groups whose block bitmap or free count disagrees with what is really used, with the
+    /// bitmap they should have; `repair` writes them when `bitmaps_rebuildable`.
+    #[serde(skip)]
+    pub rebuilt_bitmaps: Vec<(u64, Vec<u8>)>,
+    /// No block is claimed twice or lies past the end: the claims can be trusted.
+    #[serde(skip)]
+    pub bitmaps_rebuildable: bool,
 }
 
 /// Exit status of `check`: 0 clean, 1 problems found, 2 could not check.
@@ -323,6 +330,7 @@ pub fn check(img: &Image, name: String) -> Report {
 
     // Ownership: out of range, double use; then bitmaps against the claims.
     claims.sort_by_key(|c| c.start);
+    let ownership_problems = p.len();
     let mut prev: Option<&Claim> = None;
     for c in &claims {
         if c.len == 0 {
@@ -348,6 +356,8 @@ pub fn check(img: &Image, name: String) -> Report {
             prev = Some(c);
         }
     }
+    let bitmaps_rebuildable = p.len() == ownership_problems;
+    let mut rebuilt_bitmaps = Vec::new();
     let mut ci = 0usize;
     let mut free_total = 0u64;
     for (g, d) in descs.iter().enumerate() {
@@ -399,6 +409,11 @@ pub fn check(img: &Image, name: String) -> Report {
         }
         let free = bitmap::count_free(&expect, gn as usize);
         free_total += free;
+        if d.flags & BG_BLOCK_UNINIT == 0
+            && (actual[..] != expect[..] || u64::from(d.free_blocks) != free)
+        {
+            rebuilt_bitmaps.push((g, expect.clone()));
+        }
         if u64::from(d.free_blocks) != free {
             p.push(format!(
                 "free blocks count wrong for group #{g} ({}, counted={free})",
@@ -420,6 +435,8 @@ pub fn check(img: &Image, name: String) -> Report {
         journal_transactions: rec.transactions,
         extents: tree.extent_count(),
         allocated_blocks: tree.data_blocks(),
+        rebuilt_bitmaps,
+        bitmaps_rebuildable,
     }
 }
 

@@ -151,7 +151,12 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
     };
     let rec = Arc::new(RecordingIo::new(below));
     let engine = ImageEngine::open(rec.clone(), false, Duration::from_secs(3600)).unwrap();
-    let mut q = engine.open_queue::<Done>(0).unwrap();
+    // Two virtqueues, as a guest with two queues would use them (each with its own mapping
+    // cache and ring state); operations alternate between them.
+    let mut queues = [
+        engine.open_queue::<Done>(0).unwrap(),
+        engine.open_queue::<Done>(1).unwrap(),
+    ];
     let mut rng = Rng(seed | 1);
     let mut ops = Vec::new();
     let mut version = 0u64;
@@ -213,7 +218,7 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
                 )
             }
         };
-        q.submit(op, slot.clone());
+        queues[ops.len() % 2].submit(op, slot.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
         let ok = loop {
             if let Some(r) = slot.0.lock().unwrap().take() {
@@ -235,7 +240,7 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
             ok,
         });
     }
-    drop(q);
+    drop(queues);
     let _ = engine.close();
     drop(engine);
     let events = rec.events();

@@ -337,21 +337,7 @@ impl Image {
     /// Marks the unwritten blocks of `[lblk, lblk + len)` written. Holes stay holes: a range
     /// punched after its data was written is not brought back.
     pub fn convert(&mut self, lblk: u64, len: u64) -> Result<u64, ImageError> {
-        self.writable()?;
-        let (a, b) = self.check_range(lblk, len)?;
-        let mut converted = 0;
-        for e in self.tree.range(a, b).into_iter().filter(|e| e.unwritten) {
-            self.replace(
-                e.lblk,
-                e.lblk + e.len,
-                &[Extent {
-                    unwritten: false,
-                    ..e
-                }],
-            )?;
-            converted += u64::from(e.len);
-        }
-        Ok(converted)
+        self.convert_where(lblk, len, |_, _| true)
     }
 
     /// Converts only the unwritten blocks of `[lblk, lblk + len)` that are still at `pblk…`: the
@@ -359,13 +345,25 @@ impl Image {
     /// was reallocated elsewhere, nothing is converted — a conversion never brings back a freed
     /// extent nor exposes blocks another write has not filled yet.
     pub fn convert_exact(&mut self, lblk: u64, len: u64, pblk: u64) -> Result<u64, ImageError> {
+        self.convert_where(lblk, len, |e, a| e.pblk == pblk + u64::from(e.lblk - a))
+    }
+
+    /// Marks written the unwritten extents of a range that `keep(extent, range start)` accepts.
+    fn convert_where(
+        &mut self,
+        lblk: u64,
+        len: u64,
+        keep: impl Fn(&Extent, u32) -> bool,
+    ) -> Result<u64, ImageError> {
         self.writable()?;
         let (a, b) = self.check_range(lblk, len)?;
         let mut converted = 0;
-        for e in self.tree.range(a, b).into_iter().filter(|e| e.unwritten) {
-            if e.pblk != pblk + u64::from(e.lblk - a) {
-                continue;
-            }
+        for e in self
+            .tree
+            .range(a, b)
+            .into_iter()
+            .filter(|e| e.unwritten && keep(e, a))
+        {
             self.replace(
                 e.lblk,
                 e.lblk + e.len,
@@ -530,6 +528,16 @@ impl Image {
             j.record_abort(&*self.io, errno)?;
         }
         self.io.flush()?;
+        Ok(())
+    }
+
+    /// Replaces a group's block bitmap (repair); journaled with the next commit.
+    pub fn replace_block_bitmap(&mut self, g: u64, bm: Vec<u8>) -> Result<(), ImageError> {
+        self.writable()?;
+        if g as usize >= self.alloc.descs.len() || bm.len() != BLOCK_SIZE {
+            return Err(crate::ext4::corrupt("repair", format!("bad bitmap for group {g}")).into());
+        }
+        self.alloc.replace_bitmap(g, bm);
         Ok(())
     }
 

@@ -64,6 +64,14 @@ impl Allocator {
         bitmap::test(&self.bitmaps[&g], (blk % BLOCKS_PER_GROUP) as usize)
     }
 
+    /// Replaces group `g`'s block bitmap (repair), recomputing its free count.
+    pub fn replace_bitmap(&mut self, g: u64, bm: Vec<u8>) {
+        let n = bitmap::blocks_in_group(self.blocks_count, g);
+        self.descs[g as usize].free_blocks = bitmap::count_free(&bm, n as usize) as u32;
+        self.bitmaps.insert(g, bm);
+        self.dirty.insert(g);
+    }
+
     pub fn dirty_count(&self) -> usize {
         self.dirty.len()
     }
