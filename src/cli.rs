@@ -22,6 +22,14 @@ pub enum Format {
     Raw,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Cache {
+    /// O_DIRECT: data bypasses the host page cache.
+    None,
+    /// Through the host page cache.
+    Writeback,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve IMAGE to one vhost-user frontend at a time on a unix socket.
@@ -136,6 +144,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Format::Extblk)]
     pub format: Format,
 
+    /// Host caching of data I/O: `none` opens the backing with O_DIRECT for aligned data I/O
+    /// (unaligned requests still go through the page cache); `writeback` uses the page cache.
+    #[arg(long, value_enum, default_value_t = Cache::None)]
+    pub cache: Cache,
+
     /// Seconds between journal commits when no FLUSH forces one (extblk images).
     #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
     pub commit_interval: f64,
@@ -210,6 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => {
             serve::serve(&ServeOptions {
                 raw: a.format == Format::Raw,
+                direct: a.cache == Cache::None,
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
                 socket: a.socket,
                 image: a.image,

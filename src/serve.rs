@@ -32,6 +32,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServeOptions {
     /// Serve the file as a raw disk instead of an extblk image.
     pub raw: bool,
+    /// Data I/O with O_DIRECT (`--cache none`) instead of through the page cache.
+    pub direct: bool,
     pub commit_interval: Duration,
     pub socket: PathBuf,
     pub image: PathBuf,
@@ -182,11 +184,17 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     // mask, and only the signal thread takes these signals.
     let sigset = block_signals().map_err(ServeError::Signals)?;
     let backing = Backing::open(&opts.image, opts.read_only)?;
+    let direct = if opts.direct {
+        backing.open_direct(opts.read_only)
+    } else {
+        None
+    };
     if opts.raw {
-        let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size)?;
+        let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size, direct)?;
         return run(engine, opts, "raw", sigset);
     }
-    let mut io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::new(backing));
+    let mut io: Arc<dyn crate::io::BlockIo> =
+        Arc::new(crate::io::FileIo::with_direct(backing, direct));
     if let Ok(path) = std::env::var("EXTBLK_RECORD") {
         // Test-only: log every write, barrier and punch of the backing (see io::record).
         log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");

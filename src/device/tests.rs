@@ -395,7 +395,8 @@ impl Rig {
         let file = std::env::temp_dir().join(format!("extblk-unit-{name}-{}", std::process::id()));
         std::fs::write(&file, vec![0u8; CAPACITY as usize]).unwrap();
         let backing = Backing::open(&file, read_only).unwrap();
-        let engine = RawEngine::new(backing, read_only, 512).unwrap();
+        let direct = backing.open_direct(read_only);
+        let engine = RawEngine::new(backing, read_only, 512, direct).unwrap();
         let mut serial = [0u8; 20];
         serial[..6].copy_from_slice(b"serial");
         let device = BlockDevice::new(

@@ -835,7 +835,12 @@ impl<C: Completion> ImageQueue<C> {
 
     fn start(&mut self, ops: Vec<super::uring::Op>, f: Flight<C>) {
         let mut finished = Vec::new();
-        match self.ring.as_mut() {
+        // With O_DIRECT, only aligned requests may go to the ring; the rest use the page cache.
+        let direct_ok = !self.shared.io.direct_io()
+            || ops
+                .iter()
+                .all(|op| iov::aligned(&op.iovs, op.offset, super::raw::DIRECT_ALIGN));
+        match self.ring.as_mut().filter(|_| direct_ok) {
             Some(ring) => ring.start(ops, f, &mut finished),
             None => {
                 // Positioned I/O through the backing's trait (recording, fault injection).

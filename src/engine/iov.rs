@@ -24,6 +24,15 @@ pub fn slice(iovs: &[libc::iovec], start: usize, len: usize) -> Vec<libc::iovec>
     out
 }
 
+/// Can these buffers at this file offset go to an O_DIRECT descriptor (every address, length
+/// and the offset aligned to `align`)?
+pub fn aligned(iovs: &[libc::iovec], offset: u64, align: usize) -> bool {
+    offset % align as u64 == 0
+        && iovs
+            .iter()
+            .all(|v| v.iov_base as usize % align == 0 && v.iov_len % align == 0)
+}
+
 /// Fills the buffers with zeroes (reads of holes and unwritten blocks).
 pub fn zero(iovs: &[libc::iovec]) {
     for v in iovs {

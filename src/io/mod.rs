@@ -25,6 +25,12 @@ pub trait BlockIo: Send + Sync {
         None
     }
 
+    /// Is `raw_fd` opened with O_DIRECT (data I/O on it must be aligned, see
+    /// `engine::raw::DIRECT_ALIGN`)?
+    fn direct_io(&self) -> bool {
+        false
+    }
+
     /// Writes guest buffers at `offset`; `dsync` makes them durable before returning.
     /// The default gathers into one buffer; backings with vectored I/O override it.
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
@@ -64,6 +70,8 @@ pub mod record;
 /// A regular file or a block device.
 pub struct FileIo {
     file: File,
+    /// O_DIRECT descriptor for data I/O (`--cache none`), if the filesystem allows it.
+    direct: Option<File>,
     is_block_device: bool,
     size: u64,
 }
@@ -74,7 +82,15 @@ impl FileIo {
             size: backing.size,
             is_block_device: backing.is_block_device,
             file: backing.file,
+            direct: None,
         }
+    }
+
+    /// Data I/O submitted to an io_uring goes to `direct` (opened with O_DIRECT).
+    pub fn with_direct(backing: Backing, direct: Option<File>) -> FileIo {
+        let mut f = FileIo::new(backing);
+        f.direct = direct;
+        f
     }
 
     pub fn file(&self) -> &File {
@@ -127,7 +143,13 @@ impl BlockIo for FileIo {
     }
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
+        Some(std::os::fd::AsRawFd::as_raw_fd(
+            self.direct.as_ref().unwrap_or(&self.file),
+        ))
+    }
+
+    fn direct_io(&self) -> bool {
+        self.direct.is_some()
     }
 
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
