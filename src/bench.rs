@@ -2,6 +2,7 @@
 //! libblkio engine does). One thread per queue keeps `iodepth` requests in flight; it reports
 //! IOPS, MB/s and latency percentiles, with a progress line while it runs.
 
+use crate::rng::Rng;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,16 +54,6 @@ pub struct BenchResult {
     pub lat_p999_us: f64,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     if o.bs == 0 || o.bs % 512 != 0 {
         bail!("--bs must be a positive multiple of 512");
@@ -109,7 +100,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         let (pattern, bs, depth, nq) = (o.pattern, o.bs, o.iodepth, o.queues as u64);
         let base = region.addr + qi * slot;
         handles.push(std::thread::spawn(move || -> Result<Vec<u32>, String> {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (qi as u64 + 1));
+            let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ (qi as u64 + 1));
             // Sequential patterns: each queue walks its own share of the disk.
             let share = blocks / nq;
             let mut seq = 0u64;

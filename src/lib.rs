@@ -14,6 +14,7 @@ pub mod io;
 pub mod jbd2;
 pub mod mapping;
 pub mod repair;
+pub mod rng;
 pub mod serve;
 pub mod testing;
 pub mod tools;

@@ -7,6 +7,7 @@
 //! device's previous tenant left) nor another block's data. e2fsprogs judges a sample too.
 //! Three deliberately broken engines must be caught.
 
+use extblk::rng::Rng;
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -28,19 +29,6 @@ use extblk::testing::{set_broken, Broken};
 use extblk::units::{ByteRange, Bytes};
 
 const DISK_BLOCKS: u64 = 512;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A block's content names its logical block and version; poison names a physical block.
 fn stamp(lblk: u64, version: u64) -> Vec<u8> {
@@ -157,7 +145,7 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
         engine.open_queue::<Done>(0).unwrap(),
         engine.open_queue::<Done>(1).unwrap(),
     ];
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let mut ops = Vec::new();
     let mut version = 0u64;
     for _ in 0..nops {
@@ -404,7 +392,7 @@ fn explore(
     dir: &std::path::Path,
     stats: &mut Stats,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed ^ 0xC0FFEE);
+    let mut rng = Rng::new(seed ^ 0xC0FFEE);
     let n = run.events.len();
     for cut in 0..=n {
         let allowed = allowed(run, cut);

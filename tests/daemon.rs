@@ -1,6 +1,10 @@
 //! The real `extblk serve` binary driven by a real vhost-user client: libblkio's
 //! `virtio-blk-vhost-user` driver. No VM, no mocks.
 
+mod common;
+use common::{e2fsck_clean, Scratch};
+
+use extblk::rng::Rng;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::mem::MaybeUninit;
@@ -12,27 +16,6 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 const EIO: i32 = -libc::EIO;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("extblk-test-{}-{}", name, std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn make_image(path: &Path, size: u64) {
     let f = File::create(path).unwrap();
@@ -217,22 +200,8 @@ impl Client {
     }
 }
 
-/// A small deterministic PRNG (xorshift), so failures replay from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
+    let mut r = Rng::new(seed | 1);
     (0..len).map(|_| r.next() as u8).collect()
 }
 
@@ -248,7 +217,7 @@ fn random_io_matches_a_model_and_the_file() {
 
     let mut model = vec![0u8; SIZE as usize];
     let seed = 0x5eed_1234u64;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for i in 0..600 {
         let sectors = 1 + rng.below(256);
         let off = rng.below(SIZE / 512 - sectors) * 512;
@@ -496,7 +465,7 @@ fn bad_command_lines_get_one_clear_line() {
             vec![
                 "--socket".into(),
                 s.path("sock").display().to_string(),
-                s.0.display().to_string(),
+                s.dir().display().to_string(),
             ],
             "not a regular file",
         ),
@@ -589,26 +558,7 @@ fn image_clean(path: &Path) {
         "extblk check: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = Command::new("e2fsck")
-        .args(["-fn", "-E", "no_optimize_extents"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let noise: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            !l.starts_with("Pass ")
-                && !l.starts_with("e2fsck ")
-                && !l.contains(" files (")
-                && !l.trim().is_empty()
-        })
-        .collect();
-    assert!(
-        out.status.success() && noise.is_empty(),
-        "e2fsck -fn: {text}"
-    );
+    e2fsck_clean(path);
 }
 
 fn counter(log: &str, name: &str) -> u64 {
@@ -640,7 +590,7 @@ fn image_random_io_matches_a_model_and_stays_consistent() {
     assert_eq!(c.capacity(), SIZE);
     let mut model = vec![0u8; SIZE as usize];
     let seed = 0xfeed_5eedu64;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for i in 0..1500 {
         // Mostly small and sub-block, often re-hitting written areas (overwrites).
         let sectors = 1 + if rng.below(4) == 0 {
@@ -826,7 +776,7 @@ fn image_flushed_writes_survive_sigkill_and_nothing_is_stale() {
     create_image(&img, "64M");
     let d = Daemon::start_image(&img, &sock, &["--commit-interval", "3600"]);
     let mut c = Client::connect(&sock, 1);
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     // Flushed: scattered allocating writes, then a flush.
     let mut flushed = Vec::new();
     for i in 0..300u64 {
@@ -1123,7 +1073,7 @@ fn image_timed_multi_queue_workload_then_sigkill() {
             for (qi, q) in queues.iter_mut().enumerate() {
                 let state = &state;
                 sc.spawn(move || {
-                    let mut rng = Rng(seed ^ ((qi as u64 + 1) * 0x9E37_79B9));
+                    let mut rng = Rng::new(seed ^ ((qi as u64 + 1) * 0x9E37_79B9));
                     let mut version = (seed << 20) | (qi as u64) << 16;
                     let buf = region + qi * (REGION / 2);
                     while Instant::now() < deadline {
@@ -1329,7 +1279,7 @@ fn image_crash_states_through_the_real_daemon() {
             .collect()
     };
     const BLOCKS: u64 = 256;
-    let mut rng = Rng(4242);
+    let mut rng = Rng::new(4242);
     // history[b] = versions in order (0 = zeroes); flushes = (log bytes when acked, versions then).
     let mut history: Vec<Vec<u64>> = vec![vec![0]; BLOCKS as usize];
     let mut flushes: Vec<(u64, Vec<usize>)> = Vec::new();

@@ -1,8 +1,12 @@
 //! Images through the library, judged by e2fsprogs and the kernel: create, random mapping
 //! workloads against a model, reopen, journal replay.
 
+mod common;
+use common::{e2fsck_clean, Scratch};
+
+use extblk::rng::Rng;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -12,54 +16,9 @@ use extblk::image::{Image, OpenOptions, RunKind};
 use extblk::io::{BlockIo, FileIo};
 use extblk::mapping::tree::Lookup;
 
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("extblk-img-{}-{}", name, std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn open(path: &Path, read_only: bool) -> Image {
     let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, read_only).unwrap()));
     Image::open(io, OpenOptions { read_only }).unwrap()
-}
-
-/// `e2fsck -fn` must print only its pass lines and exit 0.
-fn e2fsck_clean(path: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-fn", "-E", "no_optimize_extents"])
-        .arg(path)
-        .output()
-        .expect("e2fsck");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let noise: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            !l.starts_with("Pass ")
-                && !l.starts_with("e2fsck ")
-                && !l.contains(" files (")
-                && !l.trim().is_empty()
-        })
-        .collect();
-    assert!(
-        out.status.success() && noise.is_empty(),
-        "e2fsck -fn complained:\n{text}"
-    );
 }
 
 /// Lets e2fsck replay the journal (`-fy`); its recovery must find nothing damaged.
@@ -120,19 +79,6 @@ enum St {
     Written(u64),
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn stamp(lblk: u64, gen: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     for (i, c) in b.chunks_mut(8).enumerate() {
@@ -179,7 +125,7 @@ fn random_mapping_workload_matches_the_model_and_e2fsck() {
     create_path(&p, BLOCKS * 4096, None, false).unwrap();
     let mut model = vec![St::Hole; BLOCKS as usize];
     let mut img = open(&p, false);
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = Rng::new(0x1234_5678);
     let ops = std::env::var("EXTBLK_TREE_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -442,7 +388,7 @@ fn a_flipped_byte_in_any_metadata_block_is_reported() {
     }
     drop(img);
     let original = std::fs::read(&p).unwrap();
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut tried = 0;
     for (what, blk, range) in &regions {
         for _ in 0..12 {
