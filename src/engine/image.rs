@@ -9,9 +9,14 @@
 //!   blocks padded with zeroes) outside the lock. The completion worker then converts exactly the
 //!   blocks it wrote and completes the request. A write that touches blocks another write is still
 //!   initialising waits for it, so partial writes into one new block never clobber each other.
-//! - FLUSH, DISCARD and WRITE_ZEROES go to the worker, which keeps order with conversions,
-//!   commits the journal (group commit: one per batch), and punches freed ranges in the backing
-//!   once the freeing transaction is durable.
+//! - FLUSH, DISCARD and WRITE_ZEROES go to the worker, which keeps order with conversions and
+//!   hands whatever must wait for durability to the committer.
+//! - The committer thread (jbd2's kjournald) commits the running transaction on demand, on the
+//!   commit interval and when the log fills: it freezes the transaction under the mapping lock
+//!   and writes it with the lock released, so allocation and conversion go on into the next
+//!   transaction meanwhile; every waiter that arrived before the freeze completes with that one
+//!   commit (group commit). Freed ranges are punched in the backing once their transaction is
+//!   durable and before the allocator may hand them out again.
 //! - `data_err=abort`: a failed data write aborts the journal; reads go on, writes fail.
 
 use std::collections::HashMap;
@@ -87,6 +92,8 @@ struct PendingWrite {
     bufs: GuestBuffers,
     fua: bool,
     done: Done,
+    /// Already waited for a commit to free space once.
+    retried: bool,
 }
 
 enum Work {
@@ -111,14 +118,29 @@ enum Work {
     },
 }
 
+/// What the committer completes after its next commit.
+enum Waiter {
+    /// A FLUSH, or a FUA write or zeroing: complete once durable.
+    Done(Done),
+    /// `flush()` at shutdown.
+    Sync(Sender<Result<(), String>>),
+    /// An allocating write that found no space: the blocks the running transaction frees are
+    /// allocatable once it commits, so it is tried once more after.
+    Retry(PendingWrite),
+    /// Nothing waits; the log is filling up.
+    Nudge,
+}
+
 /// State behind the mapping lock.
 struct Locked {
     image: Image,
     /// Blocks an allocating write is filling: lblk → writers.
     in_progress: HashMap<u64, u32>,
     deferred: Vec<PendingWrite>,
-    /// Backing ranges freed by transactions not yet committed, to punch after the commit.
+    /// Backing ranges freed by the running transaction, to punch once it is durable.
     punch_after_commit: Vec<(u64, u64)>,
+    /// The running transaction frees blocks: in-flight I/O that saw them mapped must end before
+    /// they can be reused.
     frees_pending: bool,
 }
 
@@ -132,13 +154,14 @@ struct Shared {
     aborted: AtomicBool,
     stats: EngineStats,
     worker: Mutex<Option<Sender<Work>>>,
+    committer: Mutex<Option<Sender<Waiter>>>,
 }
 
 /// The image engine. Cheap to clone.
 #[derive(Clone)]
 pub struct ImageEngine {
     shared: Arc<Shared>,
-    worker_thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl ImageEngine {
@@ -176,6 +199,7 @@ impl ImageEngine {
             physical_block_size: BS as u32,
         };
         let (tx, rx) = mpsc::channel();
+        let (ctx, crx) = mpsc::channel();
         let shared = Arc::new(Shared {
             state: Mutex::new(Locked {
                 image,
@@ -191,15 +215,21 @@ impl ImageEngine {
             aborted: AtomicBool::new(false),
             stats: EngineStats::default(),
             worker: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(ctx)),
         });
         let s2 = shared.clone();
-        let handle = std::thread::Builder::new()
+        let w = std::thread::Builder::new()
             .name("extblk-worker".into())
-            .spawn(move || worker(s2, rx, commit_interval))
+            .spawn(move || worker(s2, rx))
+            .map_err(ImageError::Io)?;
+        let s2 = shared.clone();
+        let c = std::thread::Builder::new()
+            .name("extblk-commit".into())
+            .spawn(move || committer(s2, crx, commit_interval))
             .map_err(ImageError::Io)?;
         Ok(ImageEngine {
             shared,
-            worker_thread: Arc::new(Mutex::new(Some(handle))),
+            threads: Arc::new(Mutex::new(vec![w, c])),
         })
     }
 
@@ -210,8 +240,14 @@ impl ImageEngine {
     /// Stops the worker and closes the image cleanly (commit, checkpoint, clean superblock).
     pub fn close(&self) -> Result<(), EngineError> {
         self.flush()?;
+        // The worker first (it forwards to the committer), then the committer.
         lock(&self.shared.worker).take();
-        if let Some(h) = lock(&self.worker_thread).take() {
+        let mut threads = std::mem::take(&mut *lock(&self.threads));
+        if !threads.is_empty() {
+            let _ = threads.remove(0).join();
+        }
+        lock(&self.shared.committer).take();
+        for h in threads {
             let _ = h.join();
         }
         let mut st = lock(&self.shared.state);
@@ -248,6 +284,73 @@ impl Shared {
             }
             None => fail_work(w, "the engine is closed"),
         }
+    }
+
+    fn to_committer(&self, w: Waiter) {
+        let tx = lock(&self.committer).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(w)) = tx.send(w) {
+                    answer(w, Err("the committer is gone".into()));
+                }
+            }
+            None => answer(w, Err("the engine is closed".into())),
+        }
+    }
+
+    /// Commits the running transaction; see the module comment. Only the committer thread
+    /// calls this while the engine runs, so commits never overlap. `durable`: a waiter needs
+    /// the data durable even when there is no metadata to journal.
+    fn commit(&self, durable: bool) -> Result<(), String> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        if self.aborted.load(Ordering::Acquire) {
+            return Err("the journal was aborted".into());
+        }
+        let (prepared, punches, frees) = {
+            let mut st = lock(&self.state);
+            match st.image.commit_prepare() {
+                Ok(p) => (
+                    p,
+                    std::mem::take(&mut st.punch_after_commit),
+                    std::mem::take(&mut st.frees_pending),
+                ),
+                Err(e) => return Err(self.commit_failed(&mut st, e)),
+            }
+        };
+        if prepared.is_none() && !durable {
+            return Ok(());
+        }
+        if frees {
+            // No I/O that saw the old mapping may still touch the blocks about to be reused.
+            self.fence.wait_prior();
+        }
+        let written = match &prepared {
+            Some(w) => w.write(&*self.io),
+            // Nothing to journal: FLUSH still needs the data durable.
+            None => self.io.flush(),
+        };
+        if written.is_ok() {
+            for (p, l) in punches {
+                if let Err(e) = self.io.punch(p * BS, l * BS) {
+                    log::warn!("cannot deallocate blocks {p}+{l} in the backing: {e}");
+                }
+            }
+        }
+        let mut st = lock(&self.state);
+        let r = match prepared {
+            Some(_) => st.image.commit_finish(written),
+            None => written.map_err(ImageError::Io),
+        };
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        r.map_err(|e| self.commit_failed(&mut st, e))
+    }
+
+    fn commit_failed(&self, st: &mut Locked, e: ImageError) -> String {
+        log::error!("journal commit failed: {e}");
+        self.abort(st, &io::Error::other(e.to_string()), 0);
+        e.to_string()
     }
 
     /// Aborts the journal after a failed data write (data_err=abort).
@@ -292,7 +395,7 @@ impl Shared {
         // Lock first, then enter the fence: the worker waits on the fence while holding the
         // lock, so entering first and then blocking on the lock would deadlock.
         let mut st = lock(&self.state);
-        let mut parity = self.fence.enter_raw();
+        let parity = self.fence.enter_raw();
         if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
             self.stats.deferred_writes.fetch_add(1, Ordering::Relaxed);
             self.fence.exit(parity);
@@ -300,14 +403,14 @@ impl Shared {
             return None;
         }
         self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
-        let mut alloc = st.image.allocate(b0, b1 - b0);
-        if matches!(alloc, Err(ImageError::NoSpace)) {
+        let alloc = st.image.allocate(b0, b1 - b0);
+        if matches!(alloc, Err(ImageError::NoSpace)) && !w.retried {
             // Blocks freed by the running transaction become free once it commits.
             self.stats.enospc.fetch_add(1, Ordering::Relaxed);
             self.fence.exit(parity);
-            let r = self.commit_locked(&mut st);
-            parity = self.fence.enter_raw();
-            alloc = r.and_then(|_| st.image.allocate(b0, b1 - b0));
+            drop(st);
+            self.to_committer(Waiter::Retry(PendingWrite { retried: true, ..w }));
+            return None;
         }
         if let Err(e) = alloc {
             self.fence.exit(parity);
@@ -401,26 +504,6 @@ impl Shared {
             },
             result,
         );
-    }
-
-    fn commit_locked(&self, st: &mut Locked) -> Result<(), ImageError> {
-        if st.frees_pending {
-            // No I/O that saw the old mapping may still touch the blocks about to be reused.
-            self.fence.wait_prior();
-        }
-        let wrote = st.image.commit()?;
-        if !wrote {
-            // Nothing to journal: FLUSH still needs the data durable.
-            self.io.flush()?;
-        }
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        st.frees_pending = false;
-        for (p, l) in std::mem::take(&mut st.punch_after_commit) {
-            if let Err(e) = self.io.punch(p * BS, l * BS) {
-                log::warn!("cannot deallocate blocks {p}+{l} in the backing: {e}");
-            }
-        }
-        Ok(())
     }
 
     fn zero_ranges(
@@ -584,19 +667,25 @@ fn fail_work(w: Work, why: &str) {
     }
 }
 
-/// The completion worker: conversions, flushes, discards and commits, in arrival order.
-fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
-    let mut last_commit = Instant::now();
-    loop {
-        let timeout = interval
-            .saturating_sub(last_commit.elapsed())
-            .max(Duration::from_millis(1));
-        let first = match rx.recv_timeout(timeout) {
-            Ok(w) => Some(w),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch: Vec<Work> = first.into_iter().collect();
+fn answer(w: Waiter, r: Result<(), String>) {
+    match w {
+        Waiter::Done(d) => d.finish(r.map_err(|e| EngineError::Io(io::Error::other(e)))),
+        Waiter::Sync(reply) => {
+            let _ = reply.send(r);
+        }
+        Waiter::Retry(p) => p.done.finish(Err(EngineError::Io(io::Error::other(
+            r.err().unwrap_or_default(),
+        )))),
+        Waiter::Nudge => {}
+    }
+}
+
+/// The completion worker: conversions, flushes, discards and zeroing, in arrival order. What
+/// must be durable before it completes goes to the committer after the batch, so the commit
+/// that serves it includes every conversion before it.
+fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
         while batch.len() < 512 {
             match rx.try_recv() {
                 Ok(w) => batch.push(w),
@@ -605,9 +694,7 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
         }
         let mut st = lock(&s.state);
         let mut done_now: Vec<(Done, Result<(), EngineError>)> = Vec::new();
-        let mut after_commit: Vec<Done> = Vec::new();
-        let mut syncs = Vec::new();
-        let mut need_commit = last_commit.elapsed() >= interval;
+        let mut waiters: Vec<Waiter> = Vec::new();
         for w in batch {
             match w {
                 Work::Convert { runs, fua, done } => {
@@ -622,16 +709,12 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
                     }
                     unmark(&mut st, &runs);
                     if fua && r.is_ok() {
-                        need_commit = true;
-                        after_commit.push(done);
+                        waiters.push(Waiter::Done(done));
                     } else {
                         done_now.push((done, r));
                     }
                 }
-                Work::Flush { done } => {
-                    need_commit = true;
-                    after_commit.push(done);
-                }
+                Work::Flush { done } => waiters.push(Waiter::Done(done)),
                 Work::Zero {
                     ranges,
                     discard,
@@ -644,54 +727,56 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>, interval: Duration) {
                         .writable()
                         .and_then(|_| s.zero_ranges(&mut st, &ranges, discard))
                     {
-                        Ok(()) if fua => {
-                            need_commit = true;
-                            after_commit.push(done);
-                        }
+                        Ok(()) if fua => waiters.push(Waiter::Done(done)),
                         r => done_now.push((done, r)),
                     }
                 }
-                Work::Sync { reply } => {
-                    need_commit = true;
-                    syncs.push(reply);
-                }
+                Work::Sync { reply } => waiters.push(Waiter::Sync(reply)),
             }
         }
-        if st.image.should_commit() {
-            need_commit = true;
-        }
-        let mut commit_result = Ok(());
-        if need_commit && !st.image.is_read_only() && !s.aborted.load(Ordering::Acquire) {
-            if let Err(e) = s.commit_locked(&mut st) {
-                log::error!("journal commit failed: {e}");
-                let ioe = io::Error::other(e.to_string());
-                s.abort(&mut st, &ioe, 0);
-                commit_result = Err(e.to_string());
-            }
-            last_commit = Instant::now();
-        } else if need_commit {
-            last_commit = Instant::now();
-            if s.aborted.load(Ordering::Acquire) {
-                commit_result = Err("the journal was aborted".into());
-            }
+        if waiters.is_empty() && st.image.should_commit() {
+            waiters.push(Waiter::Nudge);
         }
         let redo = take_ready(&mut st);
         drop(st);
         for (d, r) in done_now {
             d.finish(r);
         }
-        for d in after_commit {
-            d.finish(
-                commit_result
-                    .clone()
-                    .map_err(|e| EngineError::Io(io::Error::other(e))),
-            );
-        }
-        for r in syncs {
-            let _ = r.send(commit_result.clone());
+        for w in waiters {
+            s.to_committer(w);
         }
         for w in redo {
             s.write_slow(w);
+        }
+    }
+}
+
+/// The committer: one commit for everything waiting, on demand, every `interval`, and when the
+/// log fills up.
+fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
+    let mut last_commit = Instant::now();
+    loop {
+        let timeout = interval
+            .saturating_sub(last_commit.elapsed())
+            .max(Duration::from_millis(1));
+        let mut waiters = match rx.recv_timeout(timeout) {
+            Ok(w) => vec![w],
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let durable = waiters
+            .iter()
+            .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
+        let r = s.commit(durable);
+        last_commit = Instant::now();
+        for w in waiters {
+            match w {
+                Waiter::Retry(p) => s.write_slow(p),
+                w => answer(w, r.clone()),
+            }
         }
     }
 }
@@ -906,6 +991,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                             bufs,
                             fua,
                             done: Box::new(done),
+                            retried: false,
                         };
                         let Some(a) = sh.begin_alloc(w) else { return };
                         let ops = run_ops(&a.runs, &a.w);

@@ -18,7 +18,7 @@ use crate::ext4::superblock::{Superblock, SUPERBLOCK_OFFSET};
 use crate::ext4::{bitmap, FormatError, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::io::BlockIo;
 use crate::jbd2::format::JournalSuperblock;
-use crate::jbd2::{Journal, LogMap, Transaction};
+use crate::jbd2::{CommitWrite, Journal, LogMap, Transaction};
 use crate::mapping::alloc::Allocator;
 use crate::mapping::tree::{ExtentTree, Lookup, NodeAlloc};
 use crate::mapping::MapError;
@@ -103,7 +103,6 @@ pub struct Image {
     overlay: BTreeMap<u64, Vec<u8>>,
     // The running transaction.
     inode_dirty: bool,
-    tree_dirty: BTreeSet<u64>,
     revokes: BTreeSet<u64>,
     aborted: Option<String>,
 }
@@ -274,13 +273,10 @@ impl Image {
             journal: self.journal.as_ref(),
             revokes: &mut self.revokes,
         };
+        // The tree keeps the running transaction's changed nodes itself (a node freed within
+        // the transaction leaves that record), so nothing here is linear in the tree's size.
         let removed = self.tree.replace(a, b, new, &mut na)?;
-        let ch = self.tree.take_changes();
-        self.tree_dirty.extend(ch.dirty);
-        // Freed nodes may have been dirty earlier in this transaction.
-        let live: BTreeSet<u64> = self.tree.node_blocks().into_iter().collect();
-        self.tree_dirty.retain(|b| live.contains(b));
-        if ch.root_dirty || !removed.is_empty() || !new.is_empty() {
+        if !removed.is_empty() || !new.is_empty() {
             self.inode_dirty = true;
         }
         Ok(removed)
@@ -416,7 +412,7 @@ impl Image {
     /// Log blocks the running transaction would take now.
     pub fn running_log_blocks(&self) -> u32 {
         // Bitmap + descriptor-table block per dirty group is an upper bound worth having cheaply.
-        (self.tree_dirty.len()
+        (self.tree.pending_changes().dirty.len()
             + usize::from(self.inode_dirty)
             + 2 * self.alloc_dirty_groups()
             + self.revokes.len() / 500
@@ -438,13 +434,11 @@ impl Image {
     fn build_transaction(&mut self) -> Transaction {
         let mut tx = Transaction::default();
         let iseed = self.disk_iseed;
-        for &p in &self.tree_dirty {
-            if let Some(node) = self.tree.node(p) {
-                tx.blocks.insert(p, extent::encode_block(&node, iseed));
-            }
+        let changes = self.tree.take_changes();
+        for (p, node) in self.tree.nodes_in(&changes.dirty) {
+            tx.blocks.insert(p, extent::encode_block(&node, iseed));
         }
-        self.tree_dirty.clear();
-        if self.inode_dirty {
+        if self.inode_dirty || changes.root_dirty {
             self.disk.i_block = extent::encode_root(&self.tree.root_node());
             self.disk.blocks = 8 * (self.tree.data_blocks() + self.tree.tree_blocks());
             let now = now_secs() as u32;
@@ -489,20 +483,61 @@ impl Image {
     /// Commits the running transaction; returns whether there was one. Data written before the
     /// call is durable after it when a transaction was written (the caller flushes otherwise).
     pub fn commit(&mut self) -> Result<bool, ImageError> {
+        let Some(w) = self.commit_prepare()? else {
+            return Ok(false);
+        };
+        let r = w.write(&*self.io);
+        self.commit_finish(r)?;
+        Ok(true)
+    }
+
+    /// The first half of a commit, under the owner's lock: freezes the running transaction
+    /// (changes from now on go to the next one) and returns its log writes, or `None` when
+    /// there is nothing to journal. The owner writes them with the lock released — as jbd2
+    /// commits while new handles join the next transaction — then calls
+    /// [`Image::commit_finish`]. One commit at a time: the next `commit_prepare` only after
+    /// the previous `commit_finish`.
+    pub fn commit_prepare(&mut self) -> Result<Option<CommitWrite>, ImageError> {
         self.writable()?;
         let tx = self.build_transaction();
         let Some(j) = self.journal.as_mut() else {
-            return Ok(false);
+            return Ok(None);
         };
         if tx.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
-        if let Err(e) = j.commit(&*self.io, &tx, now_secs()) {
-            self.aborted = Some(format!("commit failed: {e}"));
-            return Err(e.into());
+        match j.prepare(&*self.io, &tx, now_secs()) {
+            Ok(w) => {
+                self.alloc.commit_start();
+                Ok(w)
+            }
+            Err(e) => {
+                self.aborted = Some(format!("commit failed: {e}"));
+                Err(e.into())
+            }
         }
-        self.alloc.commit_done();
-        Ok(true)
+    }
+
+    /// The second half of a commit: `written` is how writing the prepared transaction went.
+    /// Blocks it freed may be reused from now on; a failed write aborts the journal.
+    pub fn commit_finish(&mut self, written: io::Result<()>) -> Result<(), ImageError> {
+        match written {
+            Ok(()) => {
+                self.alloc.commit_done();
+                if self.aborted.is_some() {
+                    // Aborted while the commit was written: its journal superblock (pointing
+                    // replay at the log) may have overwritten the one recording the error.
+                    if let Some(j) = self.journal.as_mut() {
+                        j.rewrite_superblock(&*self.io)?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.aborted = Some(format!("commit failed: {e}"));
+                Err(e.into())
+            }
+        }
     }
 
     /// Aborts the journal after a failed data write or commit (`data_err=abort`): no further

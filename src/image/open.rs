@@ -365,7 +365,6 @@ impl Image {
             recovery,
             overlay,
             inode_dirty: false,
-            tree_dirty: Default::default(),
             revokes: Default::default(),
             aborted: None,
             sb,

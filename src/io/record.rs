@@ -87,6 +87,22 @@ impl RecordingIo {
         })
     }
 
+    /// A write spanning several 4 KiB blocks is recorded block by block: a device may persist
+    /// any subset of them before the next barrier, and crash states must include those.
+    fn push_write(&self, offset: u64, data: &[u8]) {
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = ((4096 - at % 4096) as usize).min(rest.len());
+            self.push(IoEvent::Write {
+                offset: at,
+                data: rest[..n].to_vec(),
+            });
+            at += n as u64;
+            rest = &rest[n..];
+        }
+    }
+
     fn push(&self, e: IoEvent) {
         match &self.sink {
             Some(f) => {
@@ -147,10 +163,7 @@ impl BlockIo for RecordingIo {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.write_at(buf, offset)?;
-        self.push(IoEvent::Write {
-            offset,
-            data: buf.to_vec(),
-        });
+        self.push_write(offset, buf);
         Ok(())
     }
 
@@ -183,7 +196,7 @@ impl BlockIo for RecordingIo {
                 std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
             });
         }
-        self.push(IoEvent::Write { offset, data });
+        self.push_write(offset, &data);
         if dsync {
             self.push(IoEvent::Flush);
         }

@@ -82,6 +82,47 @@ pub struct JournalStats {
     pub logged_blocks: u64,
 }
 
+/// The writes of one prepared transaction, made without the image lock: log blocks, barrier,
+/// commit block, barrier. Guest data written before [`CommitWrite::write`] is durable once the
+/// first barrier returns, so the commit never describes data that is not on disk.
+pub struct CommitWrite {
+    /// The journal superblock, when the log was empty: written first, it points replay here.
+    sb: Option<(u64, Vec<u8>)>,
+    /// Log blocks in runs contiguous in the backing: (byte offset, the run's bytes). Metadata
+    /// goes through `write_at`, as everywhere (the recording and fault layers tell it by that).
+    body: Vec<(u64, Vec<u8>)>,
+    commit: (u64, Vec<u8>),
+}
+
+impl CommitWrite {
+    pub fn write(&self, io: &dyn BlockIo) -> io::Result<()> {
+        if let Some((at, sb)) = &self.sb {
+            io.write_at(sb, *at)?;
+        }
+        for (at, run) in &self.body {
+            io.write_at(run, *at)?;
+        }
+        if !crate::testing::broken(crate::testing::Broken::CommitBeforeData) {
+            io.flush()?;
+        }
+        io.write_at(&self.commit.1, self.commit.0)?;
+        io.flush()
+    }
+}
+
+/// Joins log blocks whose backing blocks follow each other, for one write per run.
+fn coalesce(map: &LogMap, blocks: Vec<(u32, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (pos, b) in blocks {
+        let at = map.byte_offset(pos);
+        match out.last_mut() {
+            Some((start, run)) if *start + run.len() as u64 == at => run.extend_from_slice(&b),
+            _ => out.push((at, b)),
+        }
+    }
+    out
+}
+
 /// Writes transactions into an open, recovered (empty) log.
 pub struct Journal {
     map: LogMap,
@@ -147,12 +188,6 @@ impl Journal {
         }
     }
 
-    fn write_log(&mut self, io: &dyn BlockIo, pos: &mut u32, data: &[u8]) -> io::Result<()> {
-        io.write_at(data, self.map.byte_offset(*pos))?;
-        *pos = self.wrap(*pos + 1);
-        Ok(())
-    }
-
     fn write_sb(&mut self, io: &dyn BlockIo) -> io::Result<()> {
         io.write_at(&self.sb.encode(), self.map.byte_offset(0))
     }
@@ -160,8 +195,25 @@ impl Journal {
     /// Commits `tx`: log blocks, barrier, commit block, barrier. Guest data written before this
     /// call is durable when it returns (the first barrier covers it: ordered mode).
     pub fn commit(&mut self, io: &dyn BlockIo, tx: &Transaction, now_sec: u64) -> io::Result<()> {
+        match self.prepare(io, tx, now_sec)? {
+            Some(w) => w.write(io),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of a commit, under the caller's lock: lays `tx` out in the log and takes
+    /// it as committed in the journal's own state (the next transaction goes after it, later
+    /// frees of its blocks need revokes), returning the writes to make. A full log is
+    /// checkpointed here first. The caller writes the result with [`CommitWrite::write`] before
+    /// preparing the next transaction, and treats the journal as aborted if that fails.
+    pub fn prepare(
+        &mut self,
+        io: &dyn BlockIo,
+        tx: &Transaction,
+        now_sec: u64,
+    ) -> io::Result<Option<CommitWrite>> {
         if tx.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let need = tx.log_blocks();
         if need >= self.capacity() {
@@ -175,6 +227,7 @@ impl Journal {
         let tid = self.next_tid;
         let start = self.head;
         let mut pos = start;
+        let mut body = Vec::with_capacity(need as usize);
         let revokes: Vec<u64> = tx
             .revokes
             .iter()
@@ -182,8 +235,8 @@ impl Journal {
             .filter(|b| !tx.blocks.contains_key(b))
             .collect();
         for chunk in revokes.chunks(MAX_REVOKES) {
-            let b = format::encode_revoke(tid, chunk, self.jseed);
-            self.write_log(io, &mut pos, &b)?;
+            body.push((pos, format::encode_revoke(tid, chunk, self.jseed)));
+            pos = self.wrap(pos + 1);
         }
         let blocks: Vec<(&u64, &Vec<u8>)> = tx.blocks.iter().collect();
         for chunk in blocks.chunks(MAX_TAGS) {
@@ -202,25 +255,24 @@ impl Journal {
                 });
                 copies.push(c);
             }
-            let d = format::encode_descriptor(tid, &tags, self.jseed);
-            self.write_log(io, &mut pos, &d)?;
+            body.push((pos, format::encode_descriptor(tid, &tags, self.jseed)));
+            pos = self.wrap(pos + 1);
             for c in copies {
-                self.write_log(io, &mut pos, &c)?;
+                body.push((pos, c));
+                pos = self.wrap(pos + 1);
             }
         }
-        if self.sb.start == 0 {
+        let sb = if self.sb.start == 0 {
             self.sb.start = start;
             self.sb.sequence = tid;
-            self.write_sb(io)?;
-        }
-        if !crate::testing::broken(crate::testing::Broken::CommitBeforeData) {
-            io.flush()?;
-        }
+            Some((self.map.byte_offset(0), self.sb.encode()))
+        } else {
+            None
+        };
         // Commit times never go backwards (replay uses them to tell stale blocks from damage).
         let sec = now_sec.max(self.last_commit_sec);
-        let c = format::encode_commit(tid, sec, 0, self.jseed);
-        self.write_log(io, &mut pos, &c)?;
-        io.flush()?;
+        let commit = (pos, format::encode_commit(tid, sec, 0, self.jseed));
+        pos = self.wrap(pos + 1);
         self.last_commit_sec = sec;
         for b in &tx.revokes {
             self.checkpoint.remove(b);
@@ -234,7 +286,11 @@ impl Journal {
         self.next_tid = tid.wrapping_add(1);
         self.stats.commits += 1;
         self.stats.logged_blocks += tx.blocks.len() as u64;
-        Ok(())
+        Ok(Some(CommitWrite {
+            sb,
+            body: coalesce(&self.map, body),
+            commit: (self.map.byte_offset(commit.0), commit.1),
+        }))
     }
 
     /// Writes every committed block home and empties the log.
@@ -257,6 +313,12 @@ impl Journal {
         self.head = self.sb.first;
         self.stats.checkpoints += 1;
         Ok(())
+    }
+
+    /// Writes the journal superblock as it stands in memory, durably.
+    pub fn rewrite_superblock(&mut self, io: &dyn BlockIo) -> io::Result<()> {
+        self.write_sb(io)?;
+        io.flush()
     }
 
     /// Records an abort in the journal superblock (`s_errno`), as jbd2 does.

@@ -21,6 +21,8 @@ pub struct Allocator {
     dirty: BTreeSet<u64>,
     /// Freed by the running transaction: start → len.
     pending: BTreeMap<u64, u64>,
+    /// Freed by the transaction being committed (written outside the image lock).
+    committing: BTreeMap<u64, u64>,
 }
 
 impl Allocator {
@@ -44,6 +46,7 @@ impl Allocator {
                 .collect(),
             dirty: BTreeSet::new(),
             pending: BTreeMap::new(),
+            committing: BTreeMap::new(),
         }
     }
 
@@ -81,22 +84,32 @@ impl Allocator {
         std::mem::take(&mut self.dirty)
     }
 
-    /// The running transaction committed: its freed blocks may be reused.
-    pub fn commit_done(&mut self) {
-        self.pending.clear();
+    /// The running transaction is being committed: blocks freed from now on belong to the next.
+    pub fn commit_start(&mut self) {
+        let freed = std::mem::take(&mut self.pending);
+        self.committing.extend(freed);
     }
 
-    /// The first pending range overlapping `[start, start + len)` (pending ranges are disjoint).
+    /// The transaction being committed is durable: its freed blocks may be reused.
+    pub fn commit_done(&mut self) {
+        self.committing.clear();
+    }
+
+    /// The first range freed but not yet committed that overlaps `[start, start + len)` (such
+    /// ranges are disjoint).
     fn pending_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
-        if let Some((&s, &l)) = self.pending.range(..=start).next_back() {
-            if s + l > start {
-                return Some((s, l));
+        let first = |m: &BTreeMap<u64, u64>| {
+            if let Some((&s, &l)) = m.range(..=start).next_back() {
+                if s + l > start {
+                    return Some((s, l));
+                }
             }
+            m.range(start..start + len).next().map(|(&s, &l)| (s, l))
+        };
+        match (first(&self.pending), first(&self.committing)) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
         }
-        self.pending
-            .range(start..start + len)
-            .next()
-            .map(|(&s, &l)| (s, l))
     }
 
     /// The free run at or after `from` (below `limit`), at most `max` long, avoiding pending frees.
@@ -241,7 +254,8 @@ mod tests {
         Data(u64, u64),
         Tree,
         FreeSome(usize),
-        Commit,
+        CommitStart,
+        CommitDone,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -249,7 +263,8 @@ mod tests {
             4 => (0u64..45_000, 1u64..3000).prop_map(|(l, n)| Op::Data(l, n)),
             1 => Just(Op::Tree),
             2 => (0usize..1000).prop_map(Op::FreeSome),
-            1 => Just(Op::Commit),
+            1 => Just(Op::CommitStart),
+            1 => Just(Op::CommitDone),
         ]
     }
 
@@ -263,6 +278,7 @@ mod tests {
             let total = a.free_blocks();
             let mut used: Vec<(u64, u64)> = Vec::new();
             let mut pending: BTreeSet<u64> = BTreeSet::new();
+            let mut committing: BTreeSet<u64> = BTreeSet::new();
             for o in ops {
                 match o {
                     Op::Data(l, n) => {
@@ -271,7 +287,7 @@ mod tests {
                             prop_assert!(s >= 100, "metadata handed out");
                             prop_assert!(s + got <= 2 * BLOCKS_PER_GROUP + 5000, "padding handed out");
                             for b in s..s + got {
-                                prop_assert!(!pending.contains(&b), "block {} reused before its free committed", b);
+                                prop_assert!(!pending.contains(&b) && !committing.contains(&b), "block {} reused before its free committed", b);
                                 prop_assert!(!used.iter().any(|&(us, ul)| b >= us && b < us + ul), "block {} allocated twice", b);
                             }
                             used.push((s, got));
@@ -279,7 +295,7 @@ mod tests {
                     }
                     Op::Tree => {
                         if let Ok(b) = a.alloc_tree(0) {
-                            prop_assert!(!pending.contains(&b) && !used.iter().any(|&(us, ul)| b >= us && b < us + ul));
+                            prop_assert!(!pending.contains(&b) && !committing.contains(&b) && !used.iter().any(|&(us, ul)| b >= us && b < us + ul));
                             used.push((b, 1));
                         }
                     }
@@ -290,9 +306,13 @@ mod tests {
                             pending.extend(s..s + l);
                         }
                     }
-                    Op::Commit => {
+                    Op::CommitStart => {
+                        a.commit_start();
+                        committing.append(&mut pending);
+                    }
+                    Op::CommitDone => {
                         a.commit_done();
-                        pending.clear();
+                        committing.clear();
                     }
                 }
                 let in_use: u64 = used.iter().map(|r| r.1).sum();

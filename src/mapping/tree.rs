@@ -3,8 +3,9 @@
 //! The tree is kept as an ordered list of leaves (each ≤ 340 extents) with index levels derived
 //! from it: level k groups the nodes of level k−1 in runs of 340, until at most 4 entries remain
 //! for the root in the inode. With ≤ 4 extents the root holds them itself (depth 0). A change
-//! rewrites the leaves it touches — packed full, so e2fsck sees a narrow tree — and the index
-//! nodes whose entries changed. Every changed node is reported in [`TreeChanges`] so the caller
+//! inside one leaf that keeps its first key rewrites just that leaf (the common case, in time
+//! independent of the tree's size); any other change repacks the leaves around it to three
+//! quarters full and rewrites the index nodes whose entries changed. Every changed node is reported in [`TreeChanges`] so the caller
 //! can journal it; tree blocks come from and go back to a [`NodeAlloc`].
 
 use std::collections::BTreeSet;
@@ -15,6 +16,9 @@ use crate::ext4::{FormatError, MAX_FILE_BLOCKS};
 
 const FANOUT: usize = BLOCK_MAX as usize;
 const ROOT_FANOUT: usize = ROOT_MAX as usize;
+/// Extents per leaf when leaves are rebuilt: a quarter of a leaf stays free, as after ext4's own
+/// splits, so inserts land in one leaf without touching the index.
+const LEAF_FILL: usize = FANOUT * 3 / 4;
 
 /// Where tree blocks come from.
 pub trait NodeAlloc {
@@ -88,26 +92,28 @@ fn merge_pass(v: Vec<Extent>) -> Vec<Extent> {
     out
 }
 
-/// Replaces the coverage of `[a, b)` in the sorted list `old` by `new` (sorted, inside
-/// `[a, b)`), splitting extents at the edges and merging neighbours. Returns the new list and
-/// the removed pieces.
-pub fn splice(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+/// The edit that replaces the coverage of `[a, b)` in a sorted list: `old[lo..hi]` becomes
+/// `window` (the edges of split extents, `new`, and the neighbours they may merge with).
+struct Edit {
+    lo: usize,
+    hi: usize,
+    window: Vec<Extent>,
+    removed: Vec<Extent>,
+}
+
+/// Finds the edit by binary search, so its cost is that of the extents it touches.
+fn edit(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> Edit {
     let (a64, b64) = (u64::from(a), u64::from(b));
-    let mut out = Vec::with_capacity(old.len() + new.len() + 1);
-    let mut removed = Vec::new();
-    let mut inserted = false;
-    for e in old {
-        if e.end() <= a64 || u64::from(e.lblk) >= b64 {
-            if u64::from(e.lblk) >= b64 && !inserted {
-                out.extend_from_slice(new);
-                inserted = true;
-            }
-            out.push(*e);
-            continue;
-        }
+    let i0 = old.partition_point(|e| e.end() <= a64);
+    let i1 = old.partition_point(|e| u64::from(e.lblk) < b64).max(i0);
+    let (lo, hi) = (i0.saturating_sub(1), (i1 + 1).min(old.len()));
+    let mut window = Vec::with_capacity(new.len() + 4);
+    window.extend_from_slice(&old[lo..i0]);
+    let mut removed = Vec::with_capacity(i1 - i0);
+    for (k, e) in old[i0..i1].iter().enumerate() {
         // Overlaps [a, b): keep the parts outside, report the part inside.
         if u64::from(e.lblk) < a64 {
-            out.push(Extent {
+            window.push(Extent {
                 len: a - e.lblk,
                 ..*e
             });
@@ -120,12 +126,11 @@ pub fn splice(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> (Vec<Extent>, V
             pblk: e.pblk + u64::from(s - e.lblk),
             unwritten: e.unwritten,
         });
-        if !inserted {
-            out.extend_from_slice(new);
-            inserted = true;
+        if k == 0 {
+            window.extend_from_slice(new);
         }
         if e.end() > b64 {
-            out.push(Extent {
+            window.push(Extent {
                 lblk: b,
                 len: (e.end() - b64) as u32,
                 pblk: e.pblk + u64::from(b - e.lblk),
@@ -133,10 +138,28 @@ pub fn splice(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> (Vec<Extent>, V
             });
         }
     }
-    if !inserted {
-        out.extend_from_slice(new);
+    if i0 == i1 {
+        window.extend_from_slice(new);
     }
-    (merge_pass(out), removed)
+    window.extend_from_slice(&old[i1..hi]);
+    Edit {
+        lo,
+        hi,
+        window: merge_pass(window),
+        removed,
+    }
+}
+
+/// Replaces the coverage of `[a, b)` in the sorted list `old` by `new` (sorted, inside
+/// `[a, b)`), splitting extents at the edges and merging neighbours. Returns the new list and
+/// the removed pieces.
+pub fn splice(old: &[Extent], a: u32, b: u32, new: &[Extent]) -> (Vec<Extent>, Vec<Extent>) {
+    let ed = edit(old, a, b, new);
+    let mut out = Vec::with_capacity(old.len() - (ed.hi - ed.lo) + ed.window.len());
+    out.extend_from_slice(&old[..ed.lo]);
+    out.extend(ed.window);
+    out.extend_from_slice(&old[ed.hi..]);
+    (out, ed.removed)
 }
 
 impl ExtentTree {
@@ -361,11 +384,14 @@ impl ExtentTree {
                 self.changes.root_dirty = true;
             }
             self.root_extents = v;
+            self.extent_count = self.root_extents.len();
             if self.root_extents.len() > ROOT_FANOUT {
                 let all = std::mem::take(&mut self.root_extents);
                 self.repack(0, 0, all, alloc)?;
                 self.rebuild_index(alloc)?;
             }
+            removed
+        } else if let Some(removed) = self.replace_in_leaf(a, b, new) {
             removed
         } else {
             // The leaves around [a, b), plus one on each side for merging and for overflow room.
@@ -376,6 +402,7 @@ impl ExtentTree {
                 .flat_map(|l| l.extents.iter().copied())
                 .collect();
             let (v, removed) = splice(&old, a, b, new);
+            self.extent_count = self.extent_count + v.len() - old.len();
             self.repack(s, e, v, alloc)?;
             self.rebuild_index(alloc)?;
             removed
@@ -383,16 +410,44 @@ impl ExtentTree {
         let added: u64 = new.iter().map(|e| u64::from(e.len)).sum();
         let gone: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
         self.data_blocks = self.data_blocks + added - gone;
-        self.extent_count = if self.leaves.is_empty() {
-            self.root_extents.len()
-        } else {
-            self.leaves.iter().map(|l| l.extents.len()).sum()
-        };
         self.maybe_collapse(alloc);
         Ok(removed)
     }
 
-    /// Replaces leaves `[s, e)` by `v` packed into full leaves, reusing their blocks.
+    /// The common case, in time independent of the tree's size: the change stays inside one
+    /// leaf, fits it, and keeps its first key, so no index entry changes. `None` leaves the tree
+    /// untouched for the general path.
+    fn replace_in_leaf(&mut self, a: u32, b: u32, new: &[Extent]) -> Option<Vec<Extent>> {
+        let i = self.leaf_index(a);
+        let first = self.leaves[i].extents[0].lblk;
+        let next = self
+            .leaves
+            .get(i + 1)
+            .map_or(u64::MAX, |l| u64::from(l.extents[0].lblk));
+        if a < first || u64::from(b) > next {
+            return None;
+        }
+        let leaf = &mut self.leaves[i];
+        let ed = edit(&leaf.extents, a, b, new);
+        let len = leaf.extents.len() - (ed.hi - ed.lo) + ed.window.len();
+        let new_first = match ed.window.first() {
+            Some(e) if ed.lo == 0 => Some(e.lblk),
+            _ if ed.lo == 0 => leaf.extents.get(ed.hi).map(|e| e.lblk),
+            _ => Some(first),
+        };
+        if len == 0 || len > FANOUT || new_first != Some(first) {
+            return None;
+        }
+        if leaf.extents[ed.lo..ed.hi] != ed.window[..] {
+            self.changes.dirty.insert(leaf.pblk);
+        }
+        self.extent_count = self.extent_count + len - leaf.extents.len();
+        leaf.extents.splice(ed.lo..ed.hi, ed.window);
+        Some(ed.removed)
+    }
+
+    /// Replaces leaves `[s, e)` by `v` spread evenly over leaves three-quarters full (room for
+    /// the next inserts to stay in one leaf), reusing their blocks.
     fn repack(
         &mut self,
         s: usize,
@@ -406,9 +461,15 @@ impl ExtentTree {
             .copied()
             .or_else(|| self.leaves.last().map(|l| l.pblk + 1))
             .unwrap_or(0);
-        let mut fresh = Vec::with_capacity(v.len().div_ceil(FANOUT));
+        let count = v.len().div_ceil(LEAF_FILL);
+        let mut fresh = Vec::with_capacity(count);
         let mut reuse = old.drain(..).collect::<std::collections::VecDeque<_>>();
-        for chunk in v.chunks(FANOUT) {
+        let mut rest = v.as_slice();
+        for k in 0..count {
+            // Evenly: the first (len % count) leaves take one extent more.
+            let take = rest.len().div_ceil(count - k);
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
             let pblk = match reuse.pop_front() {
                 Some(p) => p,
                 None => alloc.alloc_node(goal)?,
@@ -530,6 +591,36 @@ impl ExtentTree {
         }
     }
 
+    /// The nodes stored in the blocks of `set`, in one pass over the tree (what a commit
+    /// journals: many dirty blocks must not cost a search each).
+    pub fn nodes_in(&self, set: &BTreeSet<u64>) -> Vec<(u64, Node)> {
+        let mut out = Vec::with_capacity(set.len());
+        if set.is_empty() {
+            return out;
+        }
+        for l in self.leaves.iter().filter(|l| set.contains(&l.pblk)) {
+            out.push((
+                l.pblk,
+                Node {
+                    depth: 0,
+                    entries: Entries::Leaf(l.extents.clone()),
+                },
+            ));
+        }
+        for (i, lv) in self.levels.iter().enumerate() {
+            for n in lv.iter().filter(|n| set.contains(&n.pblk)) {
+                out.push((
+                    n.pblk,
+                    Node {
+                        depth: i as u16 + 1,
+                        entries: Entries::Index(n.entries.clone()),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
     /// The node stored in tree block `pblk`.
     pub fn node(&self, pblk: u64) -> Option<Node> {
         if let Some(l) = self.leaves.iter().find(|l| l.pblk == pblk) {
@@ -547,6 +638,11 @@ impl ExtentTree {
             }
         }
         None
+    }
+
+    /// What changed since the last [`take_changes`](Self::take_changes).
+    pub fn pending_changes(&self) -> &TreeChanges {
+        &self.changes
     }
 
     /// Takes the record of what changed since the last call.
