@@ -36,6 +36,9 @@ pub struct BenchOptions {
     /// Bytes of the disk to use (from offset 0); default the whole disk.
     pub size: Option<u64>,
     pub progress: bool,
+    /// Stop each queue after its share of the disk was covered once (sequential and
+    /// allocating patterns).
+    pub once: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,36 +100,25 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let mut handles = Vec::new();
     for (qi, mut q) in started.queues.drain(..).enumerate() {
         let (done_ios, stop) = (done_ios.clone(), stop.clone());
-        let (pattern, bs, depth, nq) = (o.pattern, o.bs, o.iodepth, o.queues as u64);
+        let (pattern, bs, depth, nq, once) = (o.pattern, o.bs, o.iodepth, o.queues as u64, o.once);
         let base = region.addr + qi * slot;
         handles.push(std::thread::spawn(move || -> Result<Vec<u32>, String> {
             let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ (qi as u64 + 1));
             // Sequential patterns: each queue walks its own share of the disk.
             let share = blocks / nq;
             let mut seq = 0u64;
-            // Allocating pattern: a random permutation of this queue's blocks (stride walk).
-            let stride = {
-                let mut s = (share / 2) | 1;
-                while gcd(s, share) != 1 {
-                    s += 2;
-                }
-                s
-            };
-            let mut perm = rng.next() % share.max(1);
+            // Allocating pattern: a pseudo-random permutation of this queue's blocks.
+            let mut perm = Permutation::new(share, rng.next());
             let mut next_block = |rng: &mut Rng| -> u64 {
+                seq += 1;
                 match pattern {
-                    Pattern::Write | Pattern::Read => {
-                        let b = qi as u64 * share + seq % share;
-                        seq += 1;
-                        b
-                    }
-                    Pattern::RandwriteAlloc => {
-                        perm = (perm + stride) % share;
-                        qi as u64 * share + perm
-                    }
+                    Pattern::Write | Pattern::Read => qi as u64 * share + (seq - 1) % share,
+                    Pattern::RandwriteAlloc => qi as u64 * share + perm.next(),
                     _ => rng.next() % blocks,
                 }
             };
+            // With --once, a queue stops after covering its share once.
+            let once_limit = if once { share } else { u64::MAX };
             let write = !matches!(pattern, Pattern::Read | Pattern::Randread);
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
             let mut started_at = vec![Instant::now(); depth];
@@ -151,7 +143,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
                     );
                 }
             };
+            let mut submitted = 0u64;
             for (i, at) in started_at.iter_mut().enumerate() {
+                submitted += 1;
                 let blk = next_block(&mut rng);
                 *at = Instant::now();
                 submit(&mut q, i, blk);
@@ -189,7 +183,8 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
                             inflight += 1;
                         }
                     }
-                    if !stop.load(Ordering::Relaxed) {
+                    if !stop.load(Ordering::Relaxed) && submitted < once_limit {
+                        submitted += 1;
                         let blk = next_block(&mut rng);
                         started_at[i] = Instant::now();
                         submit(&mut q, i, blk);
@@ -201,8 +196,8 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         }));
     }
     let mut last = 0;
-    while t0.elapsed() < o.runtime {
-        std::thread::sleep(Duration::from_millis(200).min(o.runtime.saturating_sub(t0.elapsed())));
+    while t0.elapsed() < o.runtime && !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(50).min(o.runtime.saturating_sub(t0.elapsed())));
         if o.progress && t0.elapsed().as_millis() / 1000 != last {
             last = t0.elapsed().as_millis() / 1000;
             let ios = done_ios.load(Ordering::Relaxed);
@@ -251,10 +246,75 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     })
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
+/// A pseudo-random permutation of `0..n`: a bijective mix of a counter over the next power of
+/// two, skipping values ≥ n (cycle walking). Neighbouring outputs are far apart, so allocating
+/// writes are truly scattered.
+struct Permutation {
+    n: u64,
+    bits: u32,
+    counter: u64,
+    key: u64,
+}
+
+impl Permutation {
+    fn new(n: u64, key: u64) -> Permutation {
+        let bits = (64 - n.max(2).saturating_sub(1).leading_zeros()).max(2);
+        Permutation {
+            n: n.max(1),
+            bits,
+            counter: 0,
+            key,
+        }
+    }
+
+    fn mix(&self, x: u64) -> u64 {
+        // Each step is a bijection on `bits`-bit values: xor with a shifted copy of itself,
+        // multiplication by an odd constant, addition of a key (all modulo 2^bits).
+        let mask = if self.bits == 64 {
+            u64::MAX
+        } else {
+            (1 << self.bits) - 1
+        };
+        let h = self.bits / 2;
+        let mut x = x & mask;
+        x = (x ^ (x >> h)) & mask;
+        x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) & mask;
+        x = (x ^ (x >> h)) & mask;
+        x = x.wrapping_add(self.key) & mask;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9) & mask;
+        (x ^ (x >> h)) & mask
+    }
+
+    fn next(&mut self) -> u64 {
+        loop {
+            let v = self.mix(self.counter);
+            self.counter = self.counter.wrapping_add(1);
+            if v < self.n {
+                return v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Permutation;
+
+    #[test]
+    fn permutation_covers_every_block_once() {
+        for n in [1u64, 2, 3, 1000, 4096, 65_537] {
+            let mut p = Permutation::new(n, 12345);
+            let mut seen = vec![false; n as usize];
+            for _ in 0..n {
+                let v = p.next();
+                assert!(!seen[v as usize], "{v} twice for n={n}");
+                seen[v as usize] = true;
+            }
+        }
+        // Scattered: consecutive outputs are rarely neighbours.
+        let mut p = Permutation::new(1 << 18, 7);
+        let v: Vec<u64> = (0..10_000).map(|_| p.next()).collect();
+        let adjacent = v.windows(2).filter(|w| w[0].abs_diff(w[1]) <= 2).count();
+        assert!(adjacent < 10, "{adjacent} near-neighbour steps");
     }
 }

@@ -76,6 +76,11 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_size_arg)]
     pub size: Option<u64>,
 
+    /// Stop each queue once it has covered its share of the disk (write, read and
+    /// randwrite-alloc; --runtime still bounds the run): a fill, or a read of everything.
+    #[arg(long)]
+    pub once: bool,
+
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -276,6 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 runtime: std::time::Duration::from_secs_f64(a.runtime),
                 size: a.size,
                 progress: a.output == Output::Human,
+                once: a.once,
             })?;
             if a.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
