@@ -39,6 +39,9 @@ pub struct BenchOptions {
     /// Stop each queue after its share of the disk was covered once (sequential and
     /// allocating patterns).
     pub once: bool,
+    /// Run the seed's background load (allocating writes and discards beyond `size`) on an
+    /// extra queue.
+    pub background: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,7 +70,8 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         .map_err(|e| anyhow!("{}", e.message()))?;
     b.connect()
         .map_err(|e| anyhow!("cannot connect to {}: {}", o.socket, e.message()))?;
-    b.set_i32("num-queues", o.queues as i32)
+    let extra = usize::from(o.background);
+    b.set_i32("num-queues", (o.queues + extra) as i32)
         .map_err(|e| anyhow!("{}", e.message()))?;
     let capacity = b
         .get_u64("capacity")
@@ -85,7 +89,11 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         );
     }
     let slot = o.bs as usize * o.iodepth;
-    let region_len = (slot * o.queues).div_ceil(2 << 20) * (2 << 20);
+    let bg_slot = BG_DEPTH * 4096;
+    let region_len = (slot * o.queues + bg_slot * extra).div_ceil(2 << 20) * (2 << 20);
+    if o.background && capacity < size + (64 << 20) {
+        bail!("--background needs at least 64 MiB of disk beyond --size");
+    }
     let region = b
         .alloc_mem_region(region_len)
         .map_err(|e| anyhow!("{}", e.message()))?;
@@ -98,6 +106,14 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let mut handles = Vec::new();
+    if o.background {
+        let q = started.queues.pop().expect("the background queue");
+        let base = region.addr + slot * o.queues;
+        let stop = stop.clone();
+        handles.push(std::thread::spawn(move || {
+            background(q, base, size, capacity, &stop).map(|()| Vec::new())
+        }));
+    }
     for (qi, mut q) in started.queues.drain(..).enumerate() {
         let (done_ios, stop) = (done_ios.clone(), stop.clone());
         let (pattern, bs, depth, nq, once) = (o.pattern, o.bs, o.iodepth, o.queues as u64, o.once);
@@ -244,6 +260,58 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         lat_p99_us: pct(0.99),
         lat_p999_us: pct(0.999),
     })
+}
+
+/// Requests in flight on the background queue.
+const BG_DEPTH: usize = 8;
+
+/// The seed's background load, on its own queue beyond the measured region: allocating 4 KiB
+/// writes, and every fourth request a 64 KiB discard, until `stop`. Not counted.
+fn background(
+    mut q: blkio::Blkioq,
+    base: usize,
+    from: u64,
+    to: u64,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut rng = Rng::new(0xB6);
+    let (first, blocks) = (from / 4096, (to - from) / 4096);
+    let mut n = 0u64;
+    let mut submit = |q: &mut blkio::Blkioq, slot: usize, rng: &mut Rng| {
+        n += 1;
+        let off = rng.next() % (blocks - 16);
+        let blk = first + off;
+        if n % 4 == 0 {
+            q.discard((first + (off & !15)) * 4096, 65536, slot, ReqFlags::empty());
+        } else {
+            let buf = (base + slot * 4096) as *const u8;
+            q.write(blk * 4096, buf, 4096, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..BG_DEPTH {
+        submit(&mut q, slot, &mut rng);
+    }
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..BG_DEPTH).map(|_| MaybeUninit::uninit()).collect();
+    let mut inflight = BG_DEPTH;
+    while inflight > 0 {
+        let got = q
+            .do_io(&mut comps, 1, None, None)
+            .map_err(|e| e.message().to_string())?;
+        for c in &comps[..got] {
+            // SAFETY: do_io initialised these completions.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                return Err(format!("background request failed: errno {}", -c.ret));
+            }
+            inflight -= 1;
+            if !stop.load(Ordering::Relaxed) {
+                submit(&mut q, c.user_data, &mut rng);
+                inflight += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A pseudo-random permutation of `0..n`: a bijective mix of a counter over the next power of

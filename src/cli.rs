@@ -81,6 +81,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub once: bool,
 
+    /// Load an extra queue with allocating writes and discards beyond --size while measuring
+    /// (the seed experiment's background metadata work; not counted).
+    #[arg(long)]
+    pub background: bool,
+
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -130,6 +135,12 @@ pub struct CreateArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// Benchmark aid (the seed's experiment): map the first SIZE of the disk block by block,
+    /// no two neighbouring blocks physically adjacent — a worst-case fragmented image, reading
+    /// as zeroes. Image files only.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
+    pub scatter: Option<u64>,
+
     /// New image file (created sparse), or a block device with --force.
     pub image: PathBuf,
 }
@@ -178,8 +189,32 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ID", value_parser = parse_serial)]
     pub serial: Option<String>,
 
+    /// Benchmark only (the seed's experiment): serve reads and overwrites the `fast` way, or
+    /// complete them through the completion worker, or look every mapping up under the lock.
+    #[arg(long, value_enum, default_value_t = HotPath::Fast, hide = true)]
+    pub hot_path: HotPath,
+
     /// Regular file or block device holding the disk.
     pub image: PathBuf,
+}
+
+use crate::engine::image::HotPath;
+
+fn scatter(path: &std::path::Path, bytes: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(path)?.file_type().is_block_device() {
+        anyhow::bail!("--scatter needs an image file (a device may hold old data)");
+    }
+    if bytes == 0 || bytes % 4096 != 0 {
+        anyhow::bail!("--scatter must be a positive multiple of 4K");
+    }
+    let backing = crate::engine::raw::Backing::open(path, false)?;
+    let io: std::sync::Arc<dyn crate::io::BlockIo> =
+        std::sync::Arc::new(crate::io::FileIo::new(backing));
+    let mut img = crate::image::Image::open(io, crate::image::OpenOptions { read_only: false })?;
+    img.map_scattered(bytes / 4096)?;
+    img.close()?;
+    Ok(())
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -230,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 raw: a.format == Format::Raw,
                 direct: a.cache == Cache::None,
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
+                hot_path: a.hot_path,
                 socket: a.socket,
                 image: a.image,
                 read_only: a.readonly,
@@ -252,6 +288,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 a.journal_size.map(|j| j / 4096),
                 a.force,
             )?;
+            if let Some(n) = a.scatter {
+                scatter(&a.image, n)?;
+            }
             println!(
                 "created {}: {} byte disk, {} byte filesystem ({} groups, {} MiB journal), data from block {}",
                 a.image.display(),
@@ -282,6 +321,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 size: a.size,
                 progress: a.output == Output::Human,
                 once: a.once,
+                background: a.background,
             })?;
             if a.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -35,6 +35,8 @@ pub struct ServeOptions {
     /// Data I/O with O_DIRECT (`--cache none`) instead of through the page cache.
     pub direct: bool,
     pub commit_interval: Duration,
+    /// Reads and overwrites as designed, or one of the seed experiment's slower variants.
+    pub hot_path: crate::engine::image::HotPath,
     pub socket: PathBuf,
     pub image: PathBuf,
     pub read_only: bool,
@@ -202,6 +204,12 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?;
         io = Arc::new(rec);
     }
+    if opts.hot_path != crate::engine::image::HotPath::Fast {
+        log::warn!(
+            "benchmark-only hot path {:?}: reads and overwrites are served the slow way",
+            opts.hot_path
+        );
+    }
     if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
         // Test-only: inject I/O errors below the engine (see io::fault).
         let spec = crate::io::fault::FaultSpec::parse(&spec)
@@ -209,8 +217,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
         io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
     }
-    let engine =
-        ImageEngine::open(io, opts.read_only, opts.commit_interval).map_err(|e| match e {
+    let engine = ImageEngine::open(io, opts.read_only, opts.commit_interval, opts.hot_path)
+        .map_err(|e| match e {
             ImageError::Format(f @ FormatError::BadMagic(_)) => {
                 ServeError::NotAnImage(opts.image.clone(), f.to_string())
             }

@@ -138,7 +138,13 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
         None => mem.clone(),
     };
     let rec = Arc::new(RecordingIo::new(below));
-    let engine = ImageEngine::open(rec.clone(), false, Duration::from_secs(3600)).unwrap();
+    let engine = ImageEngine::open(
+        rec.clone(),
+        false,
+        Duration::from_secs(3600),
+        Default::default(),
+    )
+    .unwrap();
     // Two virtqueues, as a guest with two queues would use them (each with its own mapping
     // cache and ring state); operations alternate between them.
     let mut queues = [

@@ -55,6 +55,20 @@ impl<C: Completion> DynCompletion for C {
 
 type Done = Box<dyn DynCompletion>;
 
+/// How reads and pure overwrites are served. Anything but `Fast` exists only to reproduce the
+/// seed's experiment (`extblk serve --hot-path`, `scripts/seed-experiment.sh`): it measures
+/// what the fast path saves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HotPath {
+    /// Mapping from the queue's seq-validated cache; completion on the queue thread.
+    #[default]
+    Fast,
+    /// As `Fast`, but every completion goes through the completion worker.
+    WorkerCompletion,
+    /// As `Fast`, but every lookup takes the mapping lock instead of using the cache.
+    LockedLookup,
+}
+
 /// Engine counters: which path each request took.
 #[derive(Default)]
 pub struct EngineStats {
@@ -116,6 +130,11 @@ enum Work {
     Sync {
         reply: Sender<Result<(), String>>,
     },
+    /// Complete a read or overwrite that is already done (`HotPath::WorkerCompletion` only).
+    Complete {
+        done: Done,
+        result: Result<(), EngineError>,
+    },
 }
 
 /// What the committer completes after its next commit.
@@ -155,6 +174,7 @@ struct Shared {
     stats: EngineStats,
     worker: Mutex<Option<Sender<Work>>>,
     committer: Mutex<Option<Sender<Waiter>>>,
+    hot_path: HotPath,
 }
 
 /// The image engine. Cheap to clone.
@@ -170,6 +190,7 @@ impl ImageEngine {
         io: Arc<dyn BlockIo>,
         read_only: bool,
         commit_interval: Duration,
+        hot_path: HotPath,
     ) -> Result<ImageEngine, ImageError> {
         let image = Image::open(io.clone(), OpenOptions { read_only })?;
         let sb = image.superblock();
@@ -216,6 +237,7 @@ impl ImageEngine {
             stats: EngineStats::default(),
             worker: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(ctx)),
+            hot_path,
         });
         let s2 = shared.clone();
         let w = std::thread::Builder::new()
@@ -283,6 +305,19 @@ impl Shared {
                 }
             }
             None => fail_work(w, "the engine is closed"),
+        }
+    }
+
+    /// Completes a read or pure overwrite: here, on the queue thread, unless the seed's
+    /// experiment sends it through the worker.
+    fn complete_fast<C: Completion>(&self, done: C, result: Result<(), EngineError>) {
+        if self.hot_path == HotPath::WorkerCompletion {
+            self.send(Work::Complete {
+                done: Box::new(done),
+                result,
+            });
+        } else {
+            done.complete(result);
         }
     }
 
@@ -664,6 +699,7 @@ fn fail_work(w: Work, why: &str) {
         Work::Sync { reply } => {
             let _ = reply.send(Err(why.to_string()));
         }
+        Work::Complete { done, result } => done.finish(result),
     }
 }
 
@@ -732,6 +768,7 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
                     }
                 }
                 Work::Sync { reply } => waiters.push(Waiter::Sync(reply)),
+                Work::Complete { done, result } => done_now.push((done, result)),
             }
         }
         if waiters.is_empty() && st.image.should_commit() {
@@ -825,6 +862,7 @@ impl<C: Completion> ImageQueue<C> {
             .cache
             .iter()
             .find(|e| u64::from(e.lblk) <= lblk && lblk < e.end())
+            .filter(|_| self.shared.hot_path != HotPath::LockedLookup)
         {
             return Ok(*e);
         }
@@ -900,7 +938,7 @@ impl<C: Completion> ImageQueue<C> {
                 if r.is_ok() {
                     sh.stats.fast_reads.fetch_add(1, Ordering::Relaxed);
                 }
-                done.complete(r.map_err(|(e, _)| EngineError::Io(e)));
+                sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }
             Flight::Overwrite { done, parity, .. } => {
                 sh.fence.exit(parity);
@@ -912,7 +950,7 @@ impl<C: Completion> ImageQueue<C> {
                 } else {
                     sh.stats.fast_overwrites.fetch_add(1, Ordering::Relaxed);
                 }
-                done.complete(r.map_err(|(e, _)| EngineError::Io(e)));
+                sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }
             Flight::Alloc { rest, .. } => sh.end_alloc(rest, r),
         }

@@ -38,6 +38,9 @@ pub struct Ring<T> {
     slots: Vec<Option<Slot<T>>>,
     free: Vec<usize>,
     unsubmitted: usize,
+    /// Operations pushed and not yet reaped: kept within the completion queue, so completions
+    /// never overflow into the kernel's backlog (which posts no eventfd wake-up when drained).
+    ops_in_flight: usize,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory that the request owns until
@@ -46,6 +49,8 @@ pub struct Ring<T> {
 unsafe impl<T: Send> Send for Ring<T> {}
 
 const ENTRIES: u32 = 256;
+/// The completion queue's size (the kernel makes it twice the submission queue's).
+const CQ_ENTRIES: usize = 2 * ENTRIES as usize;
 
 impl<T> Ring<T> {
     pub fn new(fd: RawFd) -> io::Result<Ring<T>> {
@@ -59,6 +64,7 @@ impl<T> Ring<T> {
             slots: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
+            ops_in_flight: 0,
         })
     }
 
@@ -115,14 +121,17 @@ impl<T> Ring<T> {
         for (pushed, entry) in entries.iter().enumerate() {
             let mut tries = 0;
             loop {
+                let room = self.ops_in_flight < CQ_ENTRIES;
                 // SAFETY: the iovecs and their buffers stay alive in `self.slots` (and in the
                 // request's guest buffers) until this entry's completion is reaped.
-                if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                if room && unsafe { self.ring.submission().push(entry) }.is_ok() {
                     self.unsubmitted += 1;
+                    self.ops_in_flight += 1;
                     break;
                 }
-                // Submission queue full: hand it to the kernel; if that fails, wait for one
-                // completion to make room.
+                // Submission queue full, or as many operations in flight as the completion
+                // queue holds: hand them to the kernel; if that fails, wait for one completion
+                // to make room.
                 self.unsubmitted = 0;
                 let r = match self.ring.submit() {
                     Ok(0) | Err(_) => self.ring.submit_and_wait(1),
@@ -171,11 +180,17 @@ impl<T> Ring<T> {
     }
 
     fn reap_into(&mut self, done: &mut Finished<T>) {
-        let cqes: Vec<(u64, i32)> = self
+        let mut cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
+        if self.ring.submission().cq_overflow() {
+            // Defensive: entering the kernel flushes a backlog into the completion queue.
+            let _ = self.ring.submit();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        }
+        self.ops_in_flight -= cqes.len().min(self.ops_in_flight);
         for (ud, res) in cqes {
             let idx = (ud >> 16) as usize;
             let sub = (ud & 0xFFFF) as usize;

@@ -330,6 +330,45 @@ impl Image {
         Ok(all)
     }
 
+    /// Benchmark aid for a new image (`extblk create --scatter`): maps `[0, len)` as written
+    /// blocks, each its own extent, no two logical neighbours physically adjacent — the worst
+    /// fragmentation for the seed's experiment. The range must be a hole, and the backing must
+    /// read as zeroes there (a new sparse file), since the blocks count as written.
+    pub fn map_scattered(&mut self, len: u64) -> Result<(), ImageError> {
+        self.writable()?;
+        let (a, b) = self.check_range(0, len)?;
+        if self.tree.range(a, b).iter().any(|e| e.len > 0) {
+            return Err(crate::ext4::corrupt("scatter", "the range is already mapped").into());
+        }
+        let mut phys = Vec::with_capacity(len as usize);
+        while (phys.len() as u64) < len {
+            let (p, got) = self.alloc.alloc_data(0, len - phys.len() as u64)?;
+            phys.extend(p..p + got);
+        }
+        // Even logical blocks take the first half of the run, odd ones the second.
+        let half = len.div_ceil(2);
+        let place = |l: u64| phys[(if l % 2 == 0 { l / 2 } else { half + l / 2 }) as usize];
+        let mut l = a;
+        while l < b {
+            let end = (l + 256).min(b);
+            let new: Vec<Extent> = (l..end)
+                .map(|x| Extent {
+                    lblk: x,
+                    len: 1,
+                    pblk: place(u64::from(x)),
+                    unwritten: false,
+                })
+                .collect();
+            self.replace(l, end, &new)?;
+            if self.should_commit() {
+                self.commit()?;
+            }
+            l = end;
+        }
+        self.commit()?;
+        Ok(())
+    }
+
     /// Marks the unwritten blocks of `[lblk, lblk + len)` written. Holes stay holes: a range
     /// punched after its data was written is not brought back.
     pub fn convert(&mut self, lblk: u64, len: u64) -> Result<u64, ImageError> {
