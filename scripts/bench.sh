@@ -3,12 +3,12 @@
 # cache.direct=on,aio=io_uring) over vhost-user-blk, driven by `extblk bench` (libblkio).
 # Each pattern runs ROUNDS times per target in alternating order (this machine's storage is
 # noisy); the table shows medians and ratios. Usage:
-#   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 BS=4K IODEPTH=32 QUEUES=1
+#   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 IODEPTH=32 SPAN=1G SIZE=2G
 #   ROUNDS=5 RUNTIME=20 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
-ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} BS=${BS:-4K} IODEPTH=${IODEPTH:-32} QUEUES=${QUEUES:-1}
+ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} IODEPTH=${IODEPTH:-32}
 SIZE=${SIZE:-2G} SPAN=${SPAN:-1G}
 command -v qemu-storage-daemon >/dev/null || { echo "bench: qemu-storage-daemon not found (apt-get install qemu-utils)"; exit 1; }
 cargo build --release -q
@@ -39,41 +39,61 @@ start() { # target name -> socket; fresh images for each start
 }
 stop() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
 
-bench() { # socket pattern -> iops
-  "$E" bench --socket "$1" --pattern "$2" --bs "$BS" --iodepth "$IODEPTH" --queues "$QUEUES" \
+bench() { # socket pattern bs queues -> iops
+  "$E" bench --socket "$1" --pattern "$2" --bs "$3" --iodepth "$IODEPTH" --queues "$4" \
     --runtime "$RUNTIME" --size "$SPAN" --output json | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'
 }
+fill() { # socket how: seq = 1 MiB sequential writes, rand = 4 KiB writes in random order; each block once
+  case $2 in
+    seq)  "$E" bench --socket "$1" --pattern write --bs 1M --iodepth 8 --once --runtime 600 --size "$SPAN" --output json >/dev/null ;;
+    rand) "$E" bench --socket "$1" --pattern randwrite-alloc --bs 4K --iodepth 32 --once --runtime 600 --size "$SPAN" --output json >/dev/null ;;
+  esac
+}
 
-# pattern : targets : needs a pre-filled disk (overwrite) or a fresh one (allocating)
+# pattern : bs : queues : targets : disk (fill = every block written first by 1 MiB sequential
+# writes, so the measured writes are overwrites; fresh = a new image/file; randfill = written
+# first by 4 KiB writes in random order). "extblk~X" is extblk with disk X instead.
 plan=(
-  "randwrite:extblk raw:fill"
-  "randread:extblk raw:fill"
-  "write:extblk raw:fill"
-  "write-flush:extblk raw:fill"
-  "randwrite-alloc:extblk qcow2:fresh"
-  "write-flush:extblk qcow2:fresh"
+  "randwrite:4K:1:extblk raw:fill"
+  "randread:4K:1:extblk raw:fill"
+  "write-flush:4K:1:extblk raw:fill"
+  "randwrite:4K:2:extblk raw:fill"
+  "write:1M:1:extblk raw:fresh"
+  "randwrite-alloc:4K:1:extblk qcow2:fresh"
+  "write-flush:4K:1:extblk qcow2:fresh"
+  "read:1M:1:extblk extblk~randfill:fill"
 )
 declare -A res
 for entry in "${plan[@]}"; do
-  IFS=: read -r pattern targets mode <<<"$entry"
+  IFS=: read -r pattern bs queues targets mode <<<"$entry"
   for r in $(seq "$ROUNDS"); do
     order=$targets; [ $((r % 2)) -eq 0 ] && order=$(echo "$targets" | awk '{for(i=NF;i>0;i--) printf "%s ", $i}')
     for t in $order; do
-      start "$t"
-      if [ "$mode" = fill ]; then "$E" bench --socket "$dir/$t.sock" --pattern write --bs 1M --iodepth 8 --runtime 30 --size "$SPAN" --output json >/dev/null; fi
-      iops=$(bench "$dir/$t.sock" "$pattern")
+      how=$mode; [[ $t == *~* ]] && how=${t#*~}
+      QUEUES=$queues start "${t%~*}"
+      case $how in fill) fill "$dir/${t%~*}.sock" seq ;; randfill) fill "$dir/${t%~*}.sock" rand ;; esac
+      iops=$(bench "$dir/${t%~*}.sock" "$pattern" "$bs" "$queues")
       stop
-      res["$pattern/$mode/$t"]+="$iops "
-      echo "round $r $pattern ($mode) $t: $iops IOPS" >&2
+      res["$entry/$t"]+="$iops "
+      echo "round $r $pattern bs=$bs queues=$queues ($mode) $t: $iops IOPS" >&2
     done
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '\n%-18s %-6s %12s %12s %8s\n' pattern disk extblk other ratio
+printf '\n%-16s %4s %2s %-6s %12s %12s %8s\n' pattern bs q disk extblk other ratio
 for entry in "${plan[@]}"; do
-  IFS=: read -r pattern targets mode <<<"$entry"
+  IFS=: read -r pattern bs queues targets mode <<<"$entry"
   other=${targets#extblk }
-  x=$(echo "${res[$pattern/$mode/extblk]}" | median); o=$(echo "${res[$pattern/$mode/$other]}" | median)
-  printf '%-18s %-6s %12s %12s %7.2fx  (vs qsd %s)\n' "$pattern" "$mode" "$x" "$o" "$(python3 -c "print($x/$o)")" "$other"
+  x=$(echo "${res[$entry/extblk]}" | median); o=$(echo "${res[$entry/$other]}" | median)
+  printf '%-16s %4s %2s %-6s %12s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode" "$x" "$o" \
+    "$(python3 -c "print($x/$o)")" "$([[ $other == extblk~* ]] && echo "extblk after a ${other#*~}, inverted: seq/rand" || echo "qsd $other")"
 done
-echo "bs=$BS iodepth=$IODEPTH queues=$QUEUES runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN; $(nproc) cores, $(uname -r)"
+one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
+two=$(echo "${res[randwrite:4K:2:extblk raw:fill/extblk]}" | median)
+rawone=$(echo "${res[randwrite:4K:1:extblk raw:fill/raw]}" | median)
+rawtwo=$(echo "${res[randwrite:4K:2:extblk raw:fill/raw]}" | median)
+seqr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk]}" | median)
+randr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk~randfill]}" | median)
+echo "2 queues / 1 queue, overwrite randwrite: extblk $(python3 -c "print(round($two/$one,2))")x, qsd raw $(python3 -c "print(round($rawtwo/$rawone,2))")x"
+echo "sequential read after a random fill / after a sequential fill (extblk): $(python3 -c "print(round($randr/$seqr,2))")x"
+echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN size=$SIZE; $(nproc) cores, $(uname -r)"

@@ -123,6 +123,12 @@ fn coalesce(map: &LogMap, blocks: Vec<(u32, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
+/// Memory bounds, whatever the log's size: a transaction is committed by this many blocks (its
+/// copies exist two or three times while it is written), and the committed copies waiting for a
+/// checkpoint are written home once they reach this many.
+const MAX_TRANSACTION_BLOCKS: u32 = 2048;
+const MAX_CHECKPOINT_BLOCKS: usize = 4096;
+
 /// Writes transactions into an open, recovered (empty) log.
 pub struct Journal {
     map: LogMap,
@@ -167,7 +173,7 @@ impl Journal {
     /// The largest transaction (in log blocks) the image should let build up: a quarter of the
     /// log, as the kernel does, so commits never wait for a full checkpoint twice in a row.
     pub fn max_transaction(&self) -> u32 {
-        self.capacity() / 4
+        (self.capacity() / 4).min(MAX_TRANSACTION_BLOCKS)
     }
 
     /// Does `block` have a copy in the live log (so freeing it needs a revoke record)?
@@ -221,7 +227,9 @@ impl Journal {
                 "transaction of {need} log blocks does not fit the journal"
             )));
         }
-        if self.used + need > self.capacity() {
+        if self.used + need > self.capacity()
+            || self.checkpoint.len() + tx.blocks.len() > MAX_CHECKPOINT_BLOCKS
+        {
             self.checkpoint(io)?;
         }
         let tid = self.next_tid;
