@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,13 +81,14 @@ pub struct EngineStats {
     pub commits: AtomicU64,
     pub discards: AtomicU64,
     pub enospc: AtomicU64,
+    pub throttled: AtomicU64,
 }
 
 impl EngineStats {
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} zeroing_ops={} enospc={}",
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} zeroing_ops={} enospc={} throttled={}",
             g(&self.fast_reads),
             g(&self.fast_overwrites),
             g(&self.allocating_writes),
@@ -96,7 +97,8 @@ impl EngineStats {
             g(&self.converted_blocks),
             g(&self.commits),
             g(&self.discards),
-            g(&self.enospc)
+            g(&self.enospc),
+            g(&self.throttled)
         )
     }
 }
@@ -165,6 +167,9 @@ struct Locked {
 
 struct Shared {
     state: Mutex<Locked>,
+    /// Signalled after every commit: allocating writes wait on it while the running
+    /// transaction is too large for the log (as jbd2's `start_this_handle` waits).
+    committed: Condvar,
     io: Arc<dyn BlockIo>,
     fence: IoFence,
     /// Bumped whenever a written mapping is removed or unwritten: invalidates queue caches.
@@ -222,6 +227,7 @@ impl ImageEngine {
         let (tx, rx) = mpsc::channel();
         let (ctx, crx) = mpsc::channel();
         let shared = Arc::new(Shared {
+            committed: Condvar::new(),
             state: Mutex::new(Locked {
                 image,
                 in_progress: HashMap::new(),
@@ -351,7 +357,12 @@ impl Shared {
                     std::mem::take(&mut st.punch_after_commit),
                     std::mem::take(&mut st.frees_pending),
                 ),
-                Err(e) => return Err(self.commit_failed(&mut st, e)),
+                Err(e) => {
+                    let e = self.commit_failed(&mut st, e);
+                    drop(st);
+                    self.committed.notify_all();
+                    return Err(e);
+                }
             }
         };
         if prepared.is_none() && !durable {
@@ -379,7 +390,10 @@ impl Shared {
             None => written.map_err(ImageError::Io),
         };
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        r.map_err(|e| self.commit_failed(&mut st, e))
+        let r = r.map_err(|e| self.commit_failed(&mut st, e));
+        drop(st);
+        self.committed.notify_all();
+        r
     }
 
     fn commit_failed(&self, st: &mut Locked, e: ImageError) -> String {
@@ -390,6 +404,8 @@ impl Shared {
 
     /// Aborts the journal after a failed data write (data_err=abort).
     fn abort(&self, st: &mut Locked, e: &io::Error, pblk: u64) {
+        // Allocating writes throttled for a commit must see the abort.
+        self.committed.notify_all();
         if !self.aborted.swap(true, Ordering::AcqRel) {
             log::error!("data write to block {pblk} failed ({e}): aborting the journal; writes will fail from now on");
         }
@@ -430,6 +446,16 @@ impl Shared {
         // Lock first, then enter the fence: the worker waits on the fence while holding the
         // lock, so entering first and then blocking on the lock would deadlock.
         let mut st = lock(&self.state);
+        // Throttle (not on the committer itself, which makes the room): a commit is under way
+        // and the next transaction must not outgrow the log meanwhile.
+        while st.image.log_nearly_full()
+            && !self.aborted.load(Ordering::Acquire)
+            && !IS_COMMITTER.with(|c| c.get())
+        {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            self.to_committer(Waiter::Nudge);
+            st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
         let parity = self.fence.enter_raw();
         if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
             self.stats.deferred_writes.fetch_add(1, Ordering::Relaxed);
@@ -788,9 +814,15 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
     }
 }
 
+thread_local! {
+    /// Set on the committer thread, which must never wait for a commit.
+    static IS_COMMITTER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The committer: one commit for everything waiting, on demand, every `interval`, and when the
 /// log fills up.
 fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
+    IS_COMMITTER.with(|c| c.set(true));
     let mut last_commit = Instant::now();
     loop {
         let timeout = interval

@@ -462,6 +462,14 @@ impl Image {
         self.alloc.dirty_count()
     }
 
+    /// Is the running transaction so large that it must not grow until a commit has made room
+    /// (half the log: the transaction being committed meanwhile fits in the rest)?
+    pub fn log_nearly_full(&self) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| self.running_log_blocks() >= j.hard_limit())
+    }
+
     /// Should the caller commit now to keep transactions within a quarter of the log?
     pub fn should_commit(&self) -> bool {
         self.journal

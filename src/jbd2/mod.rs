@@ -176,6 +176,12 @@ impl Journal {
         (self.capacity() / 4).min(MAX_TRANSACTION_BLOCKS)
     }
 
+    /// The size (in log blocks) a running transaction must never reach while another is being
+    /// committed: half the log.
+    pub fn hard_limit(&self) -> u32 {
+        self.capacity() / 2
+    }
+
     /// Does `block` have a copy in the live log (so freeing it needs a revoke record)?
     pub fn is_logged(&self, block: u64) -> bool {
         self.live.contains(&block)

@@ -402,9 +402,10 @@ impl ExtentTree {
                 .flat_map(|l| l.extents.iter().copied())
                 .collect();
             let (v, removed) = splice(&old, a, b, new);
-            self.extent_count = self.extent_count + v.len() - old.len();
+            let count = self.extent_count + v.len() - old.len();
             self.repack(s, e, v, alloc)?;
             self.rebuild_index(alloc)?;
+            self.extent_count = count;
             removed
         };
         let added: u64 = new.iter().map(|e| u64::from(e.len)).sum();
