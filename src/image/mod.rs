@@ -324,7 +324,13 @@ impl Image {
                 });
                 p += got as u32;
             }
-            self.replace(ha, hb, &new)?;
+            if let Err(e) = self.replace(ha, hb, &new) {
+                // No tree block for the new extents (ENOSPC): give their blocks back.
+                for x in &new {
+                    self.alloc.free(x.pblk, u64::from(x.len));
+                }
+                return Err(e);
+            }
             all.extend(new);
         }
         Ok(all)

@@ -380,16 +380,21 @@ impl ExtentTree {
         self.seq += 1;
         let removed = if self.leaves.is_empty() {
             let (v, removed) = splice(&self.root_extents, a, b, new);
-            if v != self.root_extents {
-                self.changes.root_dirty = true;
-            }
-            self.root_extents = v;
-            self.extent_count = self.root_extents.len();
-            if self.root_extents.len() > ROOT_FANOUT {
-                let all = std::mem::take(&mut self.root_extents);
-                self.repack(0, 0, all, alloc)?;
+            if v.len() > ROOT_FANOUT {
+                // The root overflows into a first leaf; without a block for it (ENOSPC) the
+                // tree stays as it was.
+                self.repack(0, 0, v.clone(), alloc)?;
                 self.rebuild_index(alloc)?;
+                self.root_extents.clear();
+                self.changes.root_dirty = true;
+            } else if v != self.root_extents {
+                self.changes.root_dirty = true;
+                self.root_extents = v;
             }
+            self.extent_count = self
+                .root_extents
+                .len()
+                .max(self.leaves.iter().map(|l| l.extents.len()).sum::<usize>());
             removed
         } else if let Some(removed) = self.replace_in_leaf(a, b, new) {
             removed

@@ -218,3 +218,30 @@ fn splice_splits_and_merges() {
     let (v, _) = splice(&[w(0, 2, 50)], 2, 4, &[w(2, 2, 60)]);
     assert_eq!(v.len(), 2);
 }
+
+/// No block for the first leaf (ENOSPC): the change fails and the root keeps its extents.
+#[test]
+fn a_root_overflow_without_a_free_block_leaves_the_tree_as_it_was() {
+    struct Full;
+    impl NodeAlloc for Full {
+        fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
+            Err(MapError::NoSpace)
+        }
+        fn free_node(&mut self, _pblk: u64) {}
+    }
+    let mut t = ExtentTree::new();
+    let e = |l: u32| Extent {
+        lblk: l * 10,
+        len: 1,
+        pblk: u64::from(l) * 100,
+        unwritten: false,
+    };
+    for l in 0..4 {
+        t.replace(l * 10, l * 10 + 1, &[e(l)], &mut Full).unwrap();
+    }
+    let before: Vec<Extent> = t.iter().copied().collect();
+    assert!(t.replace(40, 41, &[e(4)], &mut Full).is_err());
+    assert_eq!(t.iter().copied().collect::<Vec<_>>(), before);
+    assert_eq!(t.extent_count(), 4);
+    assert_eq!(t.depth(), 0);
+}
