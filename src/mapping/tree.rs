@@ -448,6 +448,10 @@ impl ExtentTree {
             self.changes.dirty.insert(leaf.pblk);
         }
         self.extent_count = self.extent_count + len - leaf.extents.len();
+        if len > leaf.extents.capacity() {
+            // Straight to a full leaf's size: doubling would leave most leaves' memory unused.
+            leaf.extents.reserve_exact(FANOUT - leaf.extents.len());
+        }
         leaf.extents.splice(ed.lo..ed.hi, ed.window);
         Some(ed.removed)
     }
