@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub commit_interval: Duration,
     /// Reads and overwrites as designed, or one of the seed experiment's slower variants.
     pub hot_path: crate::engine::image::HotPath,
+    /// Blocks an allocating write claims at least (extblk images).
+    pub alloc_unit: u64,
     pub socket: PathBuf,
     pub image: PathBuf,
     pub read_only: bool,
@@ -217,21 +219,26 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
         io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
     }
-    let engine = ImageEngine::open(io, opts.read_only, opts.commit_interval, opts.hot_path)
-        .map_err(|e| match e {
-            ImageError::Format(f @ FormatError::BadMagic(_)) => {
-                ServeError::NotAnImage(opts.image.clone(), f.to_string())
-            }
-            ImageError::Format(FormatError::Corrupt { what, detail })
-                if what == "image" && detail == "no /disk file" =>
-            {
-                ServeError::NotAnImage(
-                    opts.image.clone(),
-                    "no /disk file in its root directory".into(),
-                )
-            }
-            other => ServeError::Image(opts.image.clone(), other.to_string()),
-        })?;
+    let eopts = crate::engine::image::EngineOptions {
+        read_only: opts.read_only,
+        commit_interval: opts.commit_interval,
+        hot_path: opts.hot_path,
+        alloc_unit: opts.alloc_unit,
+    };
+    let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
+        ImageError::Format(f @ FormatError::BadMagic(_)) => {
+            ServeError::NotAnImage(opts.image.clone(), f.to_string())
+        }
+        ImageError::Format(FormatError::Corrupt { what, detail })
+            if what == "image" && detail == "no /disk file" =>
+        {
+            ServeError::NotAnImage(
+                opts.image.clone(),
+                "no /disk file in its root directory".into(),
+            )
+        }
+        other => ServeError::Image(opts.image.clone(), other.to_string()),
+    })?;
     run(engine, opts, "extblk image", sigset)
 }
 

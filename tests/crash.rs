@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use extblk::engine::image::ImageEngine;
+use extblk::engine::image::{EngineOptions, ImageEngine};
 use extblk::engine::{
     BlockEngine, Completion, EngineError, EngineOp, EngineQueue, GuestBuffers, ZeroRange,
 };
@@ -114,6 +114,13 @@ fn workload(seed: u64, nops: usize) -> Run {
 
 /// The same with a fault injected below the engine; also returns the final backing bytes.
 fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<u8>) {
+    // Seeds take turns with exact allocation and with 16 KiB and 64 KiB units (zero-filled
+    // around each allocating write).
+    let alloc_unit = match seed % 3 {
+        0 => 1,
+        1 => 4,
+        _ => 16,
+    };
     let probe = Layout::compute(DISK_BLOCKS * 4096, 1024, None).unwrap();
     let need = probe.data_start + 2 * DISK_BLOCKS + probe.tree_reserve + 64;
     let layout = Layout::compute(DISK_BLOCKS * 4096, 1024, Some(need)).unwrap();
@@ -140,9 +147,11 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
     let rec = Arc::new(RecordingIo::new(below));
     let engine = ImageEngine::open(
         rec.clone(),
-        false,
-        Duration::from_secs(3600),
-        Default::default(),
+        EngineOptions {
+            commit_interval: Duration::from_secs(3600),
+            alloc_unit,
+            ..Default::default()
+        },
     )
     .unwrap();
     // Two virtqueues, as a guest with two queues would use them (each with its own mapping

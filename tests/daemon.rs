@@ -1220,8 +1220,8 @@ fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_th
     let s = Scratch::new("img-paths");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     create_image(&img, "16M");
-    // Allocate and write 64 blocks, then stop.
-    let d = Daemon::start_image(&img, &sock, &[]);
+    // Allocate and write 64 blocks with exact allocation, then stop.
+    let d = Daemon::start_image(&img, &sock, &["--alloc-unit", "4K"]);
     let mut c = Client::connect(&sock, 1);
     for b in 0..64u64 {
         assert_eq!(c.write(0, b * 4096, &pattern(b, 4096)), 0);
@@ -1230,15 +1230,39 @@ fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_th
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     assert_eq!(counter(&log, "allocating_writes"), 64, "{log}");
+    assert_eq!(counter(&log, "zero_filled_blocks"), 0, "{log}");
     assert!(
         counter(&log, "completed_elsewhere") >= 64,
         "allocating writes complete on the worker: {log}"
     );
+    // With the default 64 KiB unit, the first write into each unit allocates all 16 blocks
+    // (15 zero-filled) and the other 15 writes are pure overwrites.
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for b in 64..128u64 {
+        assert_eq!(c.write(0, b * 4096, &pattern(b, 4096)), 0);
+    }
+    for b in 64..128u64 {
+        assert_eq!(c.read(0, b * 4096, 4096).unwrap(), pattern(b, 4096));
+    }
+    // Sub-block writes into a fresh unit: the unit reads as zero around them.
+    assert_eq!(c.write(0, 200 * 4096 + 512, &pattern(7, 512)), 0);
+    let got = c.read(0, 192 * 4096, 16 * 4096).unwrap();
+    let mut want = vec![0u8; 16 * 4096];
+    want[8 * 4096 + 512..8 * 4096 + 1024].copy_from_slice(&pattern(7, 512));
+    assert!(got == want, "a fresh unit reads as zero around the write");
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(counter(&log, "allocating_writes"), 5, "{log}");
+    assert_eq!(counter(&log, "fast_overwrites"), 60, "{log}");
+    assert_eq!(counter(&log, "zero_filled_blocks"), 75, "{log}");
+    image_clean(&img);
     // Pure overwrites and reads: all on the queue thread, no journal handle, no worker.
     let d = Daemon::start_image(&img, &sock, &[]);
     let mut c = Client::connect(&sock, 1);
     for i in 0..200u64 {
-        let b = i % 64;
+        let b = i % 128;
         assert_eq!(c.write(0, b * 4096 + (i % 8) * 512, &pattern(i, 512)), 0);
         assert!(c.read(0, b * 4096, 4096).is_ok());
     }
@@ -1361,16 +1385,21 @@ fn image_crash_states_through_the_real_daemon() {
                 extblk::mapping::tree::Lookup::Mapped(e) if !e.unwritten => {
                     image.read_block(e.pblk, &mut buf).unwrap();
                     let w = u64::from_le_bytes(buf[..8].try_into().unwrap());
-                    assert!(
-                        w >> 48 == 0xDA7A && (w >> 24) & 0xFF_FFFF == b,
-                        "cut {cut}: block {b} holds stale or foreign data ({w:#x})"
-                    );
-                    let v = (w >> 8) & 0xFFFF;
-                    assert!(
-                        buf == stamp(b, v),
-                        "cut {cut}: block {b} is not one written value"
-                    );
-                    v
+                    if buf.iter().all(|&x| x == 0) {
+                        // Zero-filled with its allocation unit, not written since.
+                        0
+                    } else {
+                        assert!(
+                            w >> 48 == 0xDA7A && (w >> 24) & 0xFF_FFFF == b,
+                            "cut {cut}: block {b} holds stale or foreign data ({w:#x})"
+                        );
+                        let v = (w >> 8) & 0xFFFF;
+                        assert!(
+                            buf == stamp(b, v),
+                            "cut {cut}: block {b} is not one written value"
+                        );
+                        v
+                    }
                 }
                 _ => 0,
             };

@@ -1,7 +1,8 @@
 //! Completing a request: status byte, used-ring entry, guest notification, from any thread.
 //!
 //! The virtqueue thread completes many requests per wake-up and notifies the guest once at the
-//! end (see [`BatchScope`]); completions from any other thread (an engine's worker) notify at once.
+//! end (see [`BatchScope`]); completions from any other thread (an engine's worker) notify at once,
+//! or at the end of that thread's [`crate::engine::CompletionBatch`].
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -153,7 +154,13 @@ impl VirtioCompletion {
             self.queue.pending_signal.store(true, Ordering::Release);
         } else {
             c.completed_elsewhere.fetch_add(1, Ordering::Relaxed);
-            signal(&self.vring);
+            let deferred = crate::engine::defer_wake(self.queue.key(), || {
+                let vring = self.vring.clone();
+                Box::new(move || signal(&vring))
+            });
+            if !deferred {
+                signal(&self.vring);
+            }
         }
         self.queue.inflight.fetch_sub(1, Ordering::AcqRel);
     }

@@ -69,6 +69,36 @@ pub enum HotPath {
     LockedLookup,
 }
 
+/// How an image is served (`extblk serve` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub read_only: bool,
+    /// Longest time between journal commits when no FLUSH forces one.
+    pub commit_interval: Duration,
+    pub hot_path: HotPath,
+    /// Blocks an allocating write claims at least, aligned (a power of two, 1..=256): the holes
+    /// of the aligned unit around the request are allocated with it and filled with zeroes in the
+    /// same host write, so later writes into the unit are pure overwrites (qcow2's clusters,
+    /// ext4's zeroout of short unwritten extents).
+    pub alloc_unit: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            read_only: false,
+            commit_interval: Duration::from_secs(5),
+            hot_path: HotPath::Fast,
+            alloc_unit: DEFAULT_ALLOC_UNIT,
+        }
+    }
+}
+
+/// The default allocation unit, in blocks (64 KiB: qcow2's default cluster size).
+pub const DEFAULT_ALLOC_UNIT: u64 = 16;
+/// The largest allocation unit, in blocks (1 MiB: one zero-fill write).
+pub const MAX_ALLOC_UNIT: u64 = 256;
+
 /// Engine counters: which path each request took.
 #[derive(Default)]
 pub struct EngineStats {
@@ -78,6 +108,8 @@ pub struct EngineStats {
     pub deferred_writes: AtomicU64,
     pub journal_handles: AtomicU64,
     pub converted_blocks: AtomicU64,
+    /// Blocks allocated around allocating writes to fill their allocation unit (zero-filled).
+    pub zero_filled_blocks: AtomicU64,
     pub commits: AtomicU64,
     pub discards: AtomicU64,
     pub enospc: AtomicU64,
@@ -88,13 +120,14 @@ impl EngineStats {
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} commits={} zeroing_ops={} enospc={} throttled={}",
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} zero_filled_blocks={} commits={} zeroing_ops={} enospc={} throttled={}",
             g(&self.fast_reads),
             g(&self.fast_overwrites),
             g(&self.allocating_writes),
             g(&self.deferred_writes),
             g(&self.journal_handles),
             g(&self.converted_blocks),
+            g(&self.zero_filled_blocks),
             g(&self.commits),
             g(&self.discards),
             g(&self.enospc),
@@ -180,6 +213,7 @@ struct Shared {
     worker: Mutex<Option<Sender<Work>>>,
     committer: Mutex<Option<Sender<Waiter>>>,
     hot_path: HotPath,
+    alloc_unit: u64,
 }
 
 /// The image engine. Cheap to clone.
@@ -191,12 +225,14 @@ pub struct ImageEngine {
 
 impl ImageEngine {
     /// Opens `/disk` of the image on `io` and starts the completion worker.
-    pub fn open(
-        io: Arc<dyn BlockIo>,
-        read_only: bool,
-        commit_interval: Duration,
-        hot_path: HotPath,
-    ) -> Result<ImageEngine, ImageError> {
+    pub fn open(io: Arc<dyn BlockIo>, opts: EngineOptions) -> Result<ImageEngine, ImageError> {
+        let EngineOptions {
+            read_only,
+            commit_interval,
+            hot_path,
+            alloc_unit,
+        } = opts;
+        let alloc_unit = alloc_unit.clamp(1, MAX_ALLOC_UNIT).next_power_of_two();
         let image = Image::open(io.clone(), OpenOptions { read_only })?;
         let sb = image.superblock();
         let rec = image.recovery();
@@ -244,6 +280,7 @@ impl ImageEngine {
             worker: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(ctx)),
             hot_path,
+            alloc_unit,
         });
         let s2 = shared.clone();
         let w = std::thread::Builder::new()
@@ -464,7 +501,14 @@ impl Shared {
             return None;
         }
         self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
-        let alloc = st.image.allocate(b0, b1 - b0);
+        // The holes of the whole allocation unit around the request, if there is room for them.
+        let unit = self.alloc_unit;
+        let (c0, c1) = (b0 / unit * unit, b1.div_ceil(unit) * unit);
+        let c1 = c1.min(st.image.disk_blocks()).max(b1);
+        let mut alloc = st.image.allocate(c0, c1 - c0);
+        if matches!(alloc, Err(ImageError::NoSpace)) && (c0, c1) != (b0, b1) {
+            alloc = st.image.allocate(b0, b1 - b0);
+        }
         if matches!(alloc, Err(ImageError::NoSpace)) && !w.retried {
             // Blocks freed by the running transaction become free once it commits.
             self.stats.enospc.fetch_add(1, Ordering::Relaxed);
@@ -473,15 +517,18 @@ impl Shared {
             self.to_committer(Waiter::Retry(PendingWrite { retried: true, ..w }));
             return None;
         }
-        if let Err(e) = alloc {
-            self.fence.exit(parity);
-            drop(st);
-            w.done.finish(Err(match e {
-                ImageError::NoSpace => EngineError::NoSpace,
-                other => to_engine(other),
-            }));
-            return None;
-        }
+        let new = match alloc {
+            Ok(new) => new,
+            Err(e) => {
+                self.fence.exit(parity);
+                drop(st);
+                w.done.finish(Err(match e {
+                    ImageError::NoSpace => EngineError::NoSpace,
+                    other => to_engine(other),
+                }));
+                return None;
+            }
+        };
         self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
         if crate::testing::broken(crate::testing::Broken::ConvertBeforeWrite) {
             // Deliberately wrong (tests only): written, and committed, before the data exists.
@@ -496,9 +543,36 @@ impl Shared {
             }
             to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
         }
+        // Blocks of the unit outside the request that this write allocated: zeroes go there in
+        // the same host write, and they are converted with the request's blocks. Other writes
+        // touching them wait (in progress) until then, and then find them written.
+        let mut fill = Vec::new();
+        for e in &new {
+            for (lo, hi) in [(c0, b0), (b1, c1)] {
+                let (s, t) = (u64::from(e.lblk).max(lo), e.end().min(hi));
+                if s < t {
+                    let x = Extent {
+                        lblk: s as u32,
+                        len: (t - s) as u32,
+                        pblk: e.pblk + (s - u64::from(e.lblk)),
+                        unwritten: true,
+                    };
+                    for b in s..t {
+                        *st.in_progress.entry(b).or_insert(0) += 1;
+                    }
+                    to_convert.push((s, t - s, x.pblk));
+                    fill.push(x);
+                }
+            }
+        }
+        let filled: u64 = fill.iter().map(|e| u64::from(e.len)).sum();
+        self.stats
+            .zero_filled_blocks
+            .fetch_add(filled, Ordering::Relaxed);
         Some(Allocated {
             w,
             runs,
+            fill,
             to_convert,
             parity,
         })
@@ -544,7 +618,7 @@ impl Shared {
     fn write_slow(self: &Arc<Self>, w: PendingWrite) {
         let Some(a) = self.begin_alloc(w) else { return };
         let mut result = Ok(());
-        for op in run_ops(&a.runs, &a.w) {
+        for op in alloc_ops(&a) {
             if let Err(e) = self.io.writev_at(&op.iovs, op.offset, op.dsync) {
                 result = Err((e, op.offset));
                 break;
@@ -626,6 +700,8 @@ fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
 struct Allocated {
     w: PendingWrite,
     runs: Vec<Extent>,
+    /// New blocks around the request, to fill with zeroes.
+    fill: Vec<Extent>,
     to_convert: Vec<(u64, u64, u64)>,
     parity: usize,
 }
@@ -642,6 +718,56 @@ struct AllocatedDone {
 #[repr(C, align(4096))]
 struct ZeroPage([u8; 4096]);
 static ZERO_PAGE: ZeroPage = ZeroPage([0; 4096]);
+
+/// Zeroes for filling a whole allocation unit in one write (never written to, so the kernel
+/// backs it with its shared zero page until read).
+#[repr(C, align(4096))]
+struct ZeroUnit([u8; (MAX_ALLOC_UNIT * BS) as usize]);
+static ZERO_UNIT: ZeroUnit = ZeroUnit([0; (MAX_ALLOC_UNIT * BS) as usize]);
+
+/// The data writes of an allocating request, with the zero fill of its unit: a piece that
+/// starts where another ends on disk joins it, so a request and its fill are one host write
+/// (one allocation in a sparse backing).
+fn alloc_ops(a: &Allocated) -> Vec<super::uring::Op> {
+    let mut ops = run_ops(&a.runs, &a.w);
+    if a.fill.is_empty() {
+        return ops;
+    }
+    for e in &a.fill {
+        let mut left = u64::from(e.len) * BS;
+        let mut at = e.pblk * BS;
+        while left > 0 {
+            let n = left.min(MAX_ALLOC_UNIT * BS);
+            ops.push(super::uring::Op {
+                iovs: vec![libc::iovec {
+                    iov_base: ZERO_UNIT.0.as_ptr() as *mut _,
+                    iov_len: n as usize,
+                }],
+                offset: at,
+                write: true,
+                dsync: false,
+            });
+            at += n;
+            left -= n;
+        }
+    }
+    ops.sort_by_key(|op| op.offset);
+    let mut out: Vec<super::uring::Op> = Vec::with_capacity(ops.len());
+    for op in ops {
+        if let Some(last) = out.last_mut() {
+            let last_end = last.offset + last.iovs.iter().map(|v| v.iov_len as u64).sum::<u64>();
+            if last_end == op.offset
+                && last.dsync == op.dsync
+                && last.iovs.len() + op.iovs.len() <= iov::MAX_IOVS
+            {
+                last.iovs.extend(op.iovs);
+                continue;
+            }
+        }
+        out.push(op);
+    }
+    out
+}
 
 /// The data writes of a request over its mapped runs. Unwritten (new) blocks get zero padding
 /// around a partial write, so the rest of the block reads as zero once converted; written
@@ -802,9 +928,11 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
         }
         let redo = take_ready(&mut st);
         drop(st);
+        let batch = super::CompletionBatch::enter();
         for (d, r) in done_now {
             d.finish(r);
         }
+        drop(batch);
         for w in waiters {
             s.to_committer(w);
         }
@@ -841,6 +969,7 @@ fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
             .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
         let r = s.commit(durable);
         last_commit = Instant::now();
+        let _batch = super::CompletionBatch::enter();
         for w in waiters {
             match w {
                 Waiter::Retry(p) => s.write_slow(p),
@@ -1064,7 +1193,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                             retried: false,
                         };
                         let Some(a) = sh.begin_alloc(w) else { return };
-                        let ops = run_ops(&a.runs, &a.w);
+                        let ops = alloc_ops(&a);
                         let Allocated {
                             w,
                             to_convert,

@@ -2,6 +2,9 @@
 
 use std::io;
 
+/// Most iovecs one vectored system call takes (Linux's IOV_MAX).
+pub const MAX_IOVS: usize = 1024;
+
 /// The iovecs covering bytes `[start, start + len)` of the buffer `iovs` describes.
 pub fn slice(iovs: &[libc::iovec], start: usize, len: usize) -> Vec<libc::iovec> {
     let mut out = Vec::new();
