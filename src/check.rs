@@ -383,7 +383,7 @@ pub fn check(img: &Image, name: String) -> Report {
             let mut plus = Vec::new();
             let mut minus = Vec::new();
             for i in 0..BLOCKS_PER_GROUP as usize {
-                match (bitmap::test(&expect, i), bitmap::test(actual, i)) {
+                match (bitmap::test(&expect, i), bitmap::test(&actual, i)) {
                     (true, false) if i < gn as usize => plus.push(base + i as u64),
                     (false, true) => minus.push(base + i as u64),
                     (true, false) => p.push(format!(

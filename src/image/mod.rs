@@ -508,7 +508,7 @@ impl Image {
         let groups = self.alloc.take_dirty();
         let mut gdt_blocks = BTreeSet::new();
         for g in groups {
-            let bm = self.alloc.bitmap(g).to_vec();
+            let bm = self.alloc.bitmap(g);
             let d = &mut self.alloc.descs[g as usize];
             d.block_bitmap_csum = bitmap::block_bitmap_csum(self.seed, &bm);
             d.flags &= !crate::ext4::group::BG_BLOCK_UNINIT;

@@ -315,7 +315,8 @@ impl Image {
                 }
                 bm
             };
-            bitmaps.push(bm);
+            // Compact at once: a large image's bitmaps are never all in memory together.
+            bitmaps.push(crate::mapping::usemap::UseMap::from_bitmap(&bm));
         }
         // Identity placement starts past the journal (and any backup range right after it).
         let jend = (0..map.blocks() as u32)

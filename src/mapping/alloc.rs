@@ -7,17 +7,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::usemap::UseMap;
 use super::MapError;
 use crate::ext4::bitmap;
 use crate::ext4::group::GroupDesc;
-use crate::ext4::{BLOCKS_PER_GROUP, BLOCK_SIZE};
+use crate::ext4::BLOCKS_PER_GROUP;
 
 pub struct Allocator {
     blocks_count: u64,
     data_start: u64,
     spare_start: u64,
     pub descs: Vec<GroupDesc>,
-    bitmaps: BTreeMap<u64, Vec<u8>>,
+    /// Each group's used blocks (index = group).
+    bitmaps: Vec<UseMap>,
     dirty: BTreeSet<u64>,
     /// Freed by the running transaction: start → len.
     pending: BTreeMap<u64, u64>,
@@ -26,24 +28,20 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    /// `bitmaps` holds every group's block bitmap (index = group).
+    /// `bitmaps` holds every group's used blocks (index = group).
     pub fn new(
         blocks_count: u64,
         data_start: u64,
         spare_start: u64,
         descs: Vec<GroupDesc>,
-        bitmaps: Vec<Vec<u8>>,
+        bitmaps: Vec<UseMap>,
     ) -> Allocator {
         Allocator {
             blocks_count,
             data_start,
             spare_start: spare_start.min(blocks_count.saturating_sub(1)),
             descs,
-            bitmaps: bitmaps
-                .into_iter()
-                .enumerate()
-                .map(|(g, b)| (g as u64, b))
-                .collect(),
+            bitmaps,
             dirty: BTreeSet::new(),
             pending: BTreeMap::new(),
             committing: BTreeMap::new(),
@@ -58,20 +56,21 @@ impl Allocator {
         self.descs.iter().map(|d| u64::from(d.free_blocks)).sum()
     }
 
-    pub fn bitmap(&self, g: u64) -> &[u8] {
-        &self.bitmaps[&g]
+    /// Group `g`'s on-disk block bitmap.
+    pub fn bitmap(&self, g: u64) -> Vec<u8> {
+        self.bitmaps[g as usize].to_bitmap()
     }
 
     pub fn is_used(&self, blk: u64) -> bool {
         let g = blk / BLOCKS_PER_GROUP;
-        bitmap::test(&self.bitmaps[&g], (blk % BLOCKS_PER_GROUP) as usize)
+        self.bitmaps[g as usize].test((blk % BLOCKS_PER_GROUP) as usize)
     }
 
     /// Replaces group `g`'s block bitmap (repair), recomputing its free count.
     pub fn replace_bitmap(&mut self, g: u64, bm: Vec<u8>) {
         let n = bitmap::blocks_in_group(self.blocks_count, g);
         self.descs[g as usize].free_blocks = bitmap::count_free(&bm, n as usize) as u32;
-        self.bitmaps.insert(g, bm);
+        self.bitmaps[g as usize] = UseMap::from_bitmap(&bm);
         self.dirty.insert(g);
     }
 
@@ -123,8 +122,7 @@ impl Allocator {
             let base = g * BLOCKS_PER_GROUP;
             let n = bitmap::blocks_in_group(self.blocks_count, g).min(limit - base);
             let want = max.min(BLOCKS_PER_GROUP) as usize;
-            match bitmap::find_free_run(&self.bitmaps[&g], (from - base) as usize, n as usize, want)
-            {
+            match self.bitmaps[g as usize].find_free_run((from - base) as usize, n as usize, want) {
                 Some((s, l)) => {
                     let (s, l) = (base + s as u64, l as u64);
                     match self.pending_overlap(s, l) {
@@ -188,22 +186,9 @@ impl Allocator {
         while b < start + len {
             let g = b / BLOCKS_PER_GROUP;
             let end = ((g + 1) * BLOCKS_PER_GROUP).min(start + len);
-            let bm = self
-                .bitmaps
-                .entry(g)
-                .or_insert_with(|| vec![0u8; BLOCK_SIZE]);
-            let mut changed = 0u32;
-            for x in b..end {
-                let i = (x - g * BLOCKS_PER_GROUP) as usize;
-                if bitmap::test(bm, i) != used {
-                    if used {
-                        bitmap::set(bm, i);
-                    } else {
-                        bitmap::clear(bm, i);
-                    }
-                    changed += 1;
-                }
-            }
+            let base = g * BLOCKS_PER_GROUP;
+            let changed =
+                self.bitmaps[g as usize].set((b - base) as usize, (end - base) as usize, used);
             debug_assert_eq!(
                 changed as u64,
                 end - b,
@@ -225,6 +210,7 @@ impl Allocator {
 mod tests {
     use super::*;
     use crate::ext4::group::GroupDesc;
+    use crate::ext4::BLOCK_SIZE;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -244,7 +230,7 @@ mod tests {
                 free_blocks: bitmap::count_free(&bm, n as usize) as u32,
                 ..Default::default()
             });
-            bitmaps.push(bm);
+            bitmaps.push(UseMap::from_bitmap(&bm));
         }
         Allocator::new(blocks, 100, 100 + 40_000, descs, bitmaps)
     }

@@ -2,6 +2,7 @@
 
 pub mod alloc;
 pub mod tree;
+pub mod usemap;
 
 use thiserror::Error;
 
