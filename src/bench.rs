@@ -42,6 +42,8 @@ pub struct BenchOptions {
     /// Run the seed's background load (allocating writes and discards beyond `size`) on an
     /// extra queue.
     pub background: bool,
+    /// Stop after this many requests in all (shared among the queues).
+    pub ios: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +119,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     for (qi, mut q) in started.queues.drain(..).enumerate() {
         let (done_ios, stop) = (done_ios.clone(), stop.clone());
         let (pattern, bs, depth, nq, once) = (o.pattern, o.bs, o.iodepth, o.queues as u64, o.once);
+        let ios_limit = o
+            .ios
+            .map_or(u64::MAX, |n| n / nq + u64::from((qi as u64) < n % nq));
         let base = region.addr + qi * slot;
         handles.push(std::thread::spawn(move || -> Result<Vec<u32>, String> {
             let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ (qi as u64 + 1));
@@ -134,7 +139,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
                 }
             };
             // With --once, a queue stops after covering its share once.
-            let once_limit = if once { share } else { u64::MAX };
+            let once_limit = if once { share } else { u64::MAX }.min(ios_limit);
             let write = !matches!(pattern, Pattern::Read | Pattern::Randread);
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
             let mut started_at = vec![Instant::now(); depth];
@@ -161,6 +166,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
             };
             let mut submitted = 0u64;
             for (i, at) in started_at.iter_mut().enumerate() {
+                if submitted >= once_limit {
+                    break;
+                }
                 submitted += 1;
                 let blk = next_block(&mut rng);
                 *at = Instant::now();
@@ -168,7 +176,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
             }
             let mut comps: Vec<MaybeUninit<Completion>> =
                 (0..depth).map(|_| MaybeUninit::uninit()).collect();
-            let mut inflight = depth;
+            let mut inflight = submitted as usize;
             while inflight > 0 {
                 let n = q
                     .do_io(&mut comps, 1, None, None)

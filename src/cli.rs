@@ -86,6 +86,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub background: bool,
 
+    /// Stop after N requests in all (--runtime still bounds the run).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ios: Option<u64>,
+
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -333,6 +337,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             crate::tools::map(&a.image, a.output == Output::Json)
         }
         Command::Bench(a) => {
+            quiet_on_broken_pipe();
             let r = crate::bench::run(&crate::bench::BenchOptions {
                 socket: a.socket.display().to_string(),
                 pattern: a.pattern,
@@ -344,6 +349,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 progress: a.output == Output::Human,
                 once: a.once,
                 background: a.background,
+                ios: a.ios,
             })?;
             if a.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -952,6 +952,7 @@ thread_local! {
 fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
     IS_COMMITTER.with(|c| c.set(true));
     let mut last_commit = Instant::now();
+    let mut last_trim = Instant::now();
     loop {
         let timeout = interval
             .saturating_sub(last_commit.elapsed())
@@ -969,12 +970,19 @@ fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
             .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
         let r = s.commit(durable);
         last_commit = Instant::now();
-        let _batch = super::CompletionBatch::enter();
-        for w in waiters {
-            match w {
-                Waiter::Retry(p) => s.write_slow(p),
-                w => answer(w, r.clone()),
+        {
+            let _batch = super::CompletionBatch::enter();
+            for w in waiters {
+                match w {
+                    Waiter::Retry(p) => s.write_slow(p),
+                    w => answer(w, r.clone()),
+                }
             }
+        }
+        // Transactions come and go in bursts of megabytes: give their memory back now and then.
+        if last_trim.elapsed() >= Duration::from_secs(1) {
+            super::sysio::release_free_memory();
+            last_trim = Instant::now();
         }
     }
 }

@@ -188,7 +188,7 @@ impl Image {
                 inode_seed(sb.csum_seed(), sb.journal_inum, jinode.generation),
                 "journal inode",
             )?;
-            let map = LogMap::new(jtree.iter().copied().collect::<Vec<Extent>>());
+            let map = LogMap::new(jtree.iter().collect::<Vec<Extent>>());
             if !map.is_contiguous()
                 || map.blocks() * BLOCK_SIZE_U64 != jinode.size
                 || map.blocks() < 1024

@@ -123,11 +123,20 @@ fn coalesce(map: &LogMap, blocks: Vec<(u32, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
-/// Memory bounds, whatever the log's size: a transaction is committed by this many blocks (its
-/// copies exist two or three times while it is written), and the committed copies waiting for a
-/// checkpoint are written home once they reach this many.
+/// Bounds whatever the log's size: a transaction is committed by this many blocks (its copies
+/// exist twice while it is written: memory), and the committed blocks waiting for a checkpoint
+/// are written home once they reach this many (the checkpoint's pause).
 const MAX_TRANSACTION_BLOCKS: u32 = 2048;
 const MAX_CHECKPOINT_BLOCKS: usize = 4096;
+
+/// Where the latest committed copy of a block waiting for the checkpoint sits in the log. The
+/// checkpoint reads it back from there, so committed metadata is not held in memory twice (the
+/// log is not reused before the checkpoint, so the copy stays valid).
+#[derive(Clone, Copy, Debug)]
+struct LogCopy {
+    pos: u32,
+    escaped: bool,
+}
 
 /// Writes transactions into an open, recovered (empty) log.
 pub struct Journal {
@@ -137,8 +146,8 @@ pub struct Journal {
     head: u32,
     next_tid: u32,
     used: u32,
-    /// Latest committed content of every block in the live log, waiting for checkpoint.
-    checkpoint: BTreeMap<u64, Vec<u8>>,
+    /// Every block in the live log waiting for checkpoint: its latest committed copy.
+    checkpoint: BTreeMap<u64, LogCopy>,
     live: HashSet<u64>,
     last_commit_sec: u64,
     pub stats: JournalStats,
@@ -185,11 +194,6 @@ impl Journal {
     /// Does `block` have a copy in the live log (so freeing it needs a revoke record)?
     pub fn is_logged(&self, block: u64) -> bool {
         self.live.contains(&block)
-    }
-
-    /// The committed content of a block not yet written home.
-    pub fn pending_content(&self, block: u64) -> Option<&[u8]> {
-        self.checkpoint.get(&block).map(Vec::as_slice)
     }
 
     fn wrap(&self, p: u32) -> u32 {
@@ -253,6 +257,7 @@ impl Journal {
             pos = self.wrap(pos + 1);
         }
         let blocks: Vec<(&u64, &Vec<u8>)> = tx.blocks.iter().collect();
+        let mut placed = Vec::with_capacity(blocks.len());
         for chunk in blocks.chunks(MAX_TAGS) {
             let mut copies = Vec::with_capacity(chunk.len());
             let mut tags = Vec::with_capacity(chunk.len());
@@ -267,11 +272,12 @@ impl Journal {
                     escaped,
                     checksum: format::block_csum(self.jseed, tid, &c),
                 });
-                copies.push(c);
+                copies.push((blk, escaped, c));
             }
             body.push((pos, format::encode_descriptor(tid, &tags, self.jseed)));
             pos = self.wrap(pos + 1);
-            for c in copies {
+            for (blk, escaped, c) in copies {
+                placed.push((blk, LogCopy { pos, escaped }));
                 body.push((pos, c));
                 pos = self.wrap(pos + 1);
             }
@@ -291,8 +297,8 @@ impl Journal {
         for b in &tx.revokes {
             self.checkpoint.remove(b);
         }
-        for (&blk, data) in &tx.blocks {
-            self.checkpoint.insert(blk, data.clone());
+        for (blk, copy) in placed {
+            self.checkpoint.insert(blk, copy);
             self.live.insert(blk);
         }
         self.used += need;
@@ -312,8 +318,13 @@ impl Journal {
         if self.sb.start == 0 {
             return Ok(());
         }
-        for (&blk, data) in &self.checkpoint {
-            io.write_at(data, blk * BLOCK_SIZE_U64)?;
+        let mut buf = vec![0u8; BLOCK_SIZE_U64 as usize];
+        for (&blk, copy) in &self.checkpoint {
+            io.read_at(&mut buf, self.map.byte_offset(copy.pos))?;
+            if copy.escaped {
+                buf[..4].copy_from_slice(&format::MAGIC.to_be_bytes());
+            }
+            io.write_at(&buf, blk * BLOCK_SIZE_U64)?;
         }
         io.flush()?;
         self.sb.start = 0;

@@ -239,9 +239,43 @@ fn a_root_overflow_without_a_free_block_leaves_the_tree_as_it_was() {
     for l in 0..4 {
         t.replace(l * 10, l * 10 + 1, &[e(l)], &mut Full).unwrap();
     }
-    let before: Vec<Extent> = t.iter().copied().collect();
+    let before: Vec<Extent> = t.iter().collect();
     assert!(t.replace(40, 41, &[e(4)], &mut Full).is_err());
-    assert_eq!(t.iter().copied().collect::<Vec<_>>(), before);
+    assert_eq!(t.iter().collect::<Vec<_>>(), before);
     assert_eq!(t.extent_count(), 4);
     assert_eq!(t.depth(), 0);
+}
+
+#[test]
+fn stored_extents_round_trip_at_the_format_limits() {
+    for e in [
+        Extent {
+            lblk: 0,
+            len: 1,
+            pblk: 0,
+            unwritten: false,
+        },
+        Extent {
+            lblk: u32::MAX - 32768,
+            len: 32768,
+            pblk: (1 << 48) - 32769,
+            unwritten: false,
+        },
+        Extent {
+            lblk: 7,
+            len: 32767,
+            pblk: 1 << 40,
+            unwritten: true,
+        },
+        Extent {
+            lblk: 9,
+            len: 1,
+            pblk: 0xFFFF_FFFF,
+            unwritten: true,
+        },
+    ] {
+        let s = Stored::from(e);
+        assert_eq!(Extent::from(s), e);
+        assert_eq!(std::mem::size_of_val(&s), 12);
+    }
 }
