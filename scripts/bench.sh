@@ -5,6 +5,7 @@
 # noisy); the table shows medians and ratios. Usage:
 #   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 IODEPTH=32 SPAN=1G SIZE=2G
 #   ROUNDS=5 RUNTIME=20 scripts/bench.sh
+#   ONLY="randread randwrite-alloc" ROUNDS=7 scripts/bench.sh   # just those patterns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -67,6 +68,13 @@ plan=(
   "write-flush:4K:1:extblk qcow2:fresh"
   "read:1M:1:extblk extblk~randfill:fill"
 )
+if [ -n "${ONLY:-}" ]; then
+  keep=()
+  for entry in "${plan[@]}"; do
+    [[ " $ONLY " == *" ${entry%%:*} "* ]] && keep+=("$entry")
+  done
+  plan=("${keep[@]}")
+fi
 declare -A res
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode <<<"$entry"
@@ -92,6 +100,7 @@ for entry in "${plan[@]}"; do
   printf '%-16s %4s %2s %-6s %12s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode" "$x" "$o" \
     "$(python3 -c "print($x/$o)")" "$([[ $other == extblk~* ]] && echo "extblk after a ${other#*~}, inverted: seq/rand" || echo "qsd $other")"
 done
+if [ -z "${ONLY:-}" ]; then
 one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
 two=$(echo "${res[randwrite:4K:2:extblk raw:fill/extblk]}" | median)
 rawone=$(echo "${res[randwrite:4K:1:extblk raw:fill/raw]}" | median)
@@ -100,4 +109,5 @@ seqr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk]}" | median)
 randr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk~randfill]}" | median)
 echo "2 queues / 1 queue, overwrite randwrite: extblk $(python3 -c "print(round($two/$one,2))")x, qsd raw $(python3 -c "print(round($rawtwo/$rawone,2))")x"
 echo "sequential read after a random fill / after a sequential fill (extblk): $(python3 -c "print(round($randr/$seqr,2))")x"
+fi
 echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN size=$SIZE; $(nproc) cores, $(uname -r)"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Instructions per 4 KiB overwrite request, user space, for extblk and qemu-storage-daemon raw
+# (issue 8's hot-path count), with valgrind's callgrind (this machine has no hardware counters
+# for `perf stat`). Each daemon runs twice under callgrind: a 64 MiB region filled by 1 MiB
+# writes, then N1 (or N2) random 4 KiB overwrites at iodepth 32; the difference of the totals over
+# the difference of the requests cancels start-up, the fill and shutdown. For qemu-storage-daemon
+# the figure without memset is printed too (under valgrind its coroutine stacks are cleared per
+# request, which a native run does not do). Usage:
+#   scripts/instructions.sh                 # N1=10000 N2=30000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+N1=${N1:-10000} N2=${N2:-30000}
+command -v valgrind >/dev/null || { echo "instructions: valgrind not found (apt-get install valgrind)"; exit 1; }
+command -v qemu-storage-daemon >/dev/null || { echo "instructions: qemu-storage-daemon not found"; exit 1; }
+cargo build --release -q
+E=$PWD/target/release/extblk
+dir=$(mktemp -d /var/tmp/extblk-instr.XXXXXX)
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+run() { # target n -> "total without-memset"
+  local t=$1 n=$2 sock=$dir/s.sock out=$dir/cg.$1.$2
+  rm -f "$sock" "$dir/x.img" "$dir/r.raw"
+  case $t in
+    extblk) "$E" create --size 128M "$dir/x.img" >/dev/null
+            valgrind --tool=callgrind --callgrind-out-file="$out" "$E" serve --socket "$sock" "$dir/x.img" 2>>"$dir/vg.log" & ;;
+    raw)    fallocate -l 128M "$dir/r.raw"
+            valgrind --tool=callgrind --callgrind-out-file="$out" qemu-storage-daemon \
+              --object iothread,id=io0,poll-max-ns=0 \
+              --blockdev driver=file,node-name=f,filename="$dir/r.raw",cache.direct=on,aio=io_uring \
+              --blockdev driver=raw,node-name=fmt,file=f \
+              --export type=vhost-user-blk,id=e,node-name=fmt,iothread=io0,addr.type=unix,addr.path="$sock",writable=on 2>>"$dir/vg.log" & ;;
+  esac
+  pid=$!
+  for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.1; done
+  "$E" bench --socket "$sock" --pattern write --bs 1M --iodepth 8 --once --runtime 600 --size 64M --output json >/dev/null
+  "$E" bench --socket "$sock" --pattern randwrite --bs 4K --iodepth 32 --ios "$n" --runtime 600 --size 64M --output json >/dev/null
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  local total memset
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$out")
+  memset=$(callgrind_annotate --inclusive=no "$out" 2>/dev/null | awk '/memset/ {gsub(",", "", $1); s += $1} END {print s + 0}')
+  echo "$total $((total - memset))"
+}
+
+for t in extblk raw; do
+  read -r a am < <(run "$t" "$N1")
+  read -r b bm < <(run "$t" "$N2")
+  per=$(( (b - a) / (N2 - N1) )); perm=$(( (bm - am) / (N2 - N1) ))
+  label=$([ "$t" = raw ] && echo "qemu-storage-daemon raw" || echo "extblk serve (image)")
+  echo "$label: ($b - $a) / ($N2 - $N1) = $per instructions per request; without memset: $perm"
+done
