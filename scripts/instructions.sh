@@ -9,16 +9,11 @@
 #   scripts/instructions.sh                 # N1=10000 N2=30000
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 N1=${N1:-10000} N2=${N2:-30000}
 command -v valgrind >/dev/null || { echo "instructions: valgrind not found (apt-get install valgrind)"; exit 1; }
 command -v qemu-storage-daemon >/dev/null || { echo "instructions: qemu-storage-daemon not found"; exit 1; }
-cargo build --release -q
-E=$PWD/target/release/extblk
-dir=$(mktemp -d /var/tmp/extblk-instr.XXXXXX)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+# shellcheck source=scripts/measure-env.sh
+. scripts/measure-env.sh instr
 
 run() { # target n -> "total without-memset"
   local t=$1 n=$2 sock=$dir/s.sock out=$dir/cg.$1.$2

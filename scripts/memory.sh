@@ -9,14 +9,9 @@
 # the host filesystem; DIR (default /var/tmp) must have room for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 SIZE=${SIZE:-1T} WRITE=${WRITE:-4G} EXTRA=${EXTRA:-} DIR=${DIR:-/var/tmp}
-cargo build --release -q
-E=$PWD/target/release/extblk
-dir=$(mktemp -d "$DIR/extblk-mem.XXXXXX")
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+# shellcheck source=scripts/measure-env.sh
+. scripts/measure-env.sh mem
 bytes() { python3 -c "import sys; u={'K':1<<10,'M':1<<20,'G':1<<30,'T':1<<40}; s=sys.argv[1]; print(int(s[:-1])*u[s[-1]] if s[-1] in u else int(s))" "$1"; }
 now() { date +%s.%N; }
 serve() { # starts serve and waits for its socket; sets pid and took (seconds to the socket)

@@ -9,14 +9,9 @@
 #   scripts/seed-experiment.sh            # ROUNDS=3 RUNTIME=5 SPAN=1G
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-5} SPAN=${SPAN:-1G} SIZE=${SIZE:-2G}
-cargo build --release -q
-E=$PWD/target/release/extblk
-dir=$(mktemp -d /var/tmp/extblk-seed.XXXXXX)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
+# shellcheck source=scripts/measure-env.sh
+. scripts/measure-env.sh seed
 
 run() { # layout hot-path load -> IOPS
   local img=$dir/e.img sock=$dir/e.sock
