@@ -6,7 +6,7 @@ fn main() {
     match extblk::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("extblk: {e}");
+            eprintln!("extblk: {e:#}");
             std::process::exit(1);
         }
     }
