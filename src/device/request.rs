@@ -138,30 +138,32 @@ pub struct Parsed {
     pub request: Result<Request, RequestError>,
 }
 
-/// Splits the first `n` bytes off a list of ranges.
-fn split_front(ranges: &mut Vec<GuestRange>, n: usize) -> Vec<GuestRange> {
-    let mut taken = Vec::new();
-    let mut need = n as u64;
-    let mut i = 0;
-    while need > 0 && i < ranges.len() {
-        let r = ranges[i];
-        let take = u64::from(r.len).min(need);
-        taken.push(GuestRange {
-            addr: r.addr,
-            len: take as u32,
-        });
-        need -= take;
-        if take == u64::from(r.len) {
-            i += 1;
+/// Reads the request header from the front of the readable ranges and takes its bytes off
+/// them, without allocating (this runs for every request).
+fn take_header<M: GuestMemory>(
+    mem: &M,
+    ranges: &mut Vec<GuestRange>,
+) -> Result<[u8; HEADER_LEN], RequestError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    let mut used = 0;
+    while got < HEADER_LEN && used < ranges.len() {
+        let r = ranges[used];
+        let take = (r.len as usize).min(HEADER_LEN - got);
+        mem.read_slice(&mut header[got..got + take], r.addr)
+            .map_err(|_| RequestError::BadGuestAddress(r.addr.0, take as u64))?;
+        got += take;
+        if take == r.len as usize {
+            used += 1;
         } else {
-            ranges[i] = GuestRange {
-                addr: r.addr.unchecked_add(take),
+            ranges[used] = GuestRange {
+                addr: r.addr.unchecked_add(take as u64),
                 len: r.len - take as u32,
             };
         }
     }
-    ranges.drain(..i);
-    taken
+    ranges.drain(..used);
+    Ok(header)
 }
 
 fn total(ranges: &[GuestRange]) -> u64 {
@@ -336,7 +338,7 @@ where
     if total(&readable) < HEADER_LEN as u64 {
         return Err(RequestError::ShortHeader);
     }
-    let header = read_bytes(&**mem, &split_front(&mut readable, HEADER_LEN))?;
+    let header = take_header(&**mem, &mut readable)?;
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     let out_data = readable;
