@@ -952,7 +952,6 @@ thread_local! {
 fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
     IS_COMMITTER.with(|c| c.set(true));
     let mut last_commit = Instant::now();
-    let mut last_trim = Instant::now();
     loop {
         let timeout = interval
             .saturating_sub(last_commit.elapsed())
@@ -978,11 +977,6 @@ fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
                     w => answer(w, r.clone()),
                 }
             }
-        }
-        // Transactions come and go in bursts of megabytes: give their memory back now and then.
-        if last_trim.elapsed() >= Duration::from_secs(1) {
-            super::sysio::release_free_memory();
-            last_trim = Instant::now();
         }
     }
 }

@@ -202,18 +202,6 @@ pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     }
 }
 
-/// Hands memory the allocator holds free back to the kernel. glibc keeps freed chunks in its
-/// arenas (one per thread that allocated), so a burst of large transactions would otherwise
-/// stay resident for the daemon's lifetime.
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and trims glibc's own arenas; it is thread-safe and takes
-    // no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
