@@ -495,6 +495,22 @@ fn bad_command_lines_get_one_clear_line() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+    // Allocation units: powers of two from 4K to 1M only; bench counts must be positive.
+    for bad in ["3K", "2M", "48K", "0", "x"] {
+        let out = extblk()
+            .args(["serve", "--alloc-unit", bad, "--socket", "x", "y"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--alloc-unit {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--alloc-unit"), "--alloc-unit {bad}: {err}");
+    }
+    let out = extblk()
+        .args(["bench", "--socket", "x", "--ios", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ios"));
 }
 
 #[test]
