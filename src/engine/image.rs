@@ -538,9 +538,6 @@ impl Shared {
         let runs: Vec<Extent> = st.image.tree().range(b0 as u32, b1 as u32);
         let mut to_convert = Vec::new();
         for e in runs.iter().filter(|e| e.unwritten) {
-            for b in u64::from(e.lblk)..e.end() {
-                *st.in_progress.entry(b).or_insert(0) += 1;
-            }
             to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
         }
         // Blocks of the unit outside the request that this write allocated: zeroes go there in
@@ -557,14 +554,12 @@ impl Shared {
                         pblk: e.pblk + (s - u64::from(e.lblk)),
                         unwritten: true,
                     };
-                    for b in s..t {
-                        *st.in_progress.entry(b).or_insert(0) += 1;
-                    }
                     to_convert.push((s, t - s, x.pblk));
                     fill.push(x);
                 }
             }
         }
+        mark(&mut st, &to_convert);
         let filled: u64 = fill.iter().map(|e| u64::from(e.len)).sum();
         self.stats
             .zero_filled_blocks
@@ -811,6 +806,15 @@ fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<super::uring::Op> {
         });
     }
     ops
+}
+
+/// Marks the blocks of `(lblk, len, pblk)` runs as being initialised by one more write.
+fn mark(st: &mut Locked, runs: &[(u64, u64, u64)]) {
+    for &(l, n, _) in runs {
+        for b in l..l + n {
+            *st.in_progress.entry(b).or_insert(0) += 1;
+        }
+    }
 }
 
 fn unmark(st: &mut Locked, runs: &[(u64, u64, u64)]) {

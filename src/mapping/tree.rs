@@ -74,8 +74,8 @@ fn stored(v: &[Extent]) -> Vec<Stored> {
     v.iter().map(|&e| Stored::from(e)).collect()
 }
 
-fn unpacked(v: &[Stored]) -> Vec<Extent> {
-    v.iter().map(|&e| Extent::from(e)).collect()
+fn unpacked(v: &[Stored]) -> impl Iterator<Item = Extent> + '_ {
+    v.iter().map(|&e| Extent::from(e))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,8 +156,12 @@ fn edit<T: Copy + Into<Extent>>(old: &[T], a: u32, b: u32, new: &[Extent]) -> Ed
     let mut window = Vec::with_capacity(new.len() + 4);
     window.extend(old[lo..i0].iter().map(|&e| e.into()));
     let mut removed = Vec::with_capacity(i1 - i0);
-    for (k, e) in old[i0..i1].iter().map(|&e| e.into()).enumerate() {
-        let e: &Extent = &e;
+    for (k, e) in old[i0..i1]
+        .iter()
+        .map(|&e| -> Extent { e.into() })
+        .enumerate()
+    {
+        let e = &e;
         // Overlaps [a, b): keep the parts outside, report the part inside.
         if u64::from(e.lblk) < a64 {
             window.push(Extent {
@@ -370,11 +374,7 @@ impl ExtentTree {
         if self.leaves.is_empty() {
             Box::new(self.root_extents.iter().copied())
         } else {
-            Box::new(
-                self.leaves
-                    .iter()
-                    .flat_map(|l| l.extents.iter().map(|&e| Extent::from(e))),
-            )
+            Box::new(self.leaves.iter().flat_map(|l| unpacked(&l.extents)))
         }
     }
 
@@ -449,7 +449,7 @@ impl ExtentTree {
             let e = (self.leaf_index(b.saturating_sub(1).max(a)) + 2).min(self.leaves.len());
             let old: Vec<Extent> = self.leaves[s..e]
                 .iter()
-                .flat_map(|l| l.extents.iter().map(|&e| Extent::from(e)))
+                .flat_map(|l| unpacked(&l.extents))
                 .collect();
             let (v, removed) = splice(&old, a, b, new);
             let count = self.extent_count + v.len() - old.len();
@@ -489,11 +489,7 @@ impl ExtentTree {
         if len == 0 || len > FANOUT || new_first != Some(first) {
             return None;
         }
-        if !leaf.extents[ed.lo..ed.hi]
-            .iter()
-            .map(|&e| Extent::from(e))
-            .eq(ed.window.iter().copied())
-        {
+        if !unpacked(&leaf.extents[ed.lo..ed.hi]).eq(ed.window.iter().copied()) {
             self.changes.dirty.insert(leaf.pblk);
         }
         self.extent_count = self.extent_count + len - leaf.extents.len();
@@ -623,7 +619,7 @@ impl ExtentTree {
         let all: Vec<Extent> = self
             .leaves
             .iter()
-            .flat_map(|l| l.extents.iter().map(|&e| Extent::from(e)))
+            .flat_map(|l| unpacked(&l.extents))
             .collect();
         for p in self.node_blocks() {
             self.changes.dirty.remove(&p);
@@ -663,7 +659,7 @@ impl ExtentTree {
                 l.pblk,
                 Node {
                     depth: 0,
-                    entries: Entries::Leaf(unpacked(&l.extents)),
+                    entries: Entries::Leaf(unpacked(&l.extents).collect()),
                 },
             ));
         }
@@ -686,7 +682,7 @@ impl ExtentTree {
         if let Some(l) = self.leaves.iter().find(|l| l.pblk == pblk) {
             return Some(Node {
                 depth: 0,
-                entries: Entries::Leaf(unpacked(&l.extents)),
+                entries: Entries::Leaf(unpacked(&l.extents).collect()),
             });
         }
         for (i, lv) in self.levels.iter().enumerate() {

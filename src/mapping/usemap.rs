@@ -77,7 +77,7 @@ impl UseMap {
     /// Marks `[start, end)` used or free; returns how many blocks changed state.
     pub fn set(&mut self, start: usize, end: usize, used: bool) -> u32 {
         debug_assert!(start <= end && end <= BITS);
-        let changed = match self {
+        match self {
             UseMap::Bits(b) => {
                 let mut changed = 0;
                 for i in start..end {
@@ -90,20 +90,16 @@ impl UseMap {
                         changed += 1;
                     }
                 }
-                return changed;
+                changed
             }
-            UseMap::Runs(runs) => set_runs(runs, start, end, used),
-        };
-        if let UseMap::Runs(runs) = self {
-            if runs.len() > MAX_RUNS {
-                let mut b = vec![0u8; BLOCK_SIZE];
-                for &(s, l) in runs.iter() {
-                    bitmap::set_range(&mut b, usize::from(s), usize::from(s) + usize::from(l));
+            UseMap::Runs(runs) => {
+                let changed = set_runs(runs, start, end, used);
+                if runs.len() > MAX_RUNS {
+                    *self = UseMap::Bits(self.to_bitmap().into_boxed_slice());
                 }
-                *self = UseMap::Bits(b.into_boxed_slice());
+                changed
             }
         }
-        changed
     }
 
     /// The first free run at or after `from` below `n`: (start, length ≤ `max_len`).
