@@ -61,6 +61,10 @@ struct Inner<E: BlockEngine> {
     acked_features: AtomicU64,
     accepting: AtomicBool,
     mem: RwLock<Option<GuestMemAtomic>>,
+    /// Bumped after every memory-table change: a queue thread holding an older snapshot
+    /// reloads it before taking the next chain (the frontend may publish a request using a new
+    /// region as soon as the change is acknowledged, even while that thread is mid-batch).
+    mem_generation: AtomicU64,
     queues: Vec<Mutex<E::Queue<VirtioCompletion>>>,
     shared: Vec<Arc<QueueShared>>,
     counters: Arc<Counters>,
@@ -119,6 +123,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                 acked_features: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
                 mem: RwLock::new(None),
+                mem_generation: AtomicU64::new(0),
                 queues,
                 shared,
                 counters,
@@ -208,15 +213,21 @@ impl<E: BlockEngine> BlockDevice<E> {
         u64::from(self.inner.opts.num_queues) + 1
     }
 
-    fn process_vring(&self, q: usize, vring: &Vring) {
-        let Some(mem) = self
+    /// The current guest memory and the generation it belongs to.
+    fn memory(&self) -> Option<(u64, Arc<GuestMem>)> {
+        let generation = self.inner.mem_generation.load(Ordering::Acquire);
+        let mem = self
             .inner
             .mem
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(completion::current_memory)
-        else {
+            .map(completion::current_memory)?;
+        Some((generation, mem))
+    }
+
+    fn process_vring(&self, q: usize, vring: &Vring) {
+        let Some(mut mem) = self.memory() else {
             return;
         };
         let shared = &self.inner.shared[q];
@@ -226,7 +237,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                 if let Err(e) = vring.disable_notification() {
                     log::warn!("queue {q}: cannot disable notifications: {e}");
                 }
-                self.drain_avail(q, vring, &mem);
+                self.drain_avail(q, vring, &mut mem);
                 match vring.enable_notification() {
                     Ok(true) if self.inner.accepting.load(Ordering::Acquire) => continue,
                     Ok(_) => break,
@@ -237,12 +248,19 @@ impl<E: BlockEngine> BlockDevice<E> {
                 }
             }
         } else {
-            self.drain_avail(q, vring, &mem);
+            self.drain_avail(q, vring, &mut mem);
         }
     }
 
-    fn drain_avail(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>) {
+    fn drain_avail(&self, q: usize, vring: &Vring, snapshot: &mut (u64, Arc<GuestMem>)) {
         while self.inner.accepting.load(Ordering::Acquire) {
+            if self.inner.mem_generation.load(Ordering::Acquire) != snapshot.0 {
+                match self.memory() {
+                    Some(m) => *snapshot = m,
+                    None => break,
+                }
+            }
+            let mem = &snapshot.1;
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
             let Some(chain) = chain else { break };
             let parsed = request::parse(chain, mem, &self.inner.limits);
@@ -406,6 +424,7 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         *self.inner.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.inner.mem_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
