@@ -8,6 +8,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
+
+use super::iov;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How a request's operations ended: the first error, with the file offset it happened at.
@@ -22,6 +24,35 @@ pub struct Op {
     pub offset: u64,
     pub write: bool,
     pub dsync: bool,
+}
+
+/// Splits operations with more iovecs than one vectored call takes (Linux's IOV_MAX: the kernel
+/// answers EINVAL, which must not abort the journal) into consecutive operations at iovec
+/// boundaries. A guest may send up to `seg_max` segments (queue size − 2, so up to 32,766), each
+/// its own iovec or more.
+pub fn split_long(ops: Vec<Op>) -> Vec<Op> {
+    if ops.iter().all(|op| op.iovs.len() <= iov::MAX_IOVS) {
+        return ops;
+    }
+    let mut out = Vec::with_capacity(ops.len() + 1);
+    for op in ops {
+        if op.iovs.len() <= iov::MAX_IOVS {
+            out.push(op);
+            continue;
+        }
+        let mut offset = op.offset;
+        for chunk in op.iovs.chunks(iov::MAX_IOVS) {
+            let len: u64 = chunk.iter().map(|v| v.iov_len as u64).sum();
+            out.push(Op {
+                iovs: chunk.to_vec(),
+                offset,
+                write: op.write,
+                dsync: op.dsync,
+            });
+            offset += len;
+        }
+    }
+    out
 }
 
 struct Slot<T> {
@@ -79,6 +110,7 @@ impl<T> Ring<T> {
     /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
     /// later [`Ring::reap`]) when they all finished, with the first error.
     pub fn start(&mut self, ops: Vec<Op>, tag: T, done: &mut Finished<T>) {
+        let ops = split_long(ops);
         if ops.is_empty() {
             done.push((tag, Ok(())));
             return;
@@ -95,7 +127,7 @@ impl<T> Ring<T> {
             .iter()
             .enumerate()
             .map(|(sub, op)| {
-                let ud = ((idx as u64) << 16) | sub as u64;
+                let ud = ((idx as u64) << 32) | sub as u64;
                 let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
                 if op.write {
                     opcode::Writev::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
@@ -192,8 +224,8 @@ impl<T> Ring<T> {
         }
         self.ops_in_flight -= cqes.len().min(self.ops_in_flight);
         for (ud, res) in cqes {
-            let idx = (ud >> 16) as usize;
-            let sub = (ud & 0xFFFF) as usize;
+            let idx = (ud >> 32) as usize;
+            let sub = (ud & 0xFFFF_FFFF) as usize;
             let Some(Some(slot)) = self.slots.get_mut(idx) else {
                 continue;
             };
@@ -226,5 +258,36 @@ impl<T> Ring<T> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_operations_split_at_iov_max() {
+        let mut page = vec![0u8; 4096];
+        let iovs: Vec<libc::iovec> = (0..2500)
+            .map(|_| libc::iovec {
+                iov_base: page.as_mut_ptr().cast(),
+                iov_len: 4096,
+            })
+            .collect();
+        let ops = split_long(vec![Op {
+            iovs,
+            offset: 8192,
+            write: true,
+            dsync: true,
+        }]);
+        let lens: Vec<usize> = ops.iter().map(|o| o.iovs.len()).collect();
+        assert_eq!(
+            lens,
+            [iov::MAX_IOVS, iov::MAX_IOVS, 2500 - 2 * iov::MAX_IOVS]
+        );
+        let offsets: Vec<u64> = ops.iter().map(|o| o.offset).collect();
+        let step = (iov::MAX_IOVS * 4096) as u64;
+        assert_eq!(offsets, [8192, 8192 + step, 8192 + 2 * step]);
+        assert!(ops.iter().all(|o| o.write && o.dsync));
     }
 }
