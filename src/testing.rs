@@ -14,6 +14,10 @@ pub enum Broken {
     ReuseBeforeCommit = 2,
     /// Allocating writes are converted to written before their data is written.
     ConvertBeforeWrite = 3,
+    /// An allocating write that finds the log nearly full waits on its queue thread for the
+    /// commit, while fence guards of its batch's unsubmitted reads and overwrites hold the
+    /// committer up (the stall of issue 12).
+    ThrottleHoldsFence = 4,
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);

@@ -19,7 +19,7 @@
 //!   durable and before the allocator may hand them out again.
 //! - `data_err=abort`: a failed data write aborts the journal; reads go on, writes fail.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::fence::IoFence;
+use super::fence::{FenceGuard, IoFence};
 use super::uring::Ring;
 use super::{
     iov, BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
@@ -112,15 +112,20 @@ pub struct EngineStats {
     pub zero_filled_blocks: AtomicU64,
     pub commits: AtomicU64,
     pub discards: AtomicU64,
+    /// Allocating writes that failed for lack of space (never inside the disk's capacity).
     pub enospc: AtomicU64,
+    /// Allocating writes that parked because the running transaction reached half the log.
     pub throttled: AtomicU64,
+    /// Allocating writes that parked because free space existed only as blocks freed by the
+    /// running or committing transaction (allocatable once it commits).
+    pub space_waits: AtomicU64,
 }
 
 impl EngineStats {
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} zero_filled_blocks={} commits={} zeroing_ops={} enospc={} throttled={}",
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} zero_filled_blocks={} commits={} zeroing_ops={} enospc={} throttled={} space_waits={}",
             g(&self.fast_reads),
             g(&self.fast_overwrites),
             g(&self.allocating_writes),
@@ -131,7 +136,8 @@ impl EngineStats {
             g(&self.commits),
             g(&self.discards),
             g(&self.enospc),
-            g(&self.throttled)
+            g(&self.throttled),
+            g(&self.space_waits)
         )
     }
 }
@@ -141,26 +147,16 @@ struct PendingWrite {
     bufs: GuestBuffers,
     fua: bool,
     done: Done,
-    /// Already waited for a commit to free space once.
-    retried: bool,
 }
 
 enum Work {
-    /// Data of an allocating write is on disk: convert `(lblk, len, pblk)` runs, then complete.
-    Convert {
-        runs: Vec<(u64, u64, u64)>,
-        fua: bool,
-        done: Done,
-    },
+    /// A conversion after an allocating write's data I/O, or a DISCARD / WRITE_ZEROES.
+    Meta(MetaOp),
     Flush {
         done: Done,
     },
-    Zero {
-        ranges: Vec<ZeroRange>,
-        discard: bool,
-        fua: bool,
-        done: Done,
-    },
+    /// A deferred write whose blocks are no longer being initialised: allocate it again.
+    Redo(PendingWrite),
     /// Commit now and report (used by `flush()` at shutdown).
     Sync {
         reply: Sender<Result<(), String>>,
@@ -170,6 +166,9 @@ enum Work {
         done: Done,
         result: Result<(), EngineError>,
     },
+    /// A parked allocating write, allocated by the committer after a commit: write its data
+    /// (positioned I/O), then convert.
+    Write(Allocated),
 }
 
 /// What the committer completes after its next commit.
@@ -178,10 +177,7 @@ enum Waiter {
     Done(Done),
     /// `flush()` at shutdown.
     Sync(Sender<Result<(), String>>),
-    /// An allocating write that found no space: the blocks the running transaction frees are
-    /// allocatable once it commits, so it is tried once more after.
-    Retry(PendingWrite),
-    /// Nothing waits; the log is filling up.
+    /// Nothing waits; the log is filling up, or writes are parked until the next commit.
     Nudge,
 }
 
@@ -191,6 +187,11 @@ struct Locked {
     /// Blocks an allocating write is filling: lblk → writers.
     in_progress: HashMap<u64, u32>,
     deferred: Vec<PendingWrite>,
+    /// Work waiting for a commit, in arrival order: allocating writes (the log throttle, or
+    /// space that only a commit frees) and conversions or zeroings that found no block for a
+    /// tree edit. While any waits, new allocating writes queue behind it. The committer
+    /// restarts them after each commit (see `fence.rs`: nobody blocks on a commit).
+    parked: VecDeque<Parked>,
     /// Backing ranges freed by the running transaction, to punch once it is durable.
     punch_after_commit: Vec<(u64, u64)>,
     /// The running transaction frees blocks: in-flight I/O that saw them mapped must end before
@@ -200,11 +201,11 @@ struct Locked {
 
 struct Shared {
     state: Mutex<Locked>,
-    /// Signalled after every commit: allocating writes wait on it while the running
-    /// transaction is too large for the log (as jbd2's `start_this_handle` waits).
+    /// Signalled after every commit. Only the deliberately broken engine of the tests
+    /// (`Broken::ThrottleHoldsFence`) waits on it; the real one parks instead.
     committed: Condvar,
     io: Arc<dyn BlockIo>,
-    fence: IoFence,
+    fence: Arc<IoFence>,
     /// Bumped whenever a written mapping is removed or unwritten: invalidates queue caches.
     unmap_seq: AtomicU64,
     info: EngineInfo,
@@ -268,11 +269,12 @@ impl ImageEngine {
                 image,
                 in_progress: HashMap::new(),
                 deferred: Vec::new(),
+                parked: VecDeque::new(),
                 punch_after_commit: Vec::new(),
                 frees_pending: false,
             }),
             io,
-            fence: IoFence::default(),
+            fence: Arc::new(IoFence::default()),
             unmap_seq: AtomicU64::new(0),
             info,
             aborted: AtomicBool::new(false),
@@ -378,12 +380,15 @@ impl Shared {
 
     /// Commits the running transaction; see the module comment. Only the committer thread
     /// calls this while the engine runs, so commits never overlap. `durable`: a waiter needs
-    /// the data durable even when there is no metadata to journal.
-    fn commit(&self, durable: bool) -> Result<(), String> {
+    /// the data durable even when there is no metadata to journal. Afterwards, under the same
+    /// lock that makes the commit's frees allocatable, the parked allocating writes start again
+    /// in arrival order; returns whether some are still parked (the caller commits again).
+    fn commit(&self, durable: bool) -> Result<bool, String> {
         if self.info.read_only {
-            return Ok(());
+            return Ok(false);
         }
         if self.aborted.load(Ordering::Acquire) {
+            self.fail_parked();
             return Err("the journal was aborted".into());
         }
         let (prepared, punches, frees) = {
@@ -398,15 +403,17 @@ impl Shared {
                     let e = self.commit_failed(&mut st, e);
                     drop(st);
                     self.committed.notify_all();
+                    self.fail_parked();
                     return Err(e);
                 }
             }
         };
         if prepared.is_none() && !durable {
-            return Ok(());
+            return Ok(self.restart_parked());
         }
         if frees {
             // No I/O that saw the old mapping may still touch the blocks about to be reused.
+            // Ends: see fence.rs (nobody holding a guard waits for this thread).
             self.fence.wait_prior();
         }
         let written = match &prepared {
@@ -430,7 +437,130 @@ impl Shared {
         let r = r.map_err(|e| self.commit_failed(&mut st, e));
         drop(st);
         self.committed.notify_all();
-        r
+        match r {
+            Ok(()) => Ok(self.restart_parked()),
+            Err(e) => {
+                self.fail_parked();
+                Err(e)
+            }
+        }
+    }
+
+    /// Restarts parked work, oldest first, until one must park again: allocating writes are
+    /// allocated here (their data I/O goes to the worker), conversions and zeroings run here.
+    /// Under the lock that the commit's frees became allocatable under, so the oldest waiter
+    /// has first pick. Returns whether work is still parked.
+    fn restart_parked(&self) -> bool {
+        let mut st = lock(&self.state);
+        let mut ready = Vec::new();
+        let mut now = Vec::new();
+        let mut durable = Vec::new();
+        while let Some(p) = st.parked.pop_front() {
+            match p {
+                Parked::Write(w) => match self.alloc_locked(&mut st, w) {
+                    Step::Go(a) => ready.push(a),
+                    Step::Later => {}
+                    Step::Park(w) => {
+                        st.parked.push_front(Parked::Write(w));
+                        break;
+                    }
+                    Step::Fail(w, e) => now.push((w.done, Err(e))),
+                },
+                Parked::Meta(op) => match self.run_meta(&mut st, op) {
+                    MetaEnd::Now(d, r) => now.push((d, r)),
+                    MetaEnd::Durable(d) => durable.push(d),
+                    MetaEnd::Park(op) => {
+                        st.parked.push_front(Parked::Meta(op));
+                        break;
+                    }
+                },
+            }
+        }
+        let still = !st.parked.is_empty();
+        let redo = take_ready(&mut st);
+        drop(st);
+        for a in ready {
+            self.send(Work::Write(a));
+        }
+        for (d, r) in now {
+            d.finish(r);
+        }
+        for d in durable {
+            self.to_committer(Waiter::Done(d));
+        }
+        for w in redo {
+            self.send(Work::Redo(w));
+        }
+        still
+    }
+
+    /// The journal is gone: parked work can never run.
+    fn fail_parked(&self) {
+        let parked = std::mem::take(&mut lock(&self.state).parked);
+        for p in parked {
+            p.fail(EngineError::Io(io::Error::other(
+                "the journal was aborted after an error",
+            )));
+        }
+    }
+
+    /// A conversion or zeroing, under the mapping lock. Either may split an extent and need a
+    /// tree block; when none is free but frees wait for a commit, it parks (the space rule).
+    fn run_meta(&self, st: &mut Locked, op: MetaOp) -> MetaEnd {
+        let no_space = |r: &Result<(), EngineError>, st: &Locked| {
+            matches!(r, Err(EngineError::NoSpace)) && st.image.space_pending()
+        };
+        match op {
+            MetaOp::Convert { runs, fua, done } => {
+                let mut r = Ok(());
+                for &(l, n, p) in &runs {
+                    // Runs converted before a failure stay converted: converting is idempotent,
+                    // so the retry redoes only what is left.
+                    match st.image.convert_exact(l, n, p) {
+                        Ok(c) => {
+                            self.stats.converted_blocks.fetch_add(c, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            r = Err(to_engine(e));
+                            break;
+                        }
+                    }
+                }
+                if no_space(&r, st) {
+                    self.stats.space_waits.fetch_add(1, Ordering::Relaxed);
+                    return MetaEnd::Park(MetaOp::Convert { runs, fua, done });
+                }
+                unmark(st, &runs);
+                match r {
+                    Ok(()) if fua => MetaEnd::Durable(done),
+                    r => MetaEnd::Now(done, r),
+                }
+            }
+            MetaOp::Zero {
+                ranges,
+                discard,
+                fua,
+                done,
+            } => {
+                // Punching or zeroing again what was done before a failure is a no-op.
+                let r = self
+                    .writable()
+                    .and_then(|_| self.zero_ranges(st, &ranges, discard));
+                if no_space(&r, st) {
+                    self.stats.space_waits.fetch_add(1, Ordering::Relaxed);
+                    return MetaEnd::Park(MetaOp::Zero {
+                        ranges,
+                        discard,
+                        fua,
+                        done,
+                    });
+                }
+                match r {
+                    Ok(()) if fua => MetaEnd::Durable(done),
+                    r => MetaEnd::Now(done, r),
+                }
+            }
+        }
     }
 
     fn commit_failed(&self, st: &mut Locked, e: ImageError) -> String {
@@ -470,37 +600,70 @@ impl Shared {
     }
 
     /// The first half of an allocating write: under the mapping lock, allocate every hole of
-    /// the request as unwritten extents and mark the blocks in progress. Returns the request,
-    /// its mapped runs, the runs to convert afterwards and the fence parity it entered with; or
-    /// `None` when the request was deferred (it touches blocks another write is initialising)
-    /// or already failed.
+    /// the request (and of its allocation unit) as unwritten extents and mark the blocks in
+    /// progress. Returns the allocation, holding a fence guard, ready for its data I/O; or
+    /// `None` when the request was deferred (it touches blocks another write is initialising),
+    /// parked until a commit, or already failed. Never waits for a commit (see fence.rs).
     fn begin_alloc(self: &Arc<Self>, w: PendingWrite) -> Option<Allocated> {
         if let Err(e) = self.writable() {
             w.done.finish(Err(e));
             return None;
         }
-        let (b0, b1) = blocks_of(w.offset, w.bufs.len() as u64);
-        // Lock first, then enter the fence: the worker waits on the fence while holding the
-        // lock, so entering first and then blocking on the lock would deadlock.
         let mut st = lock(&self.state);
-        // Throttle (not on the committer itself, which makes the room): a commit is under way
-        // and the next transaction must not outgrow the log meanwhile.
-        while st.image.log_nearly_full()
-            && !self.aborted.load(Ordering::Acquire)
-            && !IS_COMMITTER.with(|c| c.get())
-        {
-            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            self.to_committer(Waiter::Nudge);
-            st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+        if crate::testing::broken(crate::testing::Broken::ThrottleHoldsFence) {
+            // Deliberately wrong (tests only): the old throttle, waiting for a commit on this
+            // thread while guards of its own unsubmitted I/O hold the committer up.
+            while st.image.log_nearly_full() && !self.aborted.load(Ordering::Acquire) {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                self.to_committer(Waiter::Nudge);
+                st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
         }
-        let parity = self.fence.enter_raw();
+        // Writes already waiting for a commit go first: a later write must not take the space
+        // (or the log room) they wait for. This is what bounds a write's wait (architecture.md,
+        // "The space rule").
+        let step = if st.parked.is_empty() {
+            self.alloc_locked(&mut st, w)
+        } else {
+            Step::Park(w)
+        };
+        match step {
+            Step::Go(a) => Some(a),
+            Step::Later => None,
+            Step::Park(w) => {
+                st.parked.push_back(Parked::Write(w));
+                drop(st);
+                self.to_committer(Waiter::Nudge);
+                None
+            }
+            Step::Fail(w, e) => {
+                drop(st);
+                w.done.finish(Err(e));
+                None
+            }
+        }
+    }
+
+    /// The allocation itself, under the mapping lock.
+    fn alloc_locked(&self, st: &mut Locked, w: PendingWrite) -> Step {
+        if let Err(e) = self.writable() {
+            return Step::Fail(w, e);
+        }
+        // The running transaction has reached half the log: it must not grow until a commit
+        // has made room (jbd2's start_this_handle), or it could outgrow the log and abort.
+        if st.image.log_nearly_full() {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return Step::Park(w);
+        }
+        let (b0, b1) = blocks_of(w.offset, w.bufs.len() as u64);
         if (b0..b1).any(|b| st.in_progress.contains_key(&b)) {
             self.stats.deferred_writes.fetch_add(1, Ordering::Relaxed);
-            self.fence.exit(parity);
             st.deferred.push(w);
-            return None;
+            return Step::Later;
         }
-        self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
+        // Entered under the lock, with the allocation: a discard of these blocks that follows
+        // cannot let them be reused before this write's data has landed.
+        let guard = self.fence.enter();
         // The holes of the whole allocation unit around the request, if there is room for them.
         let unit = self.alloc_unit;
         let (c0, c1) = (b0 / unit * unit, b1.div_ceil(unit) * unit);
@@ -509,26 +672,25 @@ impl Shared {
         if matches!(alloc, Err(ImageError::NoSpace)) && (c0, c1) != (b0, b1) {
             alloc = st.image.allocate(b0, b1 - b0);
         }
-        if matches!(alloc, Err(ImageError::NoSpace)) && !w.retried {
-            // Blocks freed by the running transaction become free once it commits.
-            self.stats.enospc.fetch_add(1, Ordering::Relaxed);
-            self.fence.exit(parity);
-            drop(st);
-            self.to_committer(Waiter::Retry(PendingWrite { retried: true, ..w }));
-            return None;
-        }
         let new = match alloc {
             Ok(new) => new,
-            Err(e) => {
-                self.fence.exit(parity);
-                drop(st);
-                w.done.finish(Err(match e {
-                    ImageError::NoSpace => EngineError::NoSpace,
-                    other => to_engine(other),
-                }));
-                return None;
+            Err(ImageError::NoSpace) if st.image.space_pending() => {
+                // Blocks freed by the running or committing transaction become free once it
+                // commits: wait for that, however many commits it takes.
+                self.stats.space_waits.fetch_add(1, Ordering::Relaxed);
+                return Step::Park(w);
             }
+            Err(ImageError::NoSpace) => {
+                self.stats.enospc.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "no free block for a write at byte {} although nothing is waiting to be freed",
+                    w.offset
+                );
+                return Step::Fail(w, EngineError::NoSpace);
+            }
+            Err(e) => return Step::Fail(w, to_engine(e)),
         };
+        self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
         self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
         if crate::testing::broken(crate::testing::Broken::ConvertBeforeWrite) {
             // Deliberately wrong (tests only): written, and committed, before the data exists.
@@ -559,30 +721,30 @@ impl Shared {
                 }
             }
         }
-        mark(&mut st, &to_convert);
+        mark(st, &to_convert);
         let filled: u64 = fill.iter().map(|e| u64::from(e.len)).sum();
         self.stats
             .zero_filled_blocks
             .fetch_add(filled, Ordering::Relaxed);
-        Some(Allocated {
+        Step::Go(Allocated {
             w,
             runs,
             fill,
             to_convert,
-            parity,
+            guard,
         })
     }
 
     /// The second half, once the data is on disk (or failed): hand the conversion to the worker,
     /// or undo and report.
     fn end_alloc(self: &Arc<Self>, a: AllocatedDone, result: Result<(), (io::Error, u64)>) {
-        self.fence.exit(a.parity);
+        drop(a.guard);
         match result {
-            Ok(()) => self.send(Work::Convert {
+            Ok(()) => self.send(Work::Meta(MetaOp::Convert {
                 runs: a.to_convert,
                 fua: a.fua,
                 done: a.done,
-            }),
+            })),
             Err((e, at)) => {
                 let pblk = at / BS;
                 let mut st = lock(&self.state);
@@ -611,7 +773,13 @@ impl Shared {
 
     /// The allocating write with positioned I/O (backings without an io_uring, deferred writes).
     fn write_slow(self: &Arc<Self>, w: PendingWrite) {
-        let Some(a) = self.begin_alloc(w) else { return };
+        if let Some(a) = self.begin_alloc(w) {
+            self.write_allocated(a);
+        }
+    }
+
+    /// The data I/O of an allocated write, as positioned I/O on this thread, then its end.
+    fn write_allocated(self: &Arc<Self>, a: Allocated) {
         let mut result = Ok(());
         for op in alloc_ops(&a) {
             if let Err(e) = self.io.writev_at(&op.iovs, op.offset, op.dsync) {
@@ -619,21 +787,8 @@ impl Shared {
                 break;
             }
         }
-        let Allocated {
-            w,
-            to_convert,
-            parity,
-            ..
-        } = a;
-        self.end_alloc(
-            AllocatedDone {
-                to_convert,
-                fua: w.fua,
-                done: w.done,
-                parity,
-            },
-            result,
-        );
+        let (rest, _bufs) = a.into_done();
+        self.end_alloc(rest, result);
     }
 
     fn zero_ranges(
@@ -691,6 +846,62 @@ fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     (offset / BS, (offset + len).div_ceil(BS))
 }
 
+/// Metadata work of the worker that may need a new tree block.
+enum MetaOp {
+    /// Data of an allocating write is on disk: convert `(lblk, len, pblk)` runs, then complete.
+    Convert {
+        runs: Vec<(u64, u64, u64)>,
+        fua: bool,
+        done: Done,
+    },
+    /// DISCARD, or WRITE_ZEROES with or without unmap.
+    Zero {
+        ranges: Vec<ZeroRange>,
+        discard: bool,
+        fua: bool,
+        done: Done,
+    },
+}
+
+/// How a [`MetaOp`] ended.
+enum MetaEnd {
+    /// Complete now with this result.
+    Now(Done, Result<(), EngineError>),
+    /// Complete once the next commit is durable (FUA).
+    Durable(Done),
+    /// No free block, but blocks wait for a commit to be freed: retry after it.
+    Park(MetaOp),
+}
+
+/// Work waiting in `Locked::parked` for a commit.
+enum Parked {
+    Write(PendingWrite),
+    Meta(MetaOp),
+}
+
+impl Parked {
+    fn fail(self, e: EngineError) {
+        match self {
+            Parked::Write(w) => w.done.finish(Err(e)),
+            Parked::Meta(MetaOp::Convert { done, .. } | MetaOp::Zero { done, .. }) => {
+                done.finish(Err(e))
+            }
+        }
+    }
+}
+
+/// What [`Shared::alloc_locked`] decided for an allocating write.
+enum Step {
+    /// Allocated: write the data.
+    Go(Allocated),
+    /// Deferred behind a write initialising some of its blocks; redone after that one.
+    Later,
+    /// Must wait for a commit: queue it in `Locked::parked`.
+    Park(PendingWrite),
+    /// Fails with this error.
+    Fail(PendingWrite, EngineError),
+}
+
 /// An allocating write between allocation and data I/O.
 struct Allocated {
     w: PendingWrite,
@@ -698,7 +909,29 @@ struct Allocated {
     /// New blocks around the request, to fill with zeroes.
     fill: Vec<Extent>,
     to_convert: Vec<(u64, u64, u64)>,
-    parity: usize,
+    /// Keeps the blocks from reuse until the data I/O has ended.
+    guard: FenceGuard,
+}
+
+impl Allocated {
+    /// Splits off what the end of the write needs; the buffers must outlive its data I/O.
+    fn into_done(self) -> (AllocatedDone, GuestBuffers) {
+        let Allocated {
+            w,
+            to_convert,
+            guard,
+            ..
+        } = self;
+        (
+            AllocatedDone {
+                to_convert,
+                fua: w.fua,
+                done: w.done,
+                guard,
+            },
+            w.bufs,
+        )
+    }
 }
 
 /// What remains of an allocating write once its data I/O is under way.
@@ -706,7 +939,7 @@ struct AllocatedDone {
     to_convert: Vec<(u64, u64, u64)>,
     fua: bool,
     done: Done,
-    parity: usize,
+    guard: FenceGuard,
 }
 
 /// A zero block aligned for any direct I/O, for padding partial new blocks.
@@ -849,13 +1082,17 @@ fn take_ready(st: &mut Locked) -> Vec<PendingWrite> {
 fn fail_work(w: Work, why: &str) {
     let e = || EngineError::Io(io::Error::other(why.to_string()));
     match w {
-        Work::Convert { done, .. } | Work::Flush { done } | Work::Zero { done, .. } => {
-            done.finish(Err(e()))
-        }
+        Work::Meta(MetaOp::Convert { done, .. } | MetaOp::Zero { done, .. })
+        | Work::Flush { done } => done.finish(Err(e())),
+        Work::Redo(w) => w.done.finish(Err(e())),
         Work::Sync { reply } => {
             let _ = reply.send(Err(why.to_string()));
         }
         Work::Complete { done, result } => done.finish(result),
+        Work::Write(a) => {
+            let (rest, _bufs) = a.into_done();
+            rest.done.finish(Err(e()));
+        }
     }
 }
 
@@ -865,9 +1102,6 @@ fn answer(w: Waiter, r: Result<(), String>) {
         Waiter::Sync(reply) => {
             let _ = reply.send(r);
         }
-        Waiter::Retry(p) => p.done.finish(Err(EngineError::Io(io::Error::other(
-            r.err().unwrap_or_default(),
-        )))),
         Waiter::Nudge => {}
     }
 }
@@ -887,44 +1121,29 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
         let mut st = lock(&s.state);
         let mut done_now: Vec<(Done, Result<(), EngineError>)> = Vec::new();
         let mut waiters: Vec<Waiter> = Vec::new();
+        let mut writes: Vec<Allocated> = Vec::new();
+        let mut redo_now: Vec<PendingWrite> = Vec::new();
         for w in batch {
             match w {
-                Work::Convert { runs, fua, done } => {
-                    let mut r = Ok(());
-                    for &(l, n, p) in &runs {
-                        match st.image.convert_exact(l, n, p) {
-                            Ok(c) => {
-                                s.stats.converted_blocks.fetch_add(c, Ordering::Relaxed);
-                            }
-                            Err(e) => r = Err(to_engine(e)),
-                        }
+                Work::Meta(op) => {
+                    if let MetaOp::Zero { .. } = op {
+                        s.stats.discards.fetch_add(1, Ordering::Relaxed);
+                        s.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
                     }
-                    unmark(&mut st, &runs);
-                    if fua && r.is_ok() {
-                        waiters.push(Waiter::Done(done));
-                    } else {
-                        done_now.push((done, r));
+                    match s.run_meta(&mut st, op) {
+                        MetaEnd::Now(d, r) => done_now.push((d, r)),
+                        MetaEnd::Durable(d) => waiters.push(Waiter::Done(d)),
+                        MetaEnd::Park(op) => {
+                            st.parked.push_back(Parked::Meta(op));
+                            waiters.push(Waiter::Nudge);
+                        }
                     }
                 }
                 Work::Flush { done } => waiters.push(Waiter::Done(done)),
-                Work::Zero {
-                    ranges,
-                    discard,
-                    fua,
-                    done,
-                } => {
-                    s.stats.discards.fetch_add(1, Ordering::Relaxed);
-                    s.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
-                    match s
-                        .writable()
-                        .and_then(|_| s.zero_ranges(&mut st, &ranges, discard))
-                    {
-                        Ok(()) if fua => waiters.push(Waiter::Done(done)),
-                        r => done_now.push((done, r)),
-                    }
-                }
+                Work::Redo(w) => redo_now.push(w),
                 Work::Sync { reply } => waiters.push(Waiter::Sync(reply)),
                 Work::Complete { done, result } => done_now.push((done, result)),
+                Work::Write(a) => writes.push(a),
             }
         }
         if waiters.is_empty() && st.image.should_commit() {
@@ -943,24 +1162,34 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
         for w in redo {
             s.write_slow(w);
         }
+        for a in writes {
+            s.write_allocated(a);
+        }
+        for w in redo_now {
+            s.write_slow(w);
+        }
     }
-}
-
-thread_local! {
-    /// Set on the committer thread, which must never wait for a commit.
-    static IS_COMMITTER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The committer: one commit for everything waiting, on demand, every `interval`, and when the
 /// log fills up.
 fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
-    IS_COMMITTER.with(|c| c.set(true));
     let mut last_commit = Instant::now();
+    // Writes are still parked after the last commit: commit again at once.
+    let mut again = false;
     loop {
         let timeout = interval
             .saturating_sub(last_commit.elapsed())
             .max(Duration::from_millis(1));
-        let mut waiters = match rx.recv_timeout(timeout) {
+        let first = if again {
+            rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            rx.recv_timeout(timeout)
+        };
+        let mut waiters = match first {
             Ok(w) => vec![w],
             Err(RecvTimeoutError::Timeout) => Vec::new(),
             Err(RecvTimeoutError::Disconnected) => break,
@@ -973,13 +1202,12 @@ fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
             .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
         let r = s.commit(durable);
         last_commit = Instant::now();
+        again = matches!(r, Ok(true));
+        let r = r.map(|_| ());
         {
             let _batch = super::CompletionBatch::enter();
             for w in waiters {
-                match w {
-                    Waiter::Retry(p) => s.write_slow(p),
-                    w => answer(w, r.clone()),
-                }
+                answer(w, r.clone());
             }
         }
     }
@@ -998,12 +1226,12 @@ enum Flight<C> {
     Read {
         done: C,
         _bufs: GuestBuffers,
-        parity: usize,
+        guard: FenceGuard,
     },
     Overwrite {
         done: C,
         _bufs: GuestBuffers,
-        parity: usize,
+        guard: FenceGuard,
     },
     Alloc {
         rest: AllocatedDone,
@@ -1085,30 +1313,29 @@ impl<C: Completion> ImageQueue<C> {
         bufs: &GuestBuffers,
         write: bool,
         fua: bool,
-    ) -> Option<(Plan, usize)> {
+    ) -> Option<(Plan, FenceGuard)> {
         loop {
             let seq = self.shared.unmap_seq.load(Ordering::Acquire);
             let plan = self.plan(offset, bufs, write, fua)?;
-            let parity = self.shared.fence.enter_raw();
+            let guard = self.shared.fence.enter();
             if self.shared.unmap_seq.load(Ordering::Acquire) == seq {
-                return Some((plan, parity));
+                return Some((plan, guard));
             }
-            self.shared.fence.exit(parity);
         }
     }
 
     fn finish(&mut self, f: Flight<C>, r: Result<(), (io::Error, u64)>) {
         let sh = self.shared.clone();
         match f {
-            Flight::Read { done, parity, .. } => {
-                sh.fence.exit(parity);
+            Flight::Read { done, guard, .. } => {
+                drop(guard);
                 if r.is_ok() {
                     sh.stats.fast_reads.fetch_add(1, Ordering::Relaxed);
                 }
                 sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }
-            Flight::Overwrite { done, parity, .. } => {
-                sh.fence.exit(parity);
+            Flight::Overwrite { done, guard, .. } => {
+                drop(guard);
                 if let Err((e, at)) = &r {
                     if e.raw_os_error() != Some(libc::ENOSPC) {
                         let mut st = lock(&sh.state);
@@ -1160,7 +1387,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
         let sh = self.shared.clone();
         match op {
             EngineOp::Read { offset, bufs } => {
-                let Some((plan, parity)) = self.plan_fenced(offset.0, &bufs, false, false) else {
+                let Some((plan, guard)) = self.plan_fenced(offset.0, &bufs, false, false) else {
                     return done.complete(Err(EngineError::Unsupported(
                         "unreachable: reads always plan",
                     )));
@@ -1173,7 +1400,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                     Flight::Read {
                         done,
                         _bufs: bufs,
-                        parity,
+                        guard,
                     },
                 );
             }
@@ -1182,12 +1409,12 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                     return done.complete(Err(e));
                 }
                 match self.plan_fenced(offset.0, &bufs, true, fua) {
-                    Some((plan, parity)) => self.start(
+                    Some((plan, guard)) => self.start(
                         plan.ops,
                         Flight::Overwrite {
                             done,
                             _bufs: bufs,
-                            parity,
+                            guard,
                         },
                     ),
                     None => {
@@ -1196,47 +1423,29 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                             bufs,
                             fua,
                             done: Box::new(done),
-                            retried: false,
                         };
                         let Some(a) = sh.begin_alloc(w) else { return };
                         let ops = alloc_ops(&a);
-                        let Allocated {
-                            w,
-                            to_convert,
-                            parity,
-                            ..
-                        } = a;
-                        let rest = AllocatedDone {
-                            to_convert,
-                            fua: w.fua,
-                            done: w.done,
-                            parity,
-                        };
-                        self.start(
-                            ops,
-                            Flight::Alloc {
-                                rest,
-                                _bufs: w.bufs,
-                            },
-                        );
+                        let (rest, bufs) = a.into_done();
+                        self.start(ops, Flight::Alloc { rest, _bufs: bufs });
                     }
                 }
             }
             EngineOp::Flush => sh.send(Work::Flush {
                 done: Box::new(done),
             }),
-            EngineOp::Discard { ranges, fua } => sh.send(Work::Zero {
+            EngineOp::Discard { ranges, fua } => sh.send(Work::Meta(MetaOp::Zero {
                 ranges,
                 discard: true,
                 fua,
                 done: Box::new(done),
-            }),
-            EngineOp::WriteZeroes { ranges, fua } => sh.send(Work::Zero {
+            })),
+            EngineOp::WriteZeroes { ranges, fua } => sh.send(Work::Meta(MetaOp::Zero {
                 ranges,
                 discard: false,
                 fua,
                 done: Box::new(done),
-            }),
+            })),
         }
     }
 

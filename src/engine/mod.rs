@@ -9,6 +9,8 @@
 pub mod fence;
 pub mod image;
 pub mod iov;
+#[cfg(test)]
+mod protocol_model;
 pub mod raw;
 pub mod sysio;
 pub mod uring;

@@ -468,6 +468,12 @@ impl Image {
         self.alloc.dirty_count()
     }
 
+    /// Is free space only waiting for a commit (blocks freed by the running or committing
+    /// transaction)? An allocation that fails with `NoSpace` then succeeds after a commit.
+    pub fn space_pending(&self) -> bool {
+        self.alloc.frees_pending()
+    }
+
     /// Is the running transaction so large that it must not grow until a commit has made room
     /// (half the log: the transaction being committed meanwhile fits in the rest)?
     pub fn log_nearly_full(&self) -> bool {

@@ -94,6 +94,12 @@ impl Allocator {
         self.committing.clear();
     }
 
+    /// Are blocks freed by the running or the committing transaction waiting for their commit?
+    /// Then an allocation that finds no free block succeeds after a commit or two.
+    pub fn frees_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.committing.is_empty()
+    }
+
     /// The first range freed but not yet committed that overlaps `[start, start + len)` (such
     /// ranges are disjoint).
     fn pending_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
