@@ -17,8 +17,24 @@ use extblk::io::{BlockIo, FileIo};
 use extblk::mapping::tree::Lookup;
 
 fn open(path: &Path, read_only: bool) -> Image {
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, read_only).unwrap()));
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(backing(path, read_only)));
     Image::open(io, OpenOptions { read_only }).unwrap()
+}
+
+/// Opens and locks `path`, waiting out a lock held only for an instant: a child that another
+/// test thread is spawning shares this process's descriptors (and their flocks) until it execs.
+fn backing(path: &Path, read_only: bool) -> Backing {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Backing::open(path, read_only) {
+            Err(extblk::engine::raw::OpenError::Locked(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 /// Lets e2fsck replay the journal (`-fy`); its recovery must find nothing damaged.
@@ -462,9 +478,7 @@ fn every_cut_of_the_journal_replays_to_a_committed_prefix() {
     let p = s.path("c.img");
     create_path(&p, 64 << 20, Some(1024), false).unwrap();
     let base = std::fs::read(&p).unwrap();
-    let rec = Arc::new(RecordingIo::new(Arc::new(FileIo::new(
-        Backing::open(&p, false).unwrap(),
-    ))));
+    let rec = Arc::new(RecordingIo::new(Arc::new(FileIo::new(backing(&p, false)))));
     let mut img = Image::open(rec.clone(), OpenOptions::default()).unwrap();
     // Four transactions, each changing the mapping differently; the third frees the tree's
     // leaf (a revoke record) and the fourth rebuilds a two-level tree.
@@ -763,4 +777,122 @@ fn check_repair_rebuilds_wrong_bitmaps_and_counts() {
     );
     assert!(text.contains("rebuilt the block bitmap"), "{text}");
     e2fsck_clean(&p);
+}
+
+/// A running `extblk serve` on an image, stopped with SIGTERM (and reaped) on drop.
+struct Served {
+    child: std::process::Child,
+}
+
+impl Served {
+    fn start(image: &Path, socket: &Path) -> Served {
+        // A few tries: the lock can be held for an instant by a child another test is spawning
+        // (see `backing`), and then the daemon rightly refuses the image.
+        for _ in 0..3 {
+            let mut child = extblk()
+                .args(["serve", "--socket"])
+                .arg(socket)
+                .arg(image)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            // The socket appears after the image is opened and locked.
+            loop {
+                if socket.exists() {
+                    return Served { child };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "extblk serve did not create its socket"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("extblk serve exited before creating its socket, three times");
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+/// A tool that would write an image a daemon holds must refuse before touching it: one line
+/// naming the lock, a non-zero exit, and the file byte for byte as the daemon has it.
+fn refused_while_served(what: &str, args: &[&str]) {
+    let s = Scratch::new(&format!("held-{what}"));
+    let p = s.path("held.img");
+    fragmented_image(&p);
+    let runs = open(&p, true).runs();
+    let served = Served::start(&p, &s.path("sock"));
+    let before = std::fs::read(&p).unwrap();
+    let out = extblk().args(args).arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what} on a served image: {err}"
+    );
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "{what} changed the image's length"
+    );
+    assert!(after == before, "{what} changed the image's bytes");
+    assert!(
+        err.contains("in use by another process (locked)"),
+        "{what}: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{what}: {err}");
+    assert!(served.stop().success(), "the daemon did not stop cleanly");
+    let out = extblk().arg("check").arg(&p).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        open(&p, true).runs(),
+        runs,
+        "{what}: the disk's mapping changed"
+    );
+    // With the daemon gone the same command goes ahead: it was the lock that stopped it.
+    let out = extblk().args(args).arg(&p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} after the daemon stopped: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e2fsck_clean(&p);
+}
+
+#[test]
+fn create_force_on_a_served_image_is_refused_and_changes_nothing() {
+    refused_while_served("create", &["create", "--force", "--size", "1G"]);
+}
+
+#[test]
+fn check_repair_on_a_served_image_is_refused_and_changes_nothing() {
+    refused_while_served("repair", &["check", "--repair"]);
 }
