@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
-cargo test --all-targets "$@"
+# The testing feature builds the deliberately broken engines, EXTBLK_RECORD/EXTBLK_FAULT and
+# --hot-path that tests/crash.rs and tests/daemon.rs drive.
+cargo test --all-targets --features testing "$@"
 if [ -z "${EXTBLK_SKIP_GUESTS:-}" ]; then
   tests/guest.sh
 fi
