@@ -2,7 +2,8 @@
 # Runs every test: unit and property tests, the integration tests that drive the real daemon with
 # libblkio's vhost-user client, the image and crash-consistency tests, then QEMU guests on extblk
 # (tests/guest.sh; it prints "SKIP: guest tests: ..." where no QEMU can run). Arguments go to
-# cargo test; EXTBLK_SKIP_GUESTS=1 leaves the guests out.
+# cargo test; EXTBLK_SKIP_GUESTS=1 leaves the guests out. With CI=true every skip (no QEMU, no
+# loop devices, EXTBLK_SKIP_GUESTS) fails the run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -12,4 +13,9 @@ scripts/install-deps.sh
 cargo test --all-targets --features testing "$@"
 if [ -z "${EXTBLK_SKIP_GUESTS:-}" ]; then
   tests/guest.sh
+elif [ "${CI:-}" = true ]; then
+  echo "test.sh: EXTBLK_SKIP_GUESTS is set under CI=true: a skip is not a pass" >&2
+  exit 1
+else
+  echo "SKIP: guest tests: EXTBLK_SKIP_GUESTS is set"
 fi

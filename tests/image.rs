@@ -2,7 +2,7 @@
 //! workloads against a model, reopen, journal replay.
 
 mod common;
-use common::{e2fsck_clean, Scratch};
+use common::{e2fsck_clean, skip_or_fail, Scratch};
 
 use extblk::rng::Rng;
 use std::collections::BTreeMap;
@@ -231,7 +231,7 @@ fn random_mapping_workload_matches_the_model_and_e2fsck() {
 /// Mounts the image read-only with the kernel's ext4 and compares `/disk` with the model.
 fn loop_mount_matches(p: &Path, model: &[St]) {
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
-        println!("SKIP: loop mount check needs root and loop devices");
+        skip_or_fail("loop mount check needs root and loop devices (/dev/loop-control)");
         return;
     }
     let mnt = p.with_extension("mnt");
@@ -685,7 +685,7 @@ fn images_made_by_mke2fs_open_and_stay_consistent() {
 #[test]
 fn create_formats_a_block_device() {
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
-        println!("SKIP: block device test needs root and loop devices");
+        skip_or_fail("block device test needs root and loop devices (/dev/loop-control)");
         return;
     }
     let s = Scratch::new("blockdev");
