@@ -896,3 +896,44 @@ fn create_force_on_a_served_image_is_refused_and_changes_nothing() {
 fn check_repair_on_a_served_image_is_refused_and_changes_nothing() {
     refused_while_served("repair", &["check", "--repair"]);
 }
+
+/// The daemon's panic hook, in a child copy of this test binary: a panic on a named thread is
+/// reported with that thread and its location, and ends the whole process with status 101 while
+/// the main thread would have gone on.
+#[test]
+fn a_panic_on_any_thread_ends_the_process() {
+    const CHILD: &str = "EXTBLK_TEST_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        extblk::fatal::install_panic_hook();
+        let t = std::thread::Builder::new()
+            .name("queue-3".into())
+            .spawn(|| panic!("provoked {}", 42))
+            .unwrap();
+        let _ = t.join();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        println!("the main thread carried on");
+        std::process::exit(0);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_on_any_thread_ends_the_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(extblk::fatal::PANIC_EXIT_STATUS),
+        "{stdout}{stderr}"
+    );
+    assert!(!stdout.contains("carried on"), "{stdout}");
+    assert!(
+        stderr.contains("thread 'queue-3' panicked at tests/image.rs:")
+            && stderr.contains(": provoked 42; exiting with status 101"),
+        "{stderr}"
+    );
+}
