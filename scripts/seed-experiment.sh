@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-5} SPAN=${SPAN:-1G} SIZE=${SIZE:-2G}
+# --hot-path exists only in builds with the testing feature.
+features=testing
 # shellcheck source=scripts/measure-env.sh
 . scripts/measure-env.sh seed
 

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 export EXTBLK_CRASH_STATES=${EXTBLK_CRASH_STATES:-1000000}
-cargo test --test crash crash_states_keep_the_contract -- --nocapture --test-threads 1
+cargo test --features testing --test crash crash_states_keep_the_contract -- --nocapture --test-threads 1

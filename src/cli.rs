@@ -203,6 +203,8 @@ pub struct ServeArgs {
 
     /// Benchmark only (the seed's experiment): serve reads and overwrites the `fast` way, or
     /// complete them through the completion worker, or look every mapping up under the lock.
+    /// Only in builds with the `testing` feature: a shipped daemon always serves the fast way.
+    #[cfg(feature = "testing")]
     #[arg(long, value_enum, default_value_t = HotPath::Fast, hide = true)]
     pub hot_path: HotPath,
 
@@ -286,11 +288,15 @@ fn quiet_on_broken_pipe() {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => {
+            #[cfg(feature = "testing")]
+            let hot_path = a.hot_path;
+            #[cfg(not(feature = "testing"))]
+            let hot_path = HotPath::Fast;
             serve::serve(&ServeOptions {
                 raw: a.format == Format::Raw,
                 direct: a.cache == Cache::None,
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
-                hot_path: a.hot_path,
+                hot_path,
                 alloc_unit: a.alloc_unit,
                 socket: a.socket,
                 image: a.image,

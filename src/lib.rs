@@ -9,6 +9,7 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod ext4;
+pub mod fatal;
 pub mod image;
 pub mod io;
 pub mod jbd2;

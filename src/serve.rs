@@ -35,7 +35,8 @@ pub struct ServeOptions {
     /// Data I/O with O_DIRECT (`--cache none`) instead of through the page cache.
     pub direct: bool,
     pub commit_interval: Duration,
-    /// Reads and overwrites as designed, or one of the seed experiment's slower variants.
+    /// Reads and overwrites as designed, or one of the seed experiment's slower variants (only
+    /// honoured, with a warning, in `testing` builds; otherwise always `Fast`).
     pub hot_path: crate::engine::image::HotPath,
     /// Blocks an allocating write claims at least (extblk images).
     pub alloc_unit: u64,
@@ -197,32 +198,18 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size, direct)?;
         return run(engine, opts, "raw", sigset);
     }
-    let mut io: Arc<dyn crate::io::BlockIo> =
-        Arc::new(crate::io::FileIo::with_direct(backing, direct));
-    if let Ok(path) = std::env::var("EXTBLK_RECORD") {
-        // Test-only: log every write, barrier and punch of the backing (see io::record).
-        log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");
-        let rec = crate::io::record::RecordingIo::to_file(io, std::path::Path::new(&path))
-            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?;
-        io = Arc::new(rec);
-    }
-    if opts.hot_path != crate::engine::image::HotPath::Fast {
-        log::warn!(
-            "benchmark-only hot path {:?}: reads and overwrites are served the slow way",
-            opts.hot_path
-        );
-    }
-    if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
-        // Test-only: inject I/O errors below the engine (see io::fault).
-        let spec = crate::io::fault::FaultSpec::parse(&spec)
-            .map_err(|e| ServeError::Image(opts.image.clone(), e))?;
-        log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
-        io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
-    }
+    let io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::with_direct(backing, direct));
+    #[cfg(feature = "testing")]
+    let io = test_layers(io, opts)?;
     let eopts = crate::engine::image::EngineOptions {
         read_only: opts.read_only,
         commit_interval: opts.commit_interval,
-        hot_path: opts.hot_path,
+        // The slow variants are a testing build's benchmark aid only.
+        hot_path: if cfg!(feature = "testing") {
+            opts.hot_path
+        } else {
+            crate::engine::image::HotPath::Fast
+        },
         alloc_unit: opts.alloc_unit,
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
@@ -240,6 +227,36 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         other => ServeError::Image(opts.image.clone(), other.to_string()),
     })?;
     run(engine, opts, "extblk image", sigset)
+}
+
+/// The `testing` feature's layers under the engine, from the environment: `EXTBLK_RECORD=FILE`
+/// logs every write, barrier and punch of the backing (see io::record); `EXTBLK_FAULT=SPEC`
+/// injects I/O errors (see io::fault); a `--hot-path` other than `fast` is warned about. Not
+/// compiled into a normal build, so no environment can make a production daemon do these.
+#[cfg(feature = "testing")]
+fn test_layers(
+    mut io: Arc<dyn crate::io::BlockIo>,
+    opts: &ServeOptions,
+) -> Result<Arc<dyn crate::io::BlockIo>, ServeError> {
+    if let Ok(path) = std::env::var("EXTBLK_RECORD") {
+        log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");
+        let rec = crate::io::record::RecordingIo::to_file(io, Path::new(&path))
+            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?;
+        io = Arc::new(rec);
+    }
+    if opts.hot_path != crate::engine::image::HotPath::Fast {
+        log::warn!(
+            "benchmark-only hot path {:?}: reads and overwrites are served the slow way",
+            opts.hot_path
+        );
+    }
+    if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
+        let spec = crate::io::fault::FaultSpec::parse(&spec)
+            .map_err(|e| ServeError::Image(opts.image.clone(), e))?;
+        log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
+        io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
+    }
+    Ok(io)
 }
 
 fn run<E: BlockEngine>(

@@ -21,7 +21,7 @@
 # daemon serves the file as is). fio's verify must detect it, so the suite must FAIL.
 #
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
-# "SKIP: guest tests: <reason>" and exits 0. Ends with "N passed, M failed"; exit 1 if any failed.
+# "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
 # the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw" (subset), RUST_LOG.
 set -uo pipefail
@@ -32,7 +32,12 @@ RUN_GUEST=$ROOT/scripts/run-guest.sh
 CORRUPT=${EXTBLK_E2E_CORRUPT:-0}
 
 say() { echo "guest.sh: $*"; }
-skip() { echo "SKIP: guest tests: $*"; exit 0; }
+# Outside CI a missing QEMU is a skip; CI (CI=true) is set up to run the guests, so there a skip
+# is a failure with its reason.
+skip() {
+  if [ "${CI:-}" = true ]; then echo "FAIL: guest tests cannot run under CI=true (a skip is not a pass): $*"; exit 1; fi
+  echo "SKIP: guest tests: $*"; exit 0
+}
 
 # ---------------------------------------------------------------- daemon binary
 if [ -n "${EXTBLK_BIN:-}" ]; then

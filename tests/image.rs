@@ -2,7 +2,7 @@
 //! workloads against a model, reopen, journal replay.
 
 mod common;
-use common::{e2fsck_clean, Scratch};
+use common::{e2fsck_clean, skip_or_fail, Scratch};
 
 use extblk::rng::Rng;
 use std::collections::BTreeMap;
@@ -17,8 +17,24 @@ use extblk::io::{BlockIo, FileIo};
 use extblk::mapping::tree::Lookup;
 
 fn open(path: &Path, read_only: bool) -> Image {
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, read_only).unwrap()));
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(backing(path, read_only)));
     Image::open(io, OpenOptions { read_only }).unwrap()
+}
+
+/// Opens and locks `path`, waiting out a lock held only for an instant: a child that another
+/// test thread is spawning shares this process's descriptors (and their flocks) until it execs.
+fn backing(path: &Path, read_only: bool) -> Backing {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Backing::open(path, read_only) {
+            Err(extblk::engine::raw::OpenError::Locked(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 /// Lets e2fsck replay the journal (`-fy`); its recovery must find nothing damaged.
@@ -215,7 +231,7 @@ fn random_mapping_workload_matches_the_model_and_e2fsck() {
 /// Mounts the image read-only with the kernel's ext4 and compares `/disk` with the model.
 fn loop_mount_matches(p: &Path, model: &[St]) {
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
-        println!("SKIP: loop mount check needs root and loop devices");
+        skip_or_fail("loop mount check needs root and loop devices (/dev/loop-control)");
         return;
     }
     let mnt = p.with_extension("mnt");
@@ -462,9 +478,7 @@ fn every_cut_of_the_journal_replays_to_a_committed_prefix() {
     let p = s.path("c.img");
     create_path(&p, 64 << 20, Some(1024), false).unwrap();
     let base = std::fs::read(&p).unwrap();
-    let rec = Arc::new(RecordingIo::new(Arc::new(FileIo::new(
-        Backing::open(&p, false).unwrap(),
-    ))));
+    let rec = Arc::new(RecordingIo::new(Arc::new(FileIo::new(backing(&p, false)))));
     let mut img = Image::open(rec.clone(), OpenOptions::default()).unwrap();
     // Four transactions, each changing the mapping differently; the third frees the tree's
     // leaf (a revoke record) and the fourth rebuilds a two-level tree.
@@ -671,7 +685,7 @@ fn images_made_by_mke2fs_open_and_stay_consistent() {
 #[test]
 fn create_formats_a_block_device() {
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/loop-control").exists() {
-        println!("SKIP: block device test needs root and loop devices");
+        skip_or_fail("block device test needs root and loop devices (/dev/loop-control)");
         return;
     }
     let s = Scratch::new("blockdev");
@@ -763,4 +777,163 @@ fn check_repair_rebuilds_wrong_bitmaps_and_counts() {
     );
     assert!(text.contains("rebuilt the block bitmap"), "{text}");
     e2fsck_clean(&p);
+}
+
+/// A running `extblk serve` on an image, stopped with SIGTERM (and reaped) on drop.
+struct Served {
+    child: std::process::Child,
+}
+
+impl Served {
+    fn start(image: &Path, socket: &Path) -> Served {
+        // A few tries: the lock can be held for an instant by a child another test is spawning
+        // (see `backing`), and then the daemon rightly refuses the image.
+        for _ in 0..3 {
+            let mut child = extblk()
+                .args(["serve", "--socket"])
+                .arg(socket)
+                .arg(image)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            // The socket appears after the image is opened and locked.
+            loop {
+                if socket.exists() {
+                    return Served { child };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "extblk serve did not create its socket"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("extblk serve exited before creating its socket, three times");
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+/// A tool that would write an image a daemon holds must refuse before touching it: one line
+/// naming the lock, a non-zero exit, and the file byte for byte as the daemon has it.
+fn refused_while_served(what: &str, args: &[&str]) {
+    let s = Scratch::new(&format!("held-{what}"));
+    let p = s.path("held.img");
+    fragmented_image(&p);
+    let runs = open(&p, true).runs();
+    let served = Served::start(&p, &s.path("sock"));
+    let before = std::fs::read(&p).unwrap();
+    let out = extblk().args(args).arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what} on a served image: {err}"
+    );
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "{what} changed the image's length"
+    );
+    assert!(after == before, "{what} changed the image's bytes");
+    assert!(
+        err.contains("in use by another process (locked)"),
+        "{what}: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{what}: {err}");
+    assert!(served.stop().success(), "the daemon did not stop cleanly");
+    let out = extblk().arg("check").arg(&p).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        open(&p, true).runs(),
+        runs,
+        "{what}: the disk's mapping changed"
+    );
+    // With the daemon gone the same command goes ahead: it was the lock that stopped it.
+    let out = extblk().args(args).arg(&p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} after the daemon stopped: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e2fsck_clean(&p);
+}
+
+#[test]
+fn create_force_on_a_served_image_is_refused_and_changes_nothing() {
+    refused_while_served("create", &["create", "--force", "--size", "1G"]);
+}
+
+#[test]
+fn check_repair_on_a_served_image_is_refused_and_changes_nothing() {
+    refused_while_served("repair", &["check", "--repair"]);
+}
+
+/// The daemon's panic hook, in a child copy of this test binary: a panic on a named thread is
+/// reported with that thread and its location, and ends the whole process with status 101 while
+/// the main thread would have gone on.
+#[test]
+fn a_panic_on_any_thread_ends_the_process() {
+    const CHILD: &str = "EXTBLK_TEST_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        extblk::fatal::install_panic_hook();
+        let t = std::thread::Builder::new()
+            .name("queue-3".into())
+            .spawn(|| panic!("provoked {}", 42))
+            .unwrap();
+        let _ = t.join();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        println!("the main thread carried on");
+        std::process::exit(0);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_on_any_thread_ends_the_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(extblk::fatal::PANIC_EXIT_STATUS),
+        "{stdout}{stderr}"
+    );
+    assert!(!stdout.contains("carried on"), "{stdout}");
+    assert!(
+        stderr.contains("thread 'queue-3' panicked at tests/image.rs:")
+            && stderr.contains(": provoked 42; exiting with status 101"),
+        "{stderr}"
+    );
 }

@@ -29,7 +29,9 @@ pub enum OpenError {
     Open(PathBuf, io::Error),
     #[error("{0}: not a regular file or block device")]
     NotFileOrDevice(PathBuf),
-    #[error("{0}: already in use by another extblk (or another program holding its lock)")]
+    /// Whoever holds it (a daemon, or a tool) is running now: nothing may touch the image. The
+    /// words "already in use" are kept for scripts (and tests/daemon.rs) that match them.
+    #[error("{0} is already in use by another process (locked)")]
     Locked(PathBuf),
     #[error("{0}: size {1} is smaller than one logical block ({2} bytes)")]
     TooSmall(PathBuf, u64, u32),
@@ -76,6 +78,7 @@ impl Backing {
     /// shared for a reader, so two writers, or a writer and a reader, never share one image.
     pub fn open(path: &Path, read_only: bool) -> Result<Backing, OpenError> {
         let p = path.to_path_buf();
+        // Checked before open(2): opening a FIFO would block, a directory fails obscurely.
         match std::fs::metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::Missing(p)),
             Ok(m) if !m.file_type().is_file() && !m.file_type().is_block_device() => {
@@ -91,6 +94,13 @@ impl Backing {
                 io::ErrorKind::NotFound => OpenError::Missing(p.clone()),
                 _ => OpenError::Open(p.clone(), e),
             })?;
+        Backing::lock(file, path, read_only)
+    }
+
+    /// Takes the image lock on a descriptor the caller opened (without O_TRUNC or any write
+    /// yet), so a tool that rewrites a file holds the lock before it changes a byte.
+    pub fn lock(file: File, path: &Path, read_only: bool) -> Result<Backing, OpenError> {
+        let p = path.to_path_buf();
         let meta = file.metadata().map_err(|e| OpenError::Io(p.clone(), e))?;
         let ft = meta.file_type();
         let is_block_device = ft.is_block_device();
@@ -111,6 +121,16 @@ impl Backing {
             is_block_device,
             size,
         })
+    }
+
+    /// Sets a regular file's length (a writer's backing, locked): `create --force` empties the
+    /// old file and sizes it for the new image only once it holds the lock.
+    pub fn set_len(&mut self, len: u64) -> Result<(), OpenError> {
+        self.file
+            .set_len(len)
+            .map_err(|e| OpenError::Io(self.path.clone(), e))?;
+        self.size = len;
+        Ok(())
     }
 }
 

@@ -268,40 +268,57 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
 
 /// Creates an image at `path`: a new sparse file, or (with `force`) an existing file or block
 /// device, overwritten. Returns the layout written.
+///
+/// An existing file is opened without `O_TRUNC` and emptied only once this process holds the
+/// image lock: a daemon (or a tool) that holds it keeps its image byte for byte, and this fails
+/// with [`OpenError::Locked`](crate::engine::raw::OpenError::Locked).
 pub fn create_path(
     path: &std::path::Path,
     disk_size: u64,
     journal_blocks: Option<u64>,
     force: bool,
 ) -> Result<Layout, ImageError> {
+    use crate::engine::raw::{Backing, OpenError};
     use std::os::unix::fs::FileTypeExt;
     let journal =
         journal_blocks.unwrap_or_else(|| crate::ext4::layout::default_journal_blocks(disk_size));
     let meta = std::fs::metadata(path).ok();
-    let is_dev = meta
-        .as_ref()
-        .is_some_and(|m| m.file_type().is_block_device());
     if meta.is_some() && !force {
         return Err(ImageError::Exists(path.to_path_buf()));
     }
-    if !is_dev {
-        let layout = Layout::compute(disk_size, journal, None)?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
-        f.set_len(layout.blocks_count * BLOCK_SIZE_U64)?;
-        drop(f);
-        let backing = crate::engine::raw::Backing::open(path, false)?;
+    let is_dev = match &meta {
+        Some(m) if m.file_type().is_block_device() => true,
+        Some(m) if !m.file_type().is_file() => {
+            return Err(OpenError::NotFileOrDevice(path.to_path_buf()).into())
+        }
+        _ => false,
+    };
+    if is_dev {
+        let backing = Backing::open(path, false)?;
+        let layout = Layout::compute(disk_size, journal, Some(backing.size / BLOCK_SIZE_U64))?;
         let io = crate::io::FileIo::new(backing);
         create(&io, &layout, &default_params()?)?;
         return Ok(layout);
     }
-    let backing = crate::engine::raw::Backing::open(path, false)?;
-    let layout = Layout::compute(disk_size, journal, Some(backing.size / BLOCK_SIZE_U64))?;
+    let layout = Layout::compute(disk_size, journal, None)?;
+    // Everything that can fail without touching the file is done before it is touched.
+    let params = default_params()?;
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true).write(true);
+    if meta.is_none() {
+        // Not there a moment ago: if something made it since, it is not ours to overwrite.
+        open.create_new(true);
+    }
+    let file = open.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_path_buf()),
+        _ => OpenError::Open(path.to_path_buf(), e).into(),
+    })?;
+    let mut backing = Backing::lock(file, path, false)?;
+    // Locked: now the old contents may go. Emptied first so none of them survives as data.
+    backing.set_len(0)?;
+    backing.set_len(layout.blocks_count * BLOCK_SIZE_U64)?;
     let io = crate::io::FileIo::new(backing);
-    create(&io, &layout, &default_params()?)?;
+    create(&io, &layout, &params)?;
     Ok(layout)
 }
 

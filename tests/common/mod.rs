@@ -30,6 +30,22 @@ impl Drop for Scratch {
     }
 }
 
+/// Whether this run is CI's (`CI=true`, as `.ci/run` and hosted CI set it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// A test that cannot run here (no root, no loop devices, ...) ends with a clear SKIP line; under
+/// CI a skip is a failure with its reason, since CI is set up to run everything and a silent skip
+/// would pass untested code.
+pub fn skip_or_fail(reason: &str) {
+    assert!(
+        !in_ci(),
+        "cannot run under CI=true (a skip is not a pass): {reason}"
+    );
+    println!("SKIP: {reason}");
+}
+
 /// `e2fsck -fn` must exit 0 and print only its pass and summary lines. Extent-tree optimisation
 /// notices are switched off: a shallower tree is a suggestion, not damage.
 pub fn e2fsck_clean(path: &Path) {
