@@ -937,3 +937,206 @@ fn a_panic_on_any_thread_ends_the_process() {
         "{stderr}"
     );
 }
+
+/// The space rule (docs/architecture.md): on an image sized as `create` sizes it and no larger,
+/// a write inside the disk never fails for lack of space, however discards, rewrites and
+/// (overlapping) commits interleave on a full disk. When an allocation finds no free block,
+/// free space exists only as blocks freed by the running or committing transaction
+/// (`space_pending`), and finishing at most the committing and the running transaction's
+/// commits makes it succeed. The mapping always matches a model; `check` stays clean.
+mod space_rule {
+    use super::*;
+    use extblk::ext4::layout::Layout;
+    use extblk::image::create::{create, CreateParams};
+    use extblk::io::mem::MemIo;
+    use proptest::prelude::*;
+
+    const DISK: u64 = 384;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write {
+            lblk: u64,
+            len: u64,
+        },
+        Discard {
+            lblk: u64,
+            len: u64,
+        },
+        /// Freeze the running transaction (a commit under way).
+        CommitStart,
+        /// The commit under way is durable.
+        CommitEnd,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0..DISK, 1..=16u64).prop_map(|(lblk, len)| Op::Write { lblk, len }),
+            3 => (0..DISK, 1..=48u64).prop_map(|(lblk, len)| Op::Discard { lblk, len }),
+            1 => Just(Op::CommitStart),
+            1 => Just(Op::CommitEnd),
+        ]
+    }
+
+    /// The smallest filesystem `Layout` accepts for the disk: no slack beyond the sizing rule.
+    fn tight_image() -> Image {
+        let probe = Layout::compute(DISK * 4096, 1024, None).unwrap();
+        let mut lo = probe.data_start + DISK;
+        let mut hi = probe.blocks_count;
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if Layout::compute(DISK * 4096, 1024, Some(mid)).is_ok() {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let layout = Layout::compute(DISK * 4096, 1024, Some(lo)).unwrap();
+        let mem = MemIo::new(vec![0u8; (layout.blocks_count * 4096) as usize]);
+        let params = CreateParams {
+            label: "space".into(),
+            uuid: [7; 16],
+            now: 1_700_000_000,
+        };
+        create(&mem, &layout, &params).unwrap();
+        Image::open(Arc::new(mem), OpenOptions { read_only: false }).unwrap()
+    }
+
+    struct Sim {
+        img: Image,
+        committing: Option<extblk::jbd2::CommitWrite>,
+        mapped: Vec<bool>,
+        /// Allocations that had to wait for commits.
+        waits: u64,
+    }
+
+    impl Sim {
+        fn commit_start(&mut self) {
+            if self.committing.is_none() {
+                self.committing = self.img.commit_prepare().unwrap();
+            }
+        }
+
+        fn commit_end(&mut self) {
+            if let Some(w) = self.committing.take() {
+                let r = w.write(&**self.img.io());
+                self.img.commit_finish(r).unwrap();
+            }
+        }
+
+        fn write(&mut self, lblk: u64, len: u64) {
+            let len = len.min(DISK - lblk);
+            let mut commits = 0;
+            loop {
+                match self.img.allocate(lblk, len) {
+                    Ok(_) => break,
+                    Err(extblk::image::ImageError::NoSpace) => {
+                        assert!(
+                            self.img.space_pending(),
+                            "no space for a write inside the disk, and nothing waiting to be freed"
+                        );
+                        assert!(commits < 2, "still no space after two commits");
+                        // What the engine's committer does for a parked write: finish the
+                        // commit under way, else commit the running transaction.
+                        if self.committing.is_none() {
+                            self.commit_start();
+                        }
+                        self.commit_end();
+                        commits += 1;
+                        self.waits += 1;
+                    }
+                    Err(e) => panic!("allocate: {e}"),
+                }
+            }
+            self.img.convert(lblk, len).unwrap();
+            for b in lblk..lblk + len {
+                self.mapped[b as usize] = true;
+            }
+        }
+
+        fn discard(&mut self, lblk: u64, len: u64) {
+            let len = len.min(DISK - lblk);
+            match self.img.punch(lblk, len) {
+                Ok(_) => {
+                    for b in lblk..lblk + len {
+                        self.mapped[b as usize] = false;
+                    }
+                }
+                // Splitting an extent needs a tree block: the engine parks it until a commit.
+                Err(extblk::image::ImageError::NoSpace) => {
+                    assert!(self.img.space_pending(), "a discard found no tree block");
+                    self.commit_start();
+                    self.commit_end();
+                    self.commit_start();
+                    self.commit_end();
+                    self.discard(lblk, len);
+                }
+                Err(e) => panic!("punch: {e}"),
+            }
+        }
+
+        fn matches_model(&self) {
+            for (b, &m) in self.mapped.iter().enumerate() {
+                let got = match self.img.lookup(b as u32) {
+                    Lookup::Mapped(e) => !e.unwritten,
+                    Lookup::Hole { .. } => false,
+                };
+                assert_eq!(got, m, "block {b}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn a_write_inside_the_disk_never_fails_for_space(ops in prop::collection::vec(op(), 1..300)) {
+            let mut sim = Sim { img: tight_image(), committing: None, mapped: vec![false; DISK as usize], waits: 0 };
+            // A full disk, committed, then churn.
+            for l in (0..DISK).step_by(16) {
+                sim.write(l, 16);
+            }
+            sim.commit_start();
+            sim.commit_end();
+            for op in ops {
+                match op {
+                    Op::Write { lblk, len } => sim.write(lblk, len),
+                    Op::Discard { lblk, len } => sim.discard(lblk, len),
+                    Op::CommitStart => sim.commit_start(),
+                    Op::CommitEnd => sim.commit_end(),
+                }
+                sim.matches_model();
+            }
+            sim.commit_end();
+            sim.commit_start();
+            sim.commit_end();
+            let report = extblk::check::check(&sim.img, "space".into());
+            prop_assert!(report.problems.is_empty(), "{:?}", report.problems);
+        }
+    }
+
+    /// The rule is tight: on that image, a full disk with a pending discard and a rewrite
+    /// really does wait for the commit (the property above exercises the waiting path).
+    #[test]
+    fn a_rewrite_after_a_discard_on_a_full_disk_waits_for_the_commit() {
+        let mut sim = Sim {
+            img: tight_image(),
+            committing: None,
+            mapped: vec![false; DISK as usize],
+            waits: 0,
+        };
+        for l in (0..DISK).step_by(16) {
+            sim.write(l, 16);
+        }
+        sim.commit_start();
+        sim.commit_end();
+        let free = sim.img.allocator().free_blocks();
+        // Discard more than the slack, then rewrite it all before any commit.
+        let n = (free + 32).min(DISK);
+        sim.discard(0, n);
+        for l in 0..n {
+            sim.write(l, 1);
+        }
+        assert!(sim.waits > 0, "the rewrite never had to wait (free {free})");
+        sim.matches_model();
+    }
+}
