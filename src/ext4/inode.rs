@@ -56,6 +56,12 @@ impl Inode {
         self.mode & S_IFMT == S_IFDIR
     }
 
+    /// The double-indirect block pointer of an indirect-mapped inode (`i_block[13]`): the
+    /// resize inode keeps its list of reserved GDT blocks there.
+    pub fn dind_block(&self) -> u32 {
+        u32_at(&self.i_block, 13 * 4)
+    }
+
     pub fn is_reg(&self) -> bool {
         self.mode & S_IFMT == S_IFREG
     }

@@ -14,16 +14,28 @@ struct Store {
     live: BTreeSet<u64>,
     blocks: HashMap<u64, Vec<u8>>,
     freed: Vec<u64>,
+    /// Blocks left before ENOSPC (`None`: unlimited).
+    budget: Option<usize>,
 }
 
 impl NodeAlloc for Store {
-    fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
-        let b = self.freed.pop().unwrap_or_else(|| {
-            self.next += 1;
-            1_000_000 + self.next
-        });
-        assert!(self.live.insert(b), "block {b} allocated twice");
-        Ok(b)
+    fn alloc_nodes(&mut self, _goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+        if let Some(left) = self.budget.as_mut() {
+            if *left < n {
+                return Err(MapError::NoSpace);
+            }
+            *left -= n;
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = self.freed.pop().unwrap_or_else(|| {
+                self.next += 1;
+                1_000_000 + self.next
+            });
+            assert!(self.live.insert(b), "block {b} allocated twice");
+            v.push(b);
+        }
+        Ok(v)
     }
     fn free_node(&mut self, pblk: u64) {
         assert!(
@@ -224,7 +236,10 @@ fn splice_splits_and_merges() {
 fn a_root_overflow_without_a_free_block_leaves_the_tree_as_it_was() {
     struct Full;
     impl NodeAlloc for Full {
-        fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
+        fn alloc_nodes(&mut self, _goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
             Err(MapError::NoSpace)
         }
         fn free_node(&mut self, _pblk: u64) {}
