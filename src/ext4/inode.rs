@@ -79,6 +79,19 @@ impl Inode {
         crc(inode_seed(seed, ino, gen), &r)
     }
 
+    /// Recomputes the checksum of inode bytes edited in place (tests, fuzzing); `b` is the
+    /// whole on-disk inode.
+    pub fn reseal(b: &mut [u8], ino: u32, seed: u32) {
+        if b.len() < 256 {
+            return;
+        }
+        let c = Self::checksum(b, ino, seed);
+        put_u16(b, 0x7C, c as u16);
+        if u16_at(b, 0x80) >= 4 {
+            put_u16(b, 0x82, (c >> 16) as u16);
+        }
+    }
+
     /// Decodes inode `ino`; `b` is exactly the on-disk inode (`s_inode_size` bytes).
     pub fn decode(b: &[u8], ino: u32, seed: u32) -> Result<Inode, FormatError> {
         let extra = u16_at(b, 0x80);

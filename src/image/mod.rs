@@ -5,6 +5,10 @@
 
 pub mod create;
 mod open;
+#[doc(hidden)]
+pub mod reseal;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
