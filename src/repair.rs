@@ -9,12 +9,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::raw::Backing;
-use crate::image::{Image, OpenOptions};
+use crate::image::Image;
 use crate::io::{BlockIo, FileIo};
 
 pub fn repair(path: &Path) -> anyhow::Result<()> {
     let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, false)?));
-    let mut img = Image::open(io, OpenOptions { read_only: false })
+    let mut img = Image::open_for_repair(io)
         .map_err(|e| anyhow::anyhow!("{}: cannot repair: {e}", path.display()))?;
     let r = img.recovery().clone();
     if r.transactions > 0 {

@@ -382,7 +382,8 @@ impl Shared {
     /// calls this while the engine runs, so commits never overlap. `durable`: a waiter needs
     /// the data durable even when there is no metadata to journal. Afterwards, under the same
     /// lock that makes the commit's frees allocatable, the parked allocating writes start again
-    /// in arrival order; returns whether some are still parked (the caller commits again).
+    /// in arrival order; returns whether some are still parked after a commit that wrote
+    /// something (the caller commits again at once).
     fn commit(&self, durable: bool) -> Result<bool, String> {
         if self.info.read_only {
             return Ok(false);
@@ -409,7 +410,10 @@ impl Shared {
             }
         };
         if prepared.is_none() && !durable {
-            return Ok(self.restart_parked());
+            // Nothing was committed, so nothing new became free: what stays parked waits for
+            // the next nudge or the interval rather than a busy loop of empty commits.
+            self.restart_parked();
+            return Ok(false);
         }
         if frees {
             // No I/O that saw the old mapping may still touch the blocks about to be reused.

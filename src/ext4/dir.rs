@@ -56,6 +56,17 @@ pub fn encode_block(entries: &[DirEntry], dir_iseed: u32) -> Vec<u8> {
     b
 }
 
+/// Recomputes the checksum tail of a directory block edited in place (tests, fuzzing); false
+/// if the block has no tail.
+pub fn reseal_block(b: &mut [u8], dir_iseed: u32) -> bool {
+    if b.len() < BLOCK_SIZE || u16_at(b, TAIL_OFF + 4) != 12 || b[TAIL_OFF + 7] != 0xDE {
+        return false;
+    }
+    let c = crc(dir_iseed, &b[..TAIL_OFF]);
+    put_u32(b, TAIL_OFF + 8, c);
+    true
+}
+
 /// Decodes the live entries of a directory block, checking structure and checksum.
 pub fn decode_block(b: &[u8], dir_iseed: u32, what: &str) -> Result<Vec<DirEntry>, FormatError> {
     let bad = |d: String| super::corrupt(what.to_string(), d);

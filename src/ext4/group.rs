@@ -51,6 +51,14 @@ impl GroupDesc {
         Ok(d)
     }
 
+    /// Recomputes the checksum of descriptor bytes edited in place (tests, fuzzing).
+    pub fn reseal(b: &mut [u8], group: u64, seed: u32) {
+        if b.len() >= DESC_SIZE {
+            let c = Self::checksum(b, group, seed);
+            put_u16(b, 0x1E, c);
+        }
+    }
+
     fn checksum(b: &[u8], group: u64, seed: u32) -> u16 {
         let mut d = [0u8; DESC_SIZE];
         d.copy_from_slice(&b[..DESC_SIZE]);

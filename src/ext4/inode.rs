@@ -56,6 +56,12 @@ impl Inode {
         self.mode & S_IFMT == S_IFDIR
     }
 
+    /// The double-indirect block pointer of an indirect-mapped inode (`i_block[13]`): the
+    /// resize inode keeps its list of reserved GDT blocks there.
+    pub fn dind_block(&self) -> u32 {
+        u32_at(&self.i_block, 13 * 4)
+    }
+
     pub fn is_reg(&self) -> bool {
         self.mode & S_IFMT == S_IFREG
     }
@@ -71,6 +77,19 @@ impl Inode {
             r[0x83] = 0;
         }
         crc(inode_seed(seed, ino, gen), &r)
+    }
+
+    /// Recomputes the checksum of inode bytes edited in place (tests, fuzzing); `b` is the
+    /// whole on-disk inode.
+    pub fn reseal(b: &mut [u8], ino: u32, seed: u32) {
+        if b.len() < 256 {
+            return;
+        }
+        let c = Self::checksum(b, ino, seed);
+        put_u16(b, 0x7C, c as u16);
+        if u16_at(b, 0x80) >= 4 {
+            put_u16(b, 0x82, (c >> 16) as u16);
+        }
     }
 
     /// Decodes inode `ino`; `b` is exactly the on-disk inode (`s_inode_size` bytes).

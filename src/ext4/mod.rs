@@ -20,6 +20,7 @@ pub const BLOCKS_PER_GROUP: u64 = 32768;
 pub const INODES_PER_GROUP: u32 = 16;
 pub const INODE_SIZE: u16 = 256;
 pub const ROOT_INO: u32 = 2;
+pub const RESIZE_INO: u32 = 7;
 pub const JOURNAL_INO: u32 = 8;
 pub const LOST_FOUND_INO: u32 = 11;
 pub const DISK_INO: u32 = 12;
@@ -61,6 +62,16 @@ pub enum FormatError {
     Geometry(String),
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// A structure points at blocks it must not use: past the end of the filesystem, or
+    /// belonging to its metadata, the journal, a directory or another extent (ext4's
+    /// `block_validity`).
+    #[error("corrupt {what}: {len} block(s) from {start} {problem}")]
+    BlockValidity {
+        what: String,
+        start: u64,
+        len: u64,
+        problem: String,
+    },
 }
 
 pub(crate) fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> FormatError {

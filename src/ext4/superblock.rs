@@ -255,6 +255,14 @@ impl Superblock {
         }
     }
 
+    /// Recomputes the checksum of superblock bytes edited in place (tests, fuzzing).
+    pub fn reseal(b: &mut [u8]) {
+        if b.len() >= SUPERBLOCK_SIZE {
+            let c = crc(!0, &b[..0x3FC]);
+            put_u32(b, 0x3FC, c);
+        }
+    }
+
     /// Decodes and validates a superblock: magic, checksum, geometry and feature set.
     pub fn decode(b: &[u8]) -> Result<Superblock, FormatError> {
         if b.len() < SUPERBLOCK_SIZE {

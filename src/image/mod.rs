@@ -5,6 +5,10 @@
 
 pub mod create;
 mod open;
+#[doc(hidden)]
+pub mod reseal;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -45,6 +49,11 @@ pub enum ImageError {
     OutOfRange(u64, u64),
     #[error("the journal was aborted: {0}")]
     Aborted(String),
+    /// The extent tree and the allocator disagree (blocks freed twice, or outside the data
+    /// area): refused before anything changed. Open's checks make this unreachable from an
+    /// image's bytes; it is an error rather than a panic or a corrupted bitmap all the same.
+    #[error("inconsistent metadata: {0}")]
+    Inconsistent(MapError),
 }
 
 impl From<MapError> for ImageError {
@@ -52,6 +61,7 @@ impl From<MapError> for ImageError {
         match e {
             MapError::NoSpace => ImageError::NoSpace,
             MapError::Format(f) => ImageError::Format(f),
+            other => ImageError::Inconsistent(other),
         }
     }
 }
@@ -115,11 +125,17 @@ struct TreeAlloc<'a> {
 }
 
 impl NodeAlloc for TreeAlloc<'_> {
-    fn alloc_node(&mut self, goal: u64) -> Result<u64, MapError> {
-        self.alloc.alloc_tree(goal)
+    fn alloc_nodes(&mut self, goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+        self.alloc.alloc_tree_blocks(goal, n)
     }
     fn free_node(&mut self, pblk: u64) {
-        self.alloc.free(pblk, 1);
+        if let Err(e) = self.alloc.free(pblk, 1) {
+            // The tree held a block the allocator did not see in use: the edit stands (the
+            // tree is consistent without the node), the block is only leaked, which `check`
+            // reports. Open's checks make this unreachable from an image's bytes.
+            log::error!("extent tree block {pblk} not freed: {e}");
+            return;
+        }
         if self.journal.is_some_and(|j| j.is_logged(pblk)) {
             self.revokes.insert(pblk);
         }
@@ -283,7 +299,8 @@ impl Image {
     }
 
     /// Gives every hole in `[lblk, lblk + len)` unwritten blocks (identity placement where
-    /// free). Returns the new extents; the range then reads as zeroes until converted.
+    /// free). Returns the new extents; the range then reads as zeroes until converted. On any
+    /// error (ENOSPC for data or for a tree block) nothing has changed.
     pub fn allocate(&mut self, lblk: u64, len: u64) -> Result<Vec<Extent>, ImageError> {
         self.writable()?;
         let (a, b) = self.check_range(lblk, len)?;
@@ -299,23 +316,31 @@ impl Image {
                 }
             }
         }
-        let mut all = Vec::new();
-        for (ha, hb) in holes {
-            let mut new = Vec::new();
+        if holes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Data blocks are taken one run at a time: the savepoint gives back exactly what this
+        // call took (bitmaps, counters, dirty groups) if a later run or the tree edit fails.
+        let sp = self.alloc.savepoint();
+        match self.allocate_holes(&holes) {
+            Ok(new) => {
+                self.alloc.release(sp);
+                Ok(new)
+            }
+            Err(e) => {
+                self.alloc.rollback(sp);
+                Err(e)
+            }
+        }
+    }
+
+    fn allocate_holes(&mut self, holes: &[(u32, u32)]) -> Result<Vec<Extent>, ImageError> {
+        let mut new = Vec::new();
+        for &(ha, hb) in holes {
             let mut p = ha;
             while p < hb {
                 let want = u64::from(hb - p).min(u64::from(extent::MAX_UNWRITTEN_LEN));
-                let (pblk, got) = match self.alloc.alloc_data(u64::from(p), want) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Give back what this call took; nothing was inserted for this hole yet.
-                        for x in &new {
-                            let x: &Extent = x;
-                            self.alloc.free(x.pblk, u64::from(x.len));
-                        }
-                        return Err(e.into());
-                    }
-                };
+                let (pblk, got) = self.alloc.alloc_data(u64::from(p), want)?;
                 new.push(Extent {
                     lblk: p,
                     len: got as u32,
@@ -324,16 +349,15 @@ impl Image {
                 });
                 p += got as u32;
             }
-            if let Err(e) = self.replace(ha, hb, &new) {
-                // No tree block for the new extents (ENOSPC): give their blocks back.
-                for x in &new {
-                    self.alloc.free(x.pblk, u64::from(x.len));
-                }
-                return Err(e);
-            }
-            all.extend(new);
         }
-        Ok(all)
+        // One tree edit for all the holes, the mapped runs between them kept as they are: an
+        // edit either happens whole or (ENOSPC for a tree block) not at all.
+        let (lo, hi) = (holes[0].0, holes[holes.len() - 1].1);
+        let mut all = self.tree.range(lo, hi);
+        all.extend_from_slice(&new);
+        all.sort_unstable_by_key(|e| e.lblk);
+        self.replace(lo, hi, &all)?;
+        Ok(new)
     }
 
     /// Benchmark aid for a new image (`extblk create --scatter`): maps `[0, len)` as written
@@ -390,6 +414,7 @@ impl Image {
     }
 
     /// Marks written the unwritten extents of a range that `keep(extent, range start)` accepts.
+    /// One tree edit: on ENOSPC (a split needing a leaf) nothing has changed.
     fn convert_where(
         &mut self,
         lblk: u64,
@@ -398,36 +423,56 @@ impl Image {
     ) -> Result<u64, ImageError> {
         self.writable()?;
         let (a, b) = self.check_range(lblk, len)?;
+        let pieces = self.tree.range(a, b);
+        let hit = |e: &Extent| e.unwritten && keep(e, a);
+        let (Some(first), Some(last)) = (pieces.iter().position(hit), pieces.iter().rposition(hit))
+        else {
+            return Ok(0);
+        };
+        let span = &pieces[first..=last];
         let mut converted = 0;
-        for e in self
-            .tree
-            .range(a, b)
-            .into_iter()
-            .filter(|e| e.unwritten && keep(e, a))
-        {
-            self.replace(
-                e.lblk,
-                e.lblk + e.len,
-                &[Extent {
-                    unwritten: false,
-                    ..e
-                }],
-            )?;
-            converted += u64::from(e.len);
-        }
+        let new: Vec<Extent> = span
+            .iter()
+            .map(|e| {
+                if hit(e) {
+                    converted += u64::from(e.len);
+                    Extent {
+                        unwritten: false,
+                        ..*e
+                    }
+                } else {
+                    *e
+                }
+            })
+            .collect();
+        self.replace(span[0].lblk, new[new.len() - 1].end() as u32, &new)?;
         Ok(converted)
     }
 
     /// Makes the written blocks of a range unwritten (they read as zeroes; nothing is freed).
+    /// One tree edit: on ENOSPC nothing has changed.
     pub fn zero(&mut self, lblk: u64, len: u64) -> Result<(), ImageError> {
         self.writable()?;
         let (a, b) = self.check_range(lblk, len)?;
-        for e in self.tree.range(a, b).into_iter().filter(|e| !e.unwritten) {
-            let mut pieces = Vec::new();
+        let pieces = self.tree.range(a, b);
+        let (Some(first), Some(last)) = (
+            pieces.iter().position(|e| !e.unwritten),
+            pieces.iter().rposition(|e| !e.unwritten),
+        ) else {
+            return Ok(());
+        };
+        let span = &pieces[first..=last];
+        let mut new = Vec::with_capacity(span.len() + 1);
+        for e in span {
+            if e.unwritten {
+                new.push(*e);
+                continue;
+            }
+            // A written extent may be one block longer than an unwritten one can be.
             let mut p = e.lblk;
             while p < e.lblk + e.len {
                 let n = (e.lblk + e.len - p).min(extent::MAX_UNWRITTEN_LEN);
-                pieces.push(Extent {
+                new.push(Extent {
                     lblk: p,
                     len: n,
                     pblk: e.pblk + u64::from(p - e.lblk),
@@ -435,20 +480,45 @@ impl Image {
                 });
                 p += n;
             }
-            self.replace(e.lblk, e.lblk + e.len, &pieces)?;
         }
+        self.replace(span[0].lblk, new[new.len() - 1].end() as u32, &new)?;
         Ok(())
     }
 
     /// Unmaps a range and frees its blocks (allocatable again after the commit). Returns the
-    /// physical runs freed, for the caller to deallocate in the backing after committing.
+    /// physical runs freed, for the caller to deallocate in the backing after committing. On
+    /// any error (ENOSPC for a leaf when the punch splits an extent, blocks the bitmaps do not
+    /// show in use) nothing has changed.
     pub fn punch(&mut self, lblk: u64, len: u64) -> Result<Vec<(u64, u64)>, ImageError> {
         self.writable()?;
         let (a, b) = self.check_range(lblk, len)?;
+        // Every run is checked before the tree changes: freeing must not fail halfway.
+        let mut runs: Vec<(u64, u64)> = self
+            .tree
+            .range(a, b)
+            .iter()
+            .map(|e| (e.pblk, u64::from(e.len)))
+            .collect();
+        runs.sort_unstable();
+        for w in runs.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(ImageError::Inconsistent(MapError::Inconsistent {
+                    block: w[1].0,
+                    used: false,
+                }));
+            }
+        }
+        for &(s, l) in &runs {
+            self.alloc.check_free(s, l)?;
+        }
         let removed = self.replace(a, b, &[])?;
         let mut freed = Vec::with_capacity(removed.len());
         for e in removed {
-            self.alloc.free(e.pblk, u64::from(e.len));
+            if let Err(err) = self.alloc.free(e.pblk, u64::from(e.len)) {
+                // Checked above; a leak at worst, which `check` reports.
+                log::error!("blocks {}+{} not freed: {err}", e.pblk, e.len);
+                continue;
+            }
             freed.push((e.pblk, u64::from(e.len)));
         }
         Ok(freed)

@@ -1,5 +1,13 @@
 //! Opening an image: superblock, group descriptors, journal recovery, `/disk` and its tree,
 //! block bitmaps — every structure decoded and checked on the way in.
+//!
+//! The bytes are untrusted even where their checksums hold (a checksum proves that a writer
+//! meant them, not that the writer was right). As ext4's `block_validity`, open builds the
+//! system zone — superblock and GDT copies, bitmaps, inode tables, the journal, the
+//! directories — and checks every extent and every tree pointer against it before use: inside
+//! the filesystem, not empty, clear of the zone, and (for `/disk`) clear of its own tree
+//! blocks. A read-write open also requires `/disk`'s blocks to be marked in use and used once,
+//! so the allocator can never hand one of them out again. `docs/format.md` lists the rules.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,10 +27,97 @@ use crate::jbd2::format::JournalSuperblock;
 use crate::jbd2::{replay, Journal, LogMap};
 use crate::mapping::alloc::Allocator;
 use crate::mapping::tree::ExtentTree;
+use crate::mapping::zone::{Claim, Invalid, Owner, SystemZone};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
+}
+
+/// How much of the bitmaps a read-write open insists on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bitmaps {
+    /// Every block `/disk` maps must be marked in use (the allocator relies on it).
+    Trusted,
+    /// `check --repair`: the bitmaps are about to be rebuilt from the trees.
+    Rebuilding,
+}
+
+/// The error for a run of blocks that `what` must not use.
+fn invalid(what: impl Into<String>, start: u64, len: u64, why: Invalid) -> ImageError {
+    FormatError::BlockValidity {
+        what: what.into(),
+        start,
+        len,
+        problem: why.to_string(),
+    }
+    .into()
+}
+
+/// Checks every extent and tree block of `tree` against `zone`, then adds them to it as
+/// `owner`'s (another structure must not use them either).
+fn claim_tree(
+    zone: &mut SystemZone,
+    tree: &ExtentTree,
+    what: &str,
+    owner: Owner,
+) -> Result<(), ImageError> {
+    for b in tree.node_blocks() {
+        zone.add(Claim::new(b, 1, owner))
+            .map_err(|why| invalid(format!("{what} extent tree block"), b, 1, why))?;
+    }
+    for e in tree.iter() {
+        zone.add(Claim::new(e.pblk, u64::from(e.len), owner))
+            .map_err(|why| {
+                invalid(
+                    format!("{what} extent at logical block {}", e.lblk),
+                    e.pblk,
+                    u64::from(e.len),
+                    why,
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// The group metadata of the system zone: superblock/GDT copies, bitmaps and inode tables,
+/// each inside the filesystem and overlapping no other (groups sharing a bitmap block would
+/// corrupt each other's allocations).
+fn group_zone(sb: &Superblock, descs: &[GroupDesc]) -> Result<SystemZone, ImageError> {
+    let n = sb.blocks_count;
+    let itable =
+        (u64::from(sb.inodes_per_group) * u64::from(sb.inode_size)).div_ceil(BLOCK_SIZE_U64);
+    let mut claims = Vec::with_capacity(3 * descs.len() + 4);
+    for g in (0..sb.group_count()).filter(|&g| sb.has_super(g)) {
+        let len = sb.super_region_len().min(bitmap::blocks_in_group(n, g));
+        claims.push(Claim::new(
+            g * BLOCKS_PER_GROUP,
+            len,
+            Owner::Superblock { group: g },
+        ));
+    }
+    for (g, d) in descs.iter().enumerate() {
+        let group = g as u64;
+        claims.push(Claim::per_group(
+            d.block_bitmap,
+            1,
+            Owner::BlockBitmap { group },
+            1,
+        ));
+        claims.push(Claim::per_group(
+            d.inode_bitmap,
+            1,
+            Owner::InodeBitmap { group },
+            1,
+        ));
+        claims.push(Claim::per_group(
+            d.inode_table,
+            itable,
+            Owner::InodeTable { group },
+            itable,
+        ));
+    }
+    SystemZone::new(n, claims).map_err(|(c, why)| invalid(c.owner.to_string(), c.start, c.len, why))
 }
 
 /// Reads metadata blocks, seeing replayed-but-unwritten journal blocks first.
@@ -81,13 +176,31 @@ impl Reader<'_> {
         Ok((inode, blk, content))
     }
 
-    /// An inode's extent tree (any depth).
-    fn tree(&self, inode: &Inode, iseed: u32, what: &str) -> Result<ExtentTree, ImageError> {
+    /// An inode's extent tree (any depth). Every index pointer is checked against `zone`
+    /// before its block is read.
+    fn tree(
+        &self,
+        inode: &Inode,
+        iseed: u32,
+        what: &str,
+        zone: &SystemZone,
+    ) -> Result<ExtentTree, ImageError> {
         if inode.flags & EXTENTS_FL == 0 {
             return Err(corrupt(what.to_string(), "not extent-mapped").into());
         }
         let root = extent::decode_root(&inode.i_block)?;
+        if root.depth > 0 && root.is_empty() {
+            return Err(corrupt(format!("{what} extent root"), "an index without entries").into());
+        }
         let t = ExtentTree::load(&root, |p| {
+            if let Err(why) = zone.check(p, 1) {
+                return Err(FormatError::BlockValidity {
+                    what: format!("{what} extent index entry"),
+                    start: p,
+                    len: 1,
+                    problem: why.to_string(),
+                });
+            }
             let b = self.block(p).map_err(|e| match e {
                 ImageError::Format(f) => f,
                 other => corrupt(format!("extent block {p}"), other.to_string()),
@@ -96,6 +209,99 @@ impl Reader<'_> {
         })?;
         Ok(t)
     }
+}
+
+/// `/disk`'s blocks against the system zone (`alloc`'s) and its own tree blocks: no guest
+/// write may land in metadata. For a read-write open (`trust` given) also: every block used
+/// once, and (unless the bitmaps are being rebuilt) marked in use — otherwise the allocator
+/// could hand a block out while an extent still maps it.
+fn check_disk_blocks(
+    tree: &ExtentTree,
+    alloc: &Allocator,
+    trust: Option<Bitmaps>,
+) -> Result<(), ImageError> {
+    let zone = alloc.zone();
+    let mut nodes = tree.node_blocks();
+    for &b in &nodes {
+        zone.check(b, 1)
+            .map_err(|why| invalid("/disk extent tree block", b, 1, why))?;
+    }
+    nodes.sort_unstable();
+    if let Some(w) = nodes.windows(2).find(|w| w[0] == w[1]) {
+        return Err(invalid(
+            "/disk extent tree block",
+            w[0],
+            1,
+            Invalid::Owned {
+                block: w[0],
+                owner: Owner::ExtentTree,
+            },
+        ));
+    }
+    let what = |e: &Extent| format!("/disk extent at logical block {}", e.lblk);
+    for e in tree.iter() {
+        let len = u64::from(e.len);
+        zone.check(e.pblk, len)
+            .map_err(|why| invalid(what(&e), e.pblk, len, why))?;
+        let i = nodes.partition_point(|&b| b < e.pblk);
+        if let Some(&b) = nodes.get(i).filter(|&&b| b < e.pblk + len) {
+            return Err(invalid(
+                what(&e),
+                e.pblk,
+                len,
+                Invalid::Owned {
+                    block: b,
+                    owner: Owner::ExtentTree,
+                },
+            ));
+        }
+    }
+    let Some(trust) = trust else {
+        return Ok(());
+    };
+    // Used once: sorted by physical start, no run reaches into the next (nearly sorted
+    // already with identity placement, so the sort is close to linear).
+    let mut runs: Vec<(u64, u64, u32)> = tree
+        .iter()
+        .map(|e| (e.pblk, u64::from(e.len), e.lblk))
+        .collect();
+    runs.sort_unstable();
+    for w in runs.windows(2) {
+        if w[0].0 + w[0].1 > w[1].0 {
+            return Err(invalid(
+                format!("/disk extent at logical block {}", w[1].2),
+                w[1].0,
+                w[1].1,
+                Invalid::Owned {
+                    block: w[1].0,
+                    owner: Owner::Extent { lblk: w[0].2 },
+                },
+            ));
+        }
+    }
+    if trust == Bitmaps::Trusted {
+        for &(s, l, lblk) in &runs {
+            if let Some(b) = alloc.first_free_in(s, l) {
+                return Err(invalid(
+                    format!("/disk extent at logical block {lblk}"),
+                    s,
+                    l,
+                    Invalid::MarkedFree { block: b },
+                ));
+            }
+        }
+        for &b in &nodes {
+            if alloc.first_free_in(b, 1).is_some() {
+                return Err(invalid(
+                    "/disk extent tree block",
+                    b,
+                    1,
+                    Invalid::MarkedFree { block: b },
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_descs(r: &Reader, sb: &Superblock) -> Result<Vec<GroupDesc>, ImageError> {
@@ -156,6 +362,21 @@ impl Image {
     /// Opens an image. Read-write opens replay the journal into place and mark the image in
     /// use (needs_recovery) before any change; read-only opens replay into memory only.
     pub fn open(io: Arc<dyn BlockIo>, opts: OpenOptions) -> Result<Image, ImageError> {
+        Image::open_with(io, opts, Bitmaps::Trusted)
+    }
+
+    /// A read-write open for `check --repair`: as [`Image::open`], except that blocks of
+    /// `/disk` marked free in the bitmaps are accepted — the repair rebuilds those bitmaps from
+    /// the trees before anything is allocated. Blocks used twice are still refused.
+    pub fn open_for_repair(io: Arc<dyn BlockIo>) -> Result<Image, ImageError> {
+        Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)
+    }
+
+    fn open_with(
+        io: Arc<dyn BlockIo>,
+        opts: OpenOptions,
+        bitmaps: Bitmaps,
+    ) -> Result<Image, ImageError> {
         let mut overlay = BTreeMap::new();
         let mut recovery = RecoveryInfo::default();
         loop {
@@ -182,12 +403,17 @@ impl Image {
                 blocks_count: sb.blocks_count,
             };
             let descs = read_descs(&r, &sb)?;
+            let mut zone = group_zone(&sb, &descs)?;
             let (jinode, _, _) = r.inode(&sb, &descs, sb.journal_inum)?;
             let jtree = r.tree(
                 &jinode,
                 inode_seed(sb.csum_seed(), sb.journal_inum, jinode.generation),
                 "journal inode",
+                &zone,
             )?;
+            // Before anything is replayed or logged: a journal over group metadata would
+            // overwrite it with every commit.
+            claim_tree(&mut zone, &jtree, "journal inode", Owner::Journal)?;
             let map = LogMap::new(jtree.iter().collect::<Vec<Extent>>());
             if !map.is_contiguous()
                 || map.blocks() * BLOCK_SIZE_U64 != jinode.size
@@ -241,7 +467,18 @@ impl Image {
                     continue;
                 }
             }
-            return Image::finish_open(io.clone(), sb, descs, map, jsb, overlay, recovery, opts);
+            return Image::finish_open(
+                io.clone(),
+                sb,
+                descs,
+                zone,
+                map,
+                jsb,
+                overlay,
+                recovery,
+                opts,
+                bitmaps,
+            );
         }
     }
 
@@ -250,11 +487,13 @@ impl Image {
         io: Arc<dyn BlockIo>,
         mut sb: Superblock,
         descs: Vec<GroupDesc>,
+        mut zone: SystemZone,
         map: LogMap,
         mut jsb: JournalSuperblock,
         overlay: BTreeMap<u64, Vec<u8>>,
         recovery: RecoveryInfo,
         opts: OpenOptions,
+        trust: Bitmaps,
     ) -> Result<Image, ImageError> {
         let seed = sb.csum_seed();
         let r = Reader {
@@ -268,14 +507,23 @@ impl Image {
             return Err(corrupt("root inode", "not a directory").into());
         }
         let rseed = inode_seed(seed, ROOT_INO, root.generation);
-        let rtree = r.tree(&root, rseed, "root directory")?;
+        let rtree = r.tree(&root, rseed, "root directory", &zone)?;
+        claim_tree(
+            &mut zone,
+            &rtree,
+            "root directory",
+            Owner::Directory { ino: ROOT_INO },
+        )?;
         let mut disk_ino = None;
+        let mut others = Vec::new();
         for e in rtree.iter() {
             for i in 0..e.len {
                 let b = r.block(e.pblk + u64::from(i))?;
                 for ent in dir::decode_block(&b, rseed, "root directory")? {
                     if ent.name == DISK_NAME.as_bytes() {
                         disk_ino = Some(ent.ino);
+                    } else if ent.name == b"lost+found" {
+                        others.push(ent.ino);
                     }
                 }
             }
@@ -287,12 +535,32 @@ impl Image {
         if disk_ino == 0 || disk_ino > sb.inodes_count {
             return Err(corrupt("/disk", format!("inode number {disk_ino}")).into());
         }
+        // lost+found's blocks are metadata a guest write must not reach either.
+        for ino in others {
+            if ino == 0 || ino > sb.inodes_count || ino == disk_ino || ino == ROOT_INO {
+                continue;
+            }
+            let (lf, _, _) = r.inode(&sb, &descs, ino)?;
+            if lf.is_dir() && lf.flags & EXTENTS_FL != 0 {
+                let what = format!("directory inode {ino}");
+                let t = r.tree(&lf, inode_seed(seed, ino, lf.generation), &what, &zone)?;
+                claim_tree(&mut zone, &t, &what, Owner::Directory { ino })?;
+            }
+        }
+        if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
+            let (ri, _, _) = r.inode(&sb, &descs, crate::ext4::RESIZE_INO)?;
+            let dind = u64::from(ri.dind_block());
+            if dind != 0 {
+                zone.add(Claim::new(dind, 1, Owner::ResizeInode))
+                    .map_err(|why| invalid("the resize inode", dind, 1, why))?;
+            }
+        }
         let (disk, itable_blk, itable) = r.inode(&sb, &descs, disk_ino)?;
         if !disk.is_reg() {
             return Err(corrupt("/disk", "not a regular file").into());
         }
         let disk_iseed = inode_seed(seed, disk_ino, disk.generation);
-        let tree = r.tree(&disk, disk_iseed, "/disk")?;
+        let tree = r.tree(&disk, disk_iseed, "/disk", &zone)?;
         let disk_blocks = disk.size.div_ceil(BLOCK_SIZE_U64);
         if disk_blocks > crate::ext4::MAX_FILE_BLOCKS {
             return Err(corrupt("/disk", "larger than 16 TiB - 4 KiB").into());
@@ -329,13 +597,28 @@ impl Image {
         if data_start % BLOCKS_PER_GROUP < sb.super_region_len() && sb.has_super(g) {
             data_start = g * BLOCKS_PER_GROUP + sb.super_region_len();
         }
-        let alloc = Allocator::new(
+        if data_start >= sb.blocks_count {
+            return Err(corrupt("journal", "no data area after it").into());
+        }
+        let mut alloc = Allocator::new(
             sb.blocks_count,
             data_start,
             data_start + disk_blocks,
             descs,
             bitmaps,
+            zone,
         );
+        check_disk_blocks(&tree, &alloc, (!opts.read_only).then_some(trust))?;
+        if !opts.read_only {
+            // The allocator counts from the bitmaps, as ext4's mballoc does; a descriptor that
+            // disagrees is corrected in the next commit.
+            for g in alloc.recount() {
+                log::warn!(
+                    "group {g}: free blocks count in the descriptor disagrees with its bitmap; \
+                     using the bitmap's"
+                );
+            }
+        }
         let journal = if opts.read_only {
             None
         } else {

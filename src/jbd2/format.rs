@@ -278,6 +278,66 @@ pub fn encode_descriptor(tid: u32, tags: &[Tag], jseed: u32) -> Vec<u8> {
     b
 }
 
+/// Recomputes the checksum of a journal block edited in place (tests, fuzzing): superblock,
+/// descriptor or revoke tail, commit. Tag checksums are [`reseal_tags`]'. Returns the block's
+/// (type, tid), or `None` for a block that is not a journal structure.
+pub fn reseal(b: &mut [u8], jseed: u32) -> Option<(u32, u32)> {
+    if b.len() < BLOCK_SIZE {
+        return None;
+    }
+    let (kind, tid) = header(b)?;
+    match kind {
+        BT_SUPERBLOCK_V2 => {
+            let c = JournalSuperblock::checksum(b);
+            put_be32(b, 0xFC, c);
+        }
+        BT_DESCRIPTOR | BT_REVOKE => {
+            let c = tail_csum(b, jseed);
+            put_be32(b, TAIL, c);
+        }
+        BT_COMMIT => {
+            b[0x10..0x14].fill(0);
+            let c = crc(jseed, &b[..BLOCK_SIZE]);
+            put_be32(b, 0x10, c);
+        }
+        _ => {}
+    }
+    Some((kind, tid))
+}
+
+/// Sets each tag of descriptor `b` (transaction `tid`) to the checksum of its logged block —
+/// `data(i)` is the copy of the i-th — then reseals the descriptor (tests, fuzzing). Walks the
+/// tags as [`decode_descriptor`] does; returns how many it found.
+pub fn reseal_tags(
+    b: &mut [u8],
+    tid: u32,
+    jseed: u32,
+    data: &mut dyn FnMut(usize) -> Option<Vec<u8>>,
+) -> usize {
+    if b.len() < BLOCK_SIZE {
+        return 0;
+    }
+    let mut off = 12;
+    let mut n = 0;
+    while off + 16 <= TAIL {
+        let flags = be32(b, off + 4);
+        if let Some(copy) = data(n) {
+            put_be32(b, off + 12, block_csum(jseed, tid, &copy));
+        }
+        n += 1;
+        off += 16;
+        if flags & TAG_SAME_UUID == 0 {
+            off += 16;
+        }
+        if flags & TAG_LAST != 0 {
+            break;
+        }
+    }
+    let c = tail_csum(b, jseed);
+    put_be32(b, TAIL, c);
+    n
+}
+
 /// Decodes a descriptor's tags. `Err` only for a structure that cannot be walked; a bad tail
 /// checksum is reported in the second value (replay treats it as the end of the log).
 pub fn decode_descriptor(b: &[u8], jseed: u32) -> Result<(Vec<Tag>, bool), FormatError> {

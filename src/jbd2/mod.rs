@@ -29,13 +29,17 @@ impl LogMap {
     }
 
     pub fn fs_block(&self, log_block: u32) -> u64 {
-        for e in &self.runs {
-            if log_block >= e.lblk && u64::from(log_block) < e.end() {
-                return e.pblk + u64::from(log_block - e.lblk);
-            }
-        }
         // Callers check bounds against s_maxlen ≤ blocks(); this is a programming error.
-        panic!("log block {log_block} is outside the journal");
+        self.try_fs_block(log_block)
+            .unwrap_or_else(|| panic!("log block {log_block} is outside the journal"))
+    }
+
+    /// The filesystem block of `log_block`, if the journal maps it.
+    pub fn try_fs_block(&self, log_block: u32) -> Option<u64> {
+        self.runs
+            .iter()
+            .find(|e| log_block >= e.lblk && u64::from(log_block) < e.end())
+            .map(|e| e.pblk + u64::from(log_block - e.lblk))
     }
 
     pub fn byte_offset(&self, log_block: u32) -> u64 {

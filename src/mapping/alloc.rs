@@ -4,15 +4,35 @@
 //! else to the nearest free run after that; tree blocks go to the spare area past the identity
 //! range. Blocks freed by the running transaction stay unallocatable until it commits (replay
 //! of an older transaction must never find them reused).
+//!
+//! The bitmaps come from the image and are not trusted further than their checksum: the
+//! allocator never hands out a block of the system zone (even one a bitmap marks free), and
+//! refuses — with an error, before changing anything — to free or mark blocks outside the
+//! filesystem, in the zone, or already in the state asked for.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::usemap::UseMap;
+use super::zone::SystemZone;
 use super::MapError;
 use crate::ext4::bitmap;
 use crate::ext4::group::GroupDesc;
 use crate::ext4::BLOCKS_PER_GROUP;
 
+/// A change recorded while a [`Savepoint`] is open, so it can be undone exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Undo {
+    Marked { start: u64, len: u64 },
+    Freed { start: u64, len: u64 },
+    Dirtied(u64),
+}
+
+/// An open savepoint: [`Allocator::rollback`] undoes every allocation and free made since.
+#[must_use]
+pub struct Savepoint(usize);
+
+/// Comparable and cloneable so tests can snapshot it around a failing operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allocator {
     blocks_count: u64,
     data_start: u64,
@@ -20,36 +40,50 @@ pub struct Allocator {
     pub descs: Vec<GroupDesc>,
     /// Each group's used blocks (index = group).
     bitmaps: Vec<UseMap>,
+    zone: SystemZone,
     dirty: BTreeSet<u64>,
     /// Freed by the running transaction: start → len.
     pending: BTreeMap<u64, u64>,
     /// Freed by the transaction being committed (written outside the image lock).
     committing: BTreeMap<u64, u64>,
+    /// Changes since the oldest open savepoint (recorded only while one is open).
+    undo: Vec<Undo>,
+    open_savepoints: usize,
 }
 
 impl Allocator {
-    /// `bitmaps` holds every group's used blocks (index = group).
+    /// `bitmaps` holds every group's used blocks (index = group); `zone` the blocks that are
+    /// never allocated whatever the bitmaps say.
     pub fn new(
         blocks_count: u64,
         data_start: u64,
         spare_start: u64,
         descs: Vec<GroupDesc>,
         bitmaps: Vec<UseMap>,
+        zone: SystemZone,
     ) -> Allocator {
+        let last = blocks_count.saturating_sub(1);
         Allocator {
             blocks_count,
-            data_start,
-            spare_start: spare_start.min(blocks_count.saturating_sub(1)),
+            data_start: data_start.min(last),
+            spare_start: spare_start.min(last),
             descs,
             bitmaps,
+            zone,
             dirty: BTreeSet::new(),
             pending: BTreeMap::new(),
             committing: BTreeMap::new(),
+            undo: Vec::new(),
+            open_savepoints: 0,
         }
     }
 
     pub fn data_start(&self) -> u64 {
         self.data_start
+    }
+
+    pub fn zone(&self) -> &SystemZone {
+        &self.zone
     }
 
     pub fn free_blocks(&self) -> u64 {
@@ -61,9 +95,49 @@ impl Allocator {
         self.bitmaps[g as usize].to_bitmap()
     }
 
+    /// Is `blk` marked in use? Blocks past the end count as used (as the bitmap padding does).
     pub fn is_used(&self, blk: u64) -> bool {
         let g = blk / BLOCKS_PER_GROUP;
-        self.bitmaps[g as usize].test((blk % BLOCKS_PER_GROUP) as usize)
+        self.bitmaps
+            .get(g as usize)
+            .is_none_or(|m| blk >= self.blocks_count || m.test((blk % BLOCKS_PER_GROUP) as usize))
+    }
+
+    /// The first block of `[start, start + len)` marked free, if any (the range must be inside
+    /// the filesystem).
+    pub fn first_free_in(&self, start: u64, len: u64) -> Option<u64> {
+        let end = start.saturating_add(len).min(self.blocks_count);
+        let mut b = start;
+        while b < end {
+            let g = b / BLOCKS_PER_GROUP;
+            let base = g * BLOCKS_PER_GROUP;
+            let e = ((g + 1) * BLOCKS_PER_GROUP).min(end);
+            let m = &self.bitmaps[g as usize];
+            if let Some((s, _)) = m.find_free_run((b - base) as usize, (e - base) as usize, 1) {
+                return Some(base + s as u64);
+            }
+            b = e;
+        }
+        None
+    }
+
+    /// Sets every group's free count from its bitmap, as ext4's mballoc trusts the bitmap over
+    /// the descriptor; returns the groups whose descriptor was wrong (now dirty, so the fixed
+    /// count is journaled with the next commit).
+    pub fn recount(&mut self) -> Vec<u64> {
+        let mut fixed = Vec::new();
+        for (g, m) in self.bitmaps.iter().enumerate() {
+            let n = bitmap::blocks_in_group(self.blocks_count, g as u64) as usize;
+            let free = n as u32 - m.count_used(0, n);
+            if self.descs[g].free_blocks != free {
+                self.descs[g].free_blocks = free;
+                fixed.push(g as u64);
+            }
+        }
+        for &g in &fixed {
+            self.dirty.insert(g);
+        }
+        fixed
     }
 
     /// Replaces group `g`'s block bitmap (repair), recomputing its free count.
@@ -100,9 +174,60 @@ impl Allocator {
         !self.pending.is_empty() || !self.committing.is_empty()
     }
 
-    /// The first range freed but not yet committed that overlaps `[start, start + len)` (such
-    /// ranges are disjoint).
-    fn pending_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
+    /// Starts recording changes so that a failed multi-step operation can be undone exactly:
+    /// bitmaps, counters, dirty groups and pending frees as they were (an ENOSPC halfway
+    /// through an allocation must not leave blocks marked, nor groups dirty in the running
+    /// transaction). Savepoints nest; close each with [`Allocator::release`] or
+    /// [`Allocator::rollback`]. No commit may happen while one is open.
+    pub fn savepoint(&mut self) -> Savepoint {
+        self.open_savepoints += 1;
+        Savepoint(self.undo.len())
+    }
+
+    /// Keeps the changes made since `sp`.
+    pub fn release(&mut self, sp: Savepoint) {
+        let _ = sp;
+        self.close_savepoint();
+    }
+
+    /// Undoes every change made since `sp`, newest first.
+    pub fn rollback(&mut self, sp: Savepoint) {
+        let at = sp.0.min(self.undo.len());
+        let undo: Vec<Undo> = self.undo.drain(at..).rev().collect();
+        // Nothing is recorded while undoing: the entries are being consumed.
+        let open = std::mem::take(&mut self.open_savepoints);
+        for u in undo {
+            match u {
+                Undo::Marked { start, len } => self.apply(start, len, false),
+                Undo::Freed { start, len } => {
+                    self.apply(start, len, true);
+                    self.pending.remove(&start);
+                }
+                Undo::Dirtied(g) => {
+                    self.dirty.remove(&g);
+                }
+            }
+        }
+        self.open_savepoints = open;
+        self.close_savepoint();
+    }
+
+    fn close_savepoint(&mut self) {
+        self.open_savepoints = self.open_savepoints.saturating_sub(1);
+        if self.open_savepoints == 0 {
+            self.undo.clear();
+        }
+    }
+
+    fn record(&mut self, u: Undo) {
+        if self.open_savepoints > 0 {
+            self.undo.push(u);
+        }
+    }
+
+    /// The first range overlapping `[start, start + len)` that must not be allocated: freed
+    /// but not yet committed, or in the system zone (such ranges are disjoint within a kind).
+    fn forbidden_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
         let first = |m: &BTreeMap<u64, u64>| {
             if let Some((&s, &l)) = m.range(..=start).next_back() {
                 if s + l > start {
@@ -111,13 +236,18 @@ impl Allocator {
             }
             m.range(start..start + len).next().map(|(&s, &l)| (s, l))
         };
-        match (first(&self.pending), first(&self.committing)) {
-            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-            (a, b) => a.or(b),
-        }
+        [
+            first(&self.pending),
+            first(&self.committing),
+            self.zone.first_overlap(start, len),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|r| r.0)
     }
 
-    /// The free run at or after `from` (below `limit`), at most `max` long, avoiding pending frees.
+    /// The free run at or after `from` (below `limit`), at most `max` long, avoiding pending
+    /// frees and the system zone.
     fn find_from(&self, mut from: u64, limit: u64, max: u64) -> Option<(u64, u64)> {
         while from < limit {
             let g = from / BLOCKS_PER_GROUP;
@@ -131,7 +261,7 @@ impl Allocator {
             match self.bitmaps[g as usize].find_free_run((from - base) as usize, n as usize, want) {
                 Some((s, l)) => {
                     let (s, l) = (base + s as u64, l as u64);
-                    match self.pending_overlap(s, l) {
+                    match self.forbidden_overlap(s, l) {
                         None => return Some((s, l)),
                         Some((ps, _)) if ps > s => return Some((s, ps - s)),
                         Some((ps, pl)) => from = ps + pl,
@@ -143,24 +273,30 @@ impl Allocator {
         None
     }
 
+    /// `goal` moved into the data area.
+    fn clamp_goal(&self, goal: u64) -> u64 {
+        goal.max(self.data_start)
+            .min(self.blocks_count.saturating_sub(1))
+    }
+
     /// Allocates up to `len` contiguous blocks, preferably exactly at `goal`.
     pub fn alloc(&mut self, goal: u64, len: u64) -> Result<(u64, u64), MapError> {
-        let goal = goal.clamp(self.data_start, self.blocks_count - 1);
+        let goal = self.clamp_goal(goal);
         let run = self
             .find_from(goal, self.blocks_count, len)
             .or_else(|| self.find_from(self.data_start, goal, len))
             .ok_or(MapError::NoSpace)?;
-        self.mark(run.0, run.1, true);
+        self.mark(run.0, run.1, true)?;
         Ok(run)
     }
 
     /// Allocates a data run for logical block `lblk`: identity placement, else past it.
     pub fn alloc_data(&mut self, lblk: u64, len: u64) -> Result<(u64, u64), MapError> {
-        let goal = self.data_start + lblk;
+        let goal = self.data_start.saturating_add(lblk);
         if goal < self.blocks_count {
             if let Some((s, l)) = self.find_from(goal, self.blocks_count, len) {
                 if s == goal {
-                    self.mark(s, l, true);
+                    self.mark(s, l, true)?;
                     return Ok((s, l));
                 }
             }
@@ -171,23 +307,101 @@ impl Allocator {
 
     /// A block for an extent-tree node, in the spare area.
     pub fn alloc_tree(&mut self, goal: u64) -> Result<u64, MapError> {
-        let g = if goal >= self.spare_start {
-            goal
-        } else {
-            self.spare_start
-        };
-        self.alloc(g, 1).map(|(s, _)| s)
+        self.alloc_tree_blocks(goal, 1).map(|v| v[0])
     }
 
-    /// Frees a run; it becomes allocatable when the running transaction commits.
-    pub fn free(&mut self, start: u64, len: u64) {
-        self.mark(start, len, false);
+    /// `n` blocks for extent-tree nodes, in the spare area: all of them or, on ENOSPC, none
+    /// (nothing changes), so a tree edit can reserve what it needs before it changes anything.
+    pub fn alloc_tree_blocks(&mut self, goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+        let goal = self.clamp_goal(goal.max(self.spare_start));
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut got = 0u64;
+        let want = n as u64;
+        for (mut from, limit) in [(goal, self.blocks_count), (self.data_start, goal)] {
+            while got < want {
+                // Runs found are not marked yet: searching on from past each one finds new ones.
+                match self.find_from(from, limit, want - got) {
+                    Some((s, l)) => {
+                        runs.push((s, l));
+                        got += l;
+                        from = s + l;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if got < want {
+            return Err(MapError::NoSpace);
+        }
+        let sp = self.savepoint();
+        for &(s, l) in &runs {
+            if let Err(e) = self.mark(s, l, true) {
+                self.rollback(sp);
+                return Err(e);
+            }
+        }
+        self.release(sp);
+        Ok(runs.iter().flat_map(|&(s, l)| s..s + l).collect())
+    }
+
+    /// Can `[start, start + len)` be freed: inside the filesystem, clear of the system zone,
+    /// every block in use?
+    pub fn check_free(&self, start: u64, len: u64) -> Result<(), MapError> {
+        self.check_change(start, len, false)
+    }
+
+    /// Frees a run; it becomes allocatable when the running transaction commits. Refused,
+    /// with nothing changed, unless [`Allocator::check_free`] accepts it.
+    pub fn free(&mut self, start: u64, len: u64) -> Result<(), MapError> {
+        self.mark(start, len, false)?;
         if !crate::testing::broken(crate::testing::Broken::ReuseBeforeCommit) {
             self.pending.insert(start, len);
         }
+        self.record(Undo::Freed { start, len });
+        Ok(())
     }
 
-    fn mark(&mut self, start: u64, len: u64, used: bool) {
+    /// Every block of the range can go to `used`.
+    fn check_change(&self, start: u64, len: u64, used: bool) -> Result<(), MapError> {
+        self.zone
+            .check(start, len)
+            .map_err(|why| MapError::Invalid { start, len, why })?;
+        let mut b = start;
+        while b < start + len {
+            let g = b / BLOCKS_PER_GROUP;
+            let base = g * BLOCKS_PER_GROUP;
+            let end = ((g + 1) * BLOCKS_PER_GROUP).min(start + len);
+            let m = &self.bitmaps[g as usize];
+            let (s, e) = ((b - base) as usize, (end - base) as usize);
+            let in_use = m.count_used(s, e);
+            let ok = if used {
+                in_use == 0
+            } else {
+                in_use as u64 == end - b
+            };
+            if !ok {
+                // Name the first offending block.
+                let block = (b..end)
+                    .find(|&x| m.test((x - base) as usize) == used)
+                    .unwrap_or(b);
+                return Err(MapError::Inconsistent { block, used });
+            }
+            b = end;
+        }
+        Ok(())
+    }
+
+    fn mark(&mut self, start: u64, len: u64, used: bool) -> Result<(), MapError> {
+        self.check_change(start, len, used)?;
+        self.apply(start, len, used);
+        if used {
+            self.record(Undo::Marked { start, len });
+        }
+        Ok(())
+    }
+
+    /// Sets the blocks' state and the counters (checked by the caller).
+    fn apply(&mut self, start: u64, len: u64, used: bool) {
         let mut b = start;
         while b < start + len {
             let g = b / BLOCKS_PER_GROUP;
@@ -195,18 +409,15 @@ impl Allocator {
             let base = g * BLOCKS_PER_GROUP;
             let changed =
                 self.bitmaps[g as usize].set((b - base) as usize, (end - base) as usize, used);
-            debug_assert_eq!(
-                changed as u64,
-                end - b,
-                "double allocation or double free at {b}..{end}"
-            );
             let d = &mut self.descs[g as usize];
             if used {
-                d.free_blocks -= changed;
+                d.free_blocks = d.free_blocks.saturating_sub(changed);
             } else {
-                d.free_blocks += changed;
+                d.free_blocks = d.free_blocks.saturating_add(changed);
             }
-            self.dirty.insert(g);
+            if self.dirty.insert(g) {
+                self.record(Undo::Dirtied(g));
+            }
             b = end;
         }
     }
@@ -217,6 +428,7 @@ mod tests {
     use super::*;
     use crate::ext4::group::GroupDesc;
     use crate::ext4::BLOCK_SIZE;
+    use crate::mapping::zone::{Claim, Owner};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -238,7 +450,12 @@ mod tests {
             });
             bitmaps.push(UseMap::from_bitmap(&bm));
         }
-        Allocator::new(blocks, 100, 100 + 40_000, descs, bitmaps)
+        let zone = SystemZone::new(
+            blocks,
+            vec![Claim::new(0, 100, Owner::Superblock { group: 0 })],
+        )
+        .unwrap();
+        Allocator::new(blocks, 100, 100 + 40_000, descs, bitmaps, zone)
     }
 
     #[derive(Clone, Debug)]
@@ -294,7 +511,7 @@ mod tests {
                     Op::FreeSome(i) => {
                         if !used.is_empty() {
                             let (s, l) = used.swap_remove(i % used.len());
-                            a.free(s, l);
+                            a.free(s, l).unwrap();
                             pending.extend(s..s + l);
                         }
                     }

@@ -22,10 +22,18 @@ const LEAF_FILL: usize = FANOUT * 3 / 4;
 
 /// Where tree blocks come from.
 pub trait NodeAlloc {
-    /// A free block for a tree node, near `goal`.
-    fn alloc_node(&mut self, goal: u64) -> Result<u64, MapError>;
+    /// `n` free blocks for tree nodes, near `goal`: all of them, or none and an error (ENOSPC)
+    /// with nothing changed. An edit reserves every block it needs this way before it touches
+    /// the tree, so a failed edit leaves tree and allocator exactly as they were.
+    fn alloc_nodes(&mut self, goal: u64, n: usize) -> Result<Vec<u64>, MapError>;
     /// A tree node's block is no longer used.
     fn free_node(&mut self, pblk: u64);
+}
+
+/// Takes a block [`ExtentTree::reserve`] set aside. It counts exactly the blocks an edit takes,
+/// so the pool cannot run dry; if it ever did, stopping beats writing a node over block 0.
+fn reserved(pool: &mut Vec<u64>) -> u64 {
+    pool.pop().expect("reserve() counts every new node")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,7 +110,7 @@ pub enum Lookup {
     Hole { len: u64 },
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtentTree {
     /// Depth 0: the extents in the root.
     root_extents: Vec<Extent>,
@@ -422,14 +430,15 @@ impl ExtentTree {
         debug_assert!(new
             .iter()
             .all(|e| e.lblk >= a && e.end() <= u64::from(b) && e.len > 0));
-        self.seq += 1;
         let removed = if self.leaves.is_empty() {
             let (v, removed) = splice(&self.root_extents, a, b, new);
             if v.len() > ROOT_FANOUT {
-                // The root overflows into a first leaf; without a block for it (ENOSPC) the
-                // tree stays as it was.
-                self.repack(0, 0, v.clone(), alloc)?;
-                self.rebuild_index(alloc)?;
+                // The root overflows into leaves. Their blocks are reserved first: without them
+                // (ENOSPC) the tree stays as it was.
+                let mut pool = self.reserve(0, 0, v.len(), alloc)?;
+                self.repack(0, 0, v, &mut pool, alloc);
+                self.rebuild_index(&mut pool, alloc);
+                debug_assert!(pool.is_empty(), "reserved blocks left over");
                 self.root_extents.clear();
                 self.changes.root_dirty = true;
             } else if v != self.root_extents {
@@ -453,16 +462,56 @@ impl ExtentTree {
                 .collect();
             let (v, removed) = splice(&old, a, b, new);
             let count = self.extent_count + v.len() - old.len();
-            self.repack(s, e, v, alloc)?;
-            self.rebuild_index(alloc)?;
+            // Every new leaf and index block, reserved before anything changes (ENOSPC in a
+            // split deep in the tree leaves it as it was).
+            let mut pool = self.reserve(s, e, v.len(), alloc)?;
+            self.repack(s, e, v, &mut pool, alloc);
+            self.rebuild_index(&mut pool, alloc);
+            debug_assert!(pool.is_empty(), "reserved blocks left over");
             self.extent_count = count;
             removed
         };
+        self.seq += 1;
         let added: u64 = new.iter().map(|e| u64::from(e.len)).sum();
         let gone: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
         self.data_blocks = self.data_blocks + added - gone;
         self.maybe_collapse(alloc);
         Ok(removed)
+    }
+
+    /// Reserves the blocks that repacking leaves `[s, e)` into leaves for `n` extents, and then
+    /// rebuilding the index, will take beyond the blocks they reuse — the same counts
+    /// [`repack`](Self::repack) and [`rebuild_index`](Self::rebuild_index) use. All or none.
+    fn reserve(
+        &self,
+        s: usize,
+        e: usize,
+        n: usize,
+        alloc: &mut dyn NodeAlloc,
+    ) -> Result<Vec<u64>, MapError> {
+        let count = n.div_ceil(LEAF_FILL);
+        let mut need = count.saturating_sub(e - s);
+        let mut below = self.leaves.len() - (e - s) + count;
+        let mut level = 0;
+        while below > ROOT_FANOUT {
+            let want = below.div_ceil(FANOUT);
+            need += want.saturating_sub(self.levels.get(level).map_or(0, Vec::len));
+            below = want;
+            level += 1;
+        }
+        if need == 0 {
+            return Ok(Vec::new());
+        }
+        let goal = self
+            .leaves
+            .get(s)
+            .filter(|_| e > s)
+            .or_else(|| self.leaves.last())
+            .map_or(0, |l| l.pblk + 1);
+        let mut pool = alloc.alloc_nodes(goal, need)?;
+        // Taken from the back: the lowest block goes to the first new node.
+        pool.reverse();
+        Ok(pool)
     }
 
     /// The common case, in time independent of the tree's size: the change stays inside one
@@ -503,33 +552,26 @@ impl ExtentTree {
     }
 
     /// Replaces leaves `[s, e)` by `v` spread evenly over leaves three-quarters full (room for
-    /// the next inserts to stay in one leaf), reusing their blocks.
+    /// the next inserts to stay in one leaf), reusing their blocks, then blocks from `pool`.
     fn repack(
         &mut self,
         s: usize,
         e: usize,
         v: Vec<Extent>,
+        pool: &mut Vec<u64>,
         alloc: &mut dyn NodeAlloc,
-    ) -> Result<(), MapError> {
-        let mut old: Vec<u64> = self.leaves[s..e].iter().map(|l| l.pblk).collect();
-        let goal = old
-            .first()
-            .copied()
-            .or_else(|| self.leaves.last().map(|l| l.pblk + 1))
-            .unwrap_or(0);
+    ) {
+        let old: Vec<u64> = self.leaves[s..e].iter().map(|l| l.pblk).collect();
         let count = v.len().div_ceil(LEAF_FILL);
         let mut fresh = Vec::with_capacity(count);
-        let mut reuse = old.drain(..).collect::<std::collections::VecDeque<_>>();
+        let mut reuse = old.into_iter();
         let mut rest = v.as_slice();
         for k in 0..count {
             // Evenly: the first (len % count) leaves take one extent more.
             let take = rest.len().div_ceil(count - k);
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
-            let pblk = match reuse.pop_front() {
-                Some(p) => p,
-                None => alloc.alloc_node(goal)?,
-            };
+            let pblk = reuse.next().unwrap_or_else(|| reserved(pool));
             self.changes.dirty.insert(pblk);
             fresh.push(Leaf {
                 pblk,
@@ -541,11 +583,11 @@ impl ExtentTree {
             alloc.free_node(p);
         }
         self.leaves.splice(s..e, fresh);
-        Ok(())
     }
 
     /// Recomputes the index levels from the leaves; rewrites index nodes whose entries changed.
-    fn rebuild_index(&mut self, alloc: &mut dyn NodeAlloc) -> Result<(), MapError> {
+    /// New index blocks come from `pool`.
+    fn rebuild_index(&mut self, pool: &mut Vec<u64>, alloc: &mut dyn NodeAlloc) {
         let mut below: Vec<Index> = self
             .leaves
             .iter()
@@ -561,11 +603,6 @@ impl ExtentTree {
                 self.levels.push(Vec::new());
             }
             let cur = &mut self.levels[level];
-            let goal = cur
-                .last()
-                .map(|n| n.pblk + 1)
-                .or_else(|| self.leaves.last().map(|l| l.pblk + 1))
-                .unwrap_or(0);
             let mut next = Vec::with_capacity(want.len());
             for (i, entries) in want.into_iter().enumerate() {
                 match cur.get(i) {
@@ -578,7 +615,7 @@ impl ExtentTree {
                         });
                     }
                     None => {
-                        let pblk = alloc.alloc_node(goal)?;
+                        let pblk = reserved(pool);
                         self.changes.dirty.insert(pblk);
                         next.push(IndexNode { pblk, entries });
                     }
@@ -608,7 +645,6 @@ impl ExtentTree {
             self.changes.root_dirty = true;
             self.root_entries = below;
         }
-        Ok(())
     }
 
     /// With ≤ 4 extents left, the root holds them again and every tree block is freed.

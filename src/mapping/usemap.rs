@@ -74,6 +74,31 @@ impl UseMap {
         }
     }
 
+    /// How many blocks of `[start, end)` are in use.
+    pub fn count_used(&self, start: usize, end: usize) -> u32 {
+        let end = end.min(BITS);
+        if start >= end {
+            return 0;
+        }
+        match self {
+            UseMap::Bits(b) => (start..end).filter(|&i| bitmap::test(b, i)).count() as u32,
+            UseMap::Runs(runs) => {
+                let lo = runs.partition_point(|&(s, l)| usize::from(s) + usize::from(l) <= start);
+                runs[lo..]
+                    .iter()
+                    .take_while(|&&(s, _)| usize::from(s) < end)
+                    .map(|&(s, l)| {
+                        let (a, b) = (
+                            usize::from(s).max(start),
+                            (usize::from(s) + usize::from(l)).min(end),
+                        );
+                        (b - a) as u32
+                    })
+                    .sum()
+            }
+        }
+    }
+
     /// Marks `[start, end)` used or free; returns how many blocks changed state.
     pub fn set(&mut self, start: usize, end: usize, used: bool) -> u32 {
         debug_assert!(start <= end && end <= BITS);
@@ -204,7 +229,12 @@ mod tests {
                         if used { bitmap::set(&mut model, i) } else { bitmap::clear(&mut model, i) }
                     }
                 }
+                let (qa, qb) = (from.min(s), (from + max).min(BITS));
                 prop_assert_eq!(m.set(s, e, used), changed);
+                prop_assert_eq!(
+                    m.count_used(qa, qb),
+                    (qa..qb).filter(|&i| bitmap::test(&model, i)).count() as u32
+                );
                 prop_assert_eq!(
                     m.find_free_run(from, BITS - 7, max),
                     bitmap::find_free_run(&model, from, BITS - 7, max)

@@ -14,16 +14,28 @@ struct Store {
     live: BTreeSet<u64>,
     blocks: HashMap<u64, Vec<u8>>,
     freed: Vec<u64>,
+    /// Blocks left before ENOSPC (`None`: unlimited).
+    budget: Option<usize>,
 }
 
 impl NodeAlloc for Store {
-    fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
-        let b = self.freed.pop().unwrap_or_else(|| {
-            self.next += 1;
-            1_000_000 + self.next
-        });
-        assert!(self.live.insert(b), "block {b} allocated twice");
-        Ok(b)
+    fn alloc_nodes(&mut self, _goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+        if let Some(left) = self.budget.as_mut() {
+            if *left < n {
+                return Err(MapError::NoSpace);
+            }
+            *left -= n;
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = self.freed.pop().unwrap_or_else(|| {
+                self.next += 1;
+                1_000_000 + self.next
+            });
+            assert!(self.live.insert(b), "block {b} allocated twice");
+            v.push(b);
+        }
+        Ok(v)
     }
     fn free_node(&mut self, pblk: u64) {
         assert!(
@@ -118,6 +130,31 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The edit an op makes: `[a, b)` replaced by the extents.
+fn edit_of(o: &Op) -> (u32, u32, Vec<Extent>) {
+    match *o {
+        Op::Map { a, len, runs, pblk } => {
+            let step = len.div_ceil(runs);
+            let mut new = Vec::new();
+            let mut l = a;
+            let mut k = 0;
+            while l < a + len {
+                let n = step.min(a + len - l);
+                new.push(Extent {
+                    lblk: l,
+                    len: n,
+                    pblk: pblk + u64::from(l - a),
+                    unwritten: k % 2 == 1,
+                });
+                l += n;
+                k += 1;
+            }
+            (a, a + len, new)
+        }
+        Op::Unmap { a, len } => (a, a + len, vec![]),
+    }
+}
+
 fn run(ops: &[Op]) -> u16 {
     let mut max_depth = 0;
     let mut t = ExtentTree::new();
@@ -125,27 +162,7 @@ fn run(ops: &[Op]) -> u16 {
     let mut root = t.root_node();
     let mut model = Model::new();
     for o in ops {
-        let (a, b, new) = match *o {
-            Op::Map { a, len, runs, pblk } => {
-                let step = len.div_ceil(runs);
-                let mut new = Vec::new();
-                let mut l = a;
-                let mut k = 0;
-                while l < a + len {
-                    let n = step.min(a + len - l);
-                    new.push(Extent {
-                        lblk: l,
-                        len: n,
-                        pblk: pblk + u64::from(l - a),
-                        unwritten: k % 2 == 1,
-                    });
-                    l += n;
-                    k += 1;
-                }
-                (a, a + len, new)
-            }
-            Op::Unmap { a, len } => (a, a + len, vec![]),
-        };
+        let (a, b, new) = edit_of(o);
         let before: Vec<Extent> = t.range(a, b);
         let removed = t.replace(a, b, &new, &mut store).unwrap();
         let rb: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
@@ -165,6 +182,98 @@ proptest! {
     fn tree_matches_the_model(ops in prop::collection::vec(op(), 1..400)) {
         run(&ops);
     }
+}
+
+/// Replays `ops`, each with a budget of tree blocks (`None`: unlimited). An edit that finds
+/// too few must fail with ENOSPC and leave the tree — extents, leaves, index levels, pending
+/// changes — and its blocks exactly as they were. Returns how many failed.
+fn run_with_budgets(ops: &[(Op, Option<usize>)]) -> usize {
+    let mut t = ExtentTree::new();
+    let mut store = Store::default();
+    let mut root = t.root_node();
+    let mut model = Model::new();
+    let mut failed = 0;
+    for (o, budget) in ops {
+        let (a, b, new) = edit_of(o);
+        let before = t.clone();
+        let live = store.live.clone();
+        store.budget = *budget;
+        let r = t.replace(a, b, &new, &mut store);
+        store.budget = None;
+        match r {
+            Err(MapError::NoSpace) => {
+                assert!(t == before, "a failed edit changed the tree ({o:?})");
+                assert_eq!(store.live, live, "a failed edit took or freed blocks");
+                failed += 1;
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => {
+                model_apply(&mut model, a, b, &new);
+                store.flush(&mut t, &mut root);
+                check(&t, &model, &store, &root);
+            }
+        }
+    }
+    failed
+}
+
+fn budget() -> impl Strategy<Value = Option<usize>> {
+    prop_oneof![2 => Just(None), 1 => Just(Some(0)), 1 => (1usize..3).prop_map(Some)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn enospc_leaves_the_tree_as_it_was(ops in prop::collection::vec((op(), budget()), 1..400)) {
+        run_with_budgets(&ops);
+    }
+}
+
+/// Deep in a two-level tree, with no block to spare: inserts into full leaves, extents split
+/// in the middle (one becomes two, or three), a new index block — all refused whole.
+#[test]
+fn enospc_deep_in_the_tree_leaves_it_as_it_was() {
+    let mut ops = Vec::new();
+    // 2000 three-block extents a block apart: two index levels.
+    for i in 0..2000u32 {
+        ops.push((
+            Op::Map {
+                a: i * 4,
+                len: 3,
+                runs: 1,
+                pblk: u64::from(i) * 10,
+            },
+            None,
+        ));
+    }
+    let mut rng = crate::rng::Rng::new(3);
+    for _ in 0..3000 {
+        let i = rng.below(2000) as u32;
+        let o = match rng.below(3) {
+            // The middle block unmapped: the extent splits in two.
+            0 => Op::Unmap {
+                a: i * 4 + 1,
+                len: 1,
+            },
+            // The middle block remapped elsewhere (unwritten): three pieces.
+            1 => Op::Map {
+                a: i * 4 + 1,
+                len: 1,
+                runs: 2,
+                pblk: 5_000_000 + u64::from(i),
+            },
+            // A new extent in the hole between two.
+            _ => Op::Map {
+                a: i * 4 + 3,
+                len: 1,
+                runs: 1,
+                pblk: 6_000_000 + u64::from(i),
+            },
+        };
+        ops.push((o, Some(0)));
+    }
+    let failed = run_with_budgets(&ops);
+    assert!(failed > 100, "only {failed} edits needed a block");
 }
 
 #[test]
@@ -224,7 +333,10 @@ fn splice_splits_and_merges() {
 fn a_root_overflow_without_a_free_block_leaves_the_tree_as_it_was() {
     struct Full;
     impl NodeAlloc for Full {
-        fn alloc_node(&mut self, _goal: u64) -> Result<u64, MapError> {
+        fn alloc_nodes(&mut self, _goal: u64, n: usize) -> Result<Vec<u64>, MapError> {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
             Err(MapError::NoSpace)
         }
         fn free_node(&mut self, _pblk: u64) {}
