@@ -19,7 +19,6 @@ use extblk::io::mem::MemIo;
 use extblk::io::BlockIo;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_backend::{VhostUserBackend, VringT};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{
     Address, Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
@@ -274,15 +273,15 @@ fuzz_target!(|data: &[u8]| {
     .expect("guest memory");
     let atomic = GuestMemoryAtomic::new(mem);
     let vring = Vring::new(atomic.clone(), QSIZE).expect("vring");
-    let (desc_table, avail, used) = {
-        let m = atomic.memory();
-        let vq = MockSplitQueue::new(&*m, QSIZE);
-        (vq.desc_table_addr(), vq.avail_addr(), vq.used_addr())
-    };
-    assert!(
-        used.0 + 8 * u64::from(QSIZE) + 8 < CTRL,
-        "rings overlap the control area"
-    );
+    // The rings laid out by hand (virtio 1.2 §2.7): virtio-queue 0.18's MockSplitQueue puts
+    // the used ring `len` bytes after the avail ring's entries instead of `2 * len + 2`, so
+    // with more than len/2 chains in flight the two overlap (the device then reads its own used
+    // entries as avail heads).
+    let q = u64::from(QSIZE);
+    let desc_table = GuestAddress(0);
+    let avail = GuestAddress(16 * q);
+    let used = GuestAddress((avail.0 + 6 + 2 * q).next_multiple_of(4));
+    assert!(used.0 + 6 + 8 * q <= CTRL, "rings overlap the control area");
     vring.set_queue_size(QSIZE);
     vring
         .set_queue_info(desc_table.0, avail.0, used.0)
@@ -292,84 +291,104 @@ fuzz_target!(|data: &[u8]| {
     device.update_memory(atomic.clone()).expect("memory");
     let cap_sectors = (p.layout.disk_size / 512).max(1);
 
-    let mut g = Guest {
-        mem: atomic.clone(),
-        ctrl: CTRL,
-    };
+    let debug = std::env::var_os("EXTBLK_FUZZ_DEBUG").is_some();
     let m = atomic.memory();
-    let mut next: u16 = 0;
-    let mut chains: u16 = 0;
-    while !inp.done() && chains < QSIZE {
-        let Some(descs) = chain(&mut inp, &mut g, cap_sectors) else {
-            break;
-        };
-        let indirect = descs.len() > 1 && inp.u8() % 3 == 0;
-        let head = next;
-        let table_len = if indirect { 1 } else { descs.len() as u16 };
-        if u32::from(next) + u32::from(table_len) > u32::from(QSIZE) {
+    let put = |at: GuestAddress, d: &Desc, flags: u16, nx: u16| {
+        let flags = flags | if d.write { F_WRITE } else { 0 };
+        let _ = m.write_obj(d.addr, at);
+        let _ = m.write_obj(d.len, at.unchecked_add(8));
+        let _ = m.write_obj(flags, at.unchecked_add(12));
+        let _ = m.write_obj(nx, at.unchecked_add(14));
+    };
+    // Rounds: a batch of chains, kicked at once, all answered before the next batch reuses the
+    // descriptor table and the control area (later rounds meet the state earlier ones left:
+    // allocated blocks, commits, discards).
+    let mut avail_idx: u16 = 0;
+    for round in 0..4 {
+        if inp.done() {
             break;
         }
-        let put = |at: GuestAddress, d: &Desc, flags: u16, nx: u16| {
-            let flags = flags | if d.write { F_WRITE } else { 0 };
-            let _ = m.write_obj(d.addr, at);
-            let _ = m.write_obj(d.len, at.unchecked_add(8));
-            let _ = m.write_obj(flags, at.unchecked_add(12));
-            let _ = m.write_obj(nx, at.unchecked_add(14));
+        let per_round = u16::from(inp.u8()) % QSIZE + 1;
+        let mut g = Guest {
+            mem: atomic.clone(),
+            ctrl: CTRL,
         };
-        if indirect {
-            let Some(t) = g.ctrl(16 * descs.len() as u64) else {
+        let mut next: u16 = 0;
+        let mut chains: u16 = 0;
+        while !inp.done() && chains < per_round {
+            let Some(descs) = chain(&mut inp, &mut g, cap_sectors) else {
                 break;
             };
-            for (i, d) in descs.iter().enumerate() {
-                let last = i + 1 == descs.len();
-                let flags = if last { 0 } else { F_NEXT };
-                put(GuestAddress(t + 16 * i as u64), d, flags, i as u16 + 1);
+            let indirect = descs.len() > 1 && inp.u8() % 3 == 0;
+            let head = next;
+            let table_len = if indirect { 1 } else { descs.len() as u16 };
+            if u32::from(next) + u32::from(table_len) > u32::from(QSIZE) {
+                break;
             }
-            let table = Desc {
-                addr: t,
-                len: 16 * descs.len() as u32,
-                write: false,
-            };
-            put(
-                desc_table.unchecked_add(16 * u64::from(next)),
-                &table,
-                F_INDIRECT,
-                0,
-            );
-        } else {
-            for (i, d) in descs.iter().enumerate() {
-                let idx = next + i as u16;
-                let last = i + 1 == descs.len();
-                let flags = if last { 0 } else { F_NEXT };
-                put(
-                    desc_table.unchecked_add(16 * u64::from(idx)),
-                    d,
-                    flags,
-                    idx + 1,
+            if indirect {
+                let Some(t) = g.ctrl(16 * descs.len() as u64) else {
+                    break;
+                };
+                for (i, d) in descs.iter().enumerate() {
+                    let flags = if i + 1 == descs.len() { 0 } else { F_NEXT };
+                    put(GuestAddress(t + 16 * i as u64), d, flags, i as u16 + 1);
+                }
+                let table = Desc {
+                    addr: t,
+                    len: 16 * descs.len() as u32,
+                    write: false,
+                };
+                let at = desc_table.unchecked_add(16 * u64::from(next));
+                put(at, &table, F_INDIRECT, 0);
+            } else {
+                for (i, d) in descs.iter().enumerate() {
+                    let idx = next + i as u16;
+                    let flags = if i + 1 == descs.len() { 0 } else { F_NEXT };
+                    put(
+                        desc_table.unchecked_add(16 * u64::from(idx)),
+                        d,
+                        flags,
+                        idx + 1,
+                    );
+                }
+            }
+            if debug {
+                let d: Vec<String> = descs
+                    .iter()
+                    .map(|d| format!("{:#x}+{}{}", d.addr, d.len, if d.write { "w" } else { "r" }))
+                    .collect();
+                eprintln!(
+                    "round {round} chain {chains} head {head} indirect {indirect}: {}",
+                    d.join(" ")
                 );
             }
+            next += table_len;
+            let slot =
+                avail.unchecked_add(4 + 2 * u64::from(avail_idx.wrapping_add(chains) % QSIZE));
+            let _ = m.write_obj(head, slot);
+            chains += 1;
         }
-        next += table_len;
-        let _ = m.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(chains)));
-        chains += 1;
+        if chains == 0 {
+            break;
+        }
+        avail_idx = avail_idx.wrapping_add(chains);
+        let _ = m.write_obj(avail_idx, avail.unchecked_add(2));
+        device
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .expect("handle_event");
+        assert!(
+            device.drain(Duration::from_secs(30)),
+            "requests still in flight"
+        );
+        let done: u16 = m.read_obj(used.unchecked_add(2)).expect("used idx");
+        assert_eq!(done, avail_idx, "a request was never answered");
     }
-    if chains == 0 {
-        let _ = device.engine().close();
-        return;
-    }
-    let _ = m.write_obj(chains, avail.unchecked_add(2));
-    device
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .expect("handle_event");
-    assert!(
-        device.drain(Duration::from_secs(30)),
-        "requests still in flight"
-    );
-    let done: u16 = m.read_obj(used.unchecked_add(2)).expect("used idx");
-    assert_eq!(done, chains, "a request was never answered");
-    if std::env::var_os("EXTBLK_FUZZ_DEBUG").is_some() {
+    if debug {
         // What the input did (to judge the seeds): the device's and the engine's counters.
-        eprintln!("{chains} chains; device: {}", device.counters().summary());
+        eprintln!(
+            "{avail_idx} chains; device: {}",
+            device.counters().summary()
+        );
         eprintln!("engine: {}", device.engine().stats().summary());
     }
     device.engine().close().expect("close");
