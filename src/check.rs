@@ -277,12 +277,7 @@ pub fn check(img: &Image, name: String) -> Report {
     if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
         match read_inode(img, 7) {
             Ok(i) => {
-                let dind = u64::from(u32::from_le_bytes([
-                    i.i_block[52],
-                    i.i_block[53],
-                    i.i_block[54],
-                    i.i_block[55],
-                ]));
+                let dind = u64::from(i.dind_block());
                 if dind != 0 {
                     claim(dind, 1, "resize inode".into());
                 }

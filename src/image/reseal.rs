@@ -174,6 +174,10 @@ fn reseal_journal(img: &mut [u8], i_block: &[u8; 60], iseed: u32) {
         let Some(blk) = map.try_fs_block(pos) else {
             continue;
         };
+        // Most log blocks are logged copies or unused: look before copying.
+        if block(img, blk).and_then(jformat::header).is_none() {
+            continue;
+        }
         let Some(mut b) = block(img, blk).map(<[u8]>::to_vec) else {
             continue;
         };
