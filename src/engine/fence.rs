@@ -27,8 +27,9 @@
 //! commit (the log throttle) while fence guards of reads and overwrites earlier in its batch sat
 //! unsubmitted in its ring; the committer waited in `wait_prior` for exactly those. Parking makes
 //! that cycle impossible by construction: no function that waits for a commit exists on the
-//! queue, worker or committer threads. `tests/protocol_model.rs` model-checks this protocol
-//! (and finds the old one's deadlock).
+//! queue, worker or committer threads. `protocol_model.rs` model-checks the protocol of queue
+//! batches, the throttle and the committer's fence wait over this fence (and finds the old
+//! throttle's deadlock); the space waits and the worker's parking follow the same rule.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,12 +61,15 @@ impl IoFence {
     /// Enters the fence: every later [`IoFence::wait_prior`] waits until the guard is dropped.
     pub fn enter(self: &Arc<Self>) -> FenceGuard {
         loop {
-            let e = self.epoch.load(Ordering::Acquire);
+            // SeqCst on the four accesses that meet the waiter's: count-then-epoch here and
+            // epoch-then-count there is the store-buffering pattern, which acquire/release
+            // alone would let both sides miss.
+            let e = self.epoch.load(Ordering::SeqCst);
             let parity = (e & 1) as usize;
-            self.counts[parity].fetch_add(1, Ordering::AcqRel);
+            self.counts[parity].fetch_add(1, Ordering::SeqCst);
             // The epoch moved between the load and the count: the waiter may already be
             // counting the other side; enter again on the new parity.
-            if self.epoch.load(Ordering::Acquire) == e {
+            if self.epoch.load(Ordering::SeqCst) == e {
                 return FenceGuard {
                     fence: self.clone(),
                     parity,
@@ -85,9 +89,9 @@ impl IoFence {
     /// [`IoFence::wait_prior`], calling `pause` between looks (the model check passes its
     /// scheduler's yield here).
     pub fn wait_prior_with(&self, mut pause: impl FnMut()) {
-        let e = self.epoch.fetch_add(1, Ordering::AcqRel);
+        let e = self.epoch.fetch_add(1, Ordering::SeqCst);
         let old = (e & 1) as usize;
-        while self.counts[old].load(Ordering::Acquire) != 0 {
+        while self.counts[old].load(Ordering::SeqCst) != 0 {
             pause();
         }
     }

@@ -94,6 +94,20 @@ impl Default for EngineOptions {
     }
 }
 
+/// Commits `close` tries for parked work before answering it with an error: parked work needs
+/// at most two once first in line (the space rule), so this is generous.
+const PARKED_CLOSE_COMMITS: usize = 8;
+
+/// What a restart of parked work started, to hand on without the lock.
+#[derive(Default)]
+struct Restarted {
+    ready: Vec<Allocated>,
+    now: Vec<(Done, Result<(), EngineError>)>,
+    durable: Vec<Done>,
+    redo: Vec<PendingWrite>,
+    still: bool,
+}
+
 /// The default allocation unit, in blocks (64 KiB: qcow2's default cluster size).
 pub const DEFAULT_ALLOC_UNIT: u64 = 16;
 /// The largest allocation unit, in blocks (1 MiB: one zero-fill write).
@@ -146,6 +160,8 @@ struct PendingWrite {
     offset: u64,
     bufs: GuestBuffers,
     fua: bool,
+    /// Was at the head of the parked queue when it was deferred: it goes back to the head.
+    ahead: bool,
     done: Done,
 }
 
@@ -307,6 +323,14 @@ impl ImageEngine {
     /// Stops the worker and closes the image cleanly (commit, checkpoint, clean superblock).
     pub fn close(&self) -> Result<(), EngineError> {
         self.flush()?;
+        // Work parked for a commit (the drain before close may have timed out): a few more
+        // commits let it run; what still cannot is answered, never dropped.
+        for _ in 0..PARKED_CLOSE_COMMITS {
+            if lock(&self.shared.state).parked.is_empty() {
+                break;
+            }
+            self.flush()?;
+        }
         // The worker first (it forwards to the committer), then the committer.
         lock(&self.shared.worker).take();
         let mut threads = std::mem::take(&mut *lock(&self.threads));
@@ -317,6 +341,7 @@ impl ImageEngine {
         for h in threads {
             let _ = h.join();
         }
+        self.shared.fail_parked();
         let mut st = lock(&self.shared.state);
         if st.image.is_read_only() || st.image.is_aborted() {
             return Ok(());
@@ -346,10 +371,31 @@ impl Shared {
         match tx {
             Some(tx) => {
                 if let Err(mpsc::SendError(w)) = tx.send(w) {
-                    fail_work(w, "the completion worker is gone");
+                    self.fail_work(w, "the completion worker is gone");
                 }
             }
-            None => fail_work(w, "the engine is closed"),
+            None => self.fail_work(w, "the engine is closed"),
+        }
+    }
+
+    /// Answers work that no worker will run. A conversion or allocated write that never
+    /// finishes must still unmark its blocks, or writes deferred behind them would wait for ever.
+    fn fail_work(&self, w: Work, why: &str) {
+        let runs = match &w {
+            Work::Meta(MetaOp::Convert { runs, .. }) => Some(runs.clone()),
+            Work::Write(a) => Some(a.to_convert.clone()),
+            _ => None,
+        };
+        fail_work(w, why);
+        if let Some(runs) = runs {
+            let mut st = lock(&self.state);
+            unmark(&mut st, &runs);
+            let ready = take_ready(&mut st);
+            drop(st);
+            for p in ready {
+                p.done
+                    .finish(Err(EngineError::Io(io::Error::other(why.to_string()))));
+            }
         }
     }
 
@@ -439,11 +485,14 @@ impl Shared {
         };
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let r = r.map_err(|e| self.commit_failed(&mut st, e));
+        // Parked work first, under this same guard: nothing else takes the freed blocks first.
+        let restarted = r.is_ok().then(|| self.restart_locked(&mut st));
         drop(st);
         self.committed.notify_all();
-        match r {
-            Ok(()) => Ok(self.restart_parked()),
-            Err(e) => {
+        match (r, restarted) {
+            (Ok(()), Some(restarted)) => Ok(self.dispatch(restarted)),
+            (Ok(()), None) => Ok(false),
+            (Err(e), _) => {
                 self.fail_parked();
                 Err(e)
             }
@@ -452,27 +501,39 @@ impl Shared {
 
     /// Restarts parked work, oldest first, until one must park again: allocating writes are
     /// allocated here (their data I/O goes to the worker), conversions and zeroings run here.
-    /// Under the lock that the commit's frees became allocatable under, so the oldest waiter
-    /// has first pick. Returns whether work is still parked.
+    /// Returns whether work is still parked.
     fn restart_parked(&self) -> bool {
         let mut st = lock(&self.state);
-        let mut ready = Vec::new();
-        let mut now = Vec::new();
-        let mut durable = Vec::new();
+        let r = self.restart_locked(&mut st);
+        drop(st);
+        self.dispatch(r)
+    }
+
+    /// The part of [`Shared::restart_parked`] under the lock. The committer calls it with the
+    /// same guard under which the commit's frees became allocatable, so the oldest waiter has
+    /// first pick of them.
+    fn restart_locked(&self, st: &mut Locked) -> Restarted {
+        let mut r = Restarted::default();
         while let Some(p) = st.parked.pop_front() {
             match p {
-                Parked::Write(w) => match self.alloc_locked(&mut st, w) {
-                    Step::Go(a) => ready.push(a),
-                    Step::Later => {}
+                Parked::Write(w) => match self.alloc_locked(st, w) {
+                    Step::Go(a) => r.ready.push(a),
+                    Step::Later => {
+                        // Deferred behind a write initialising its blocks: it keeps its place
+                        // at the head once redone (begin_alloc sees `ahead`).
+                        if let Some(w) = st.deferred.last_mut() {
+                            w.ahead = true;
+                        }
+                    }
                     Step::Park(w) => {
                         st.parked.push_front(Parked::Write(w));
                         break;
                     }
-                    Step::Fail(w, e) => now.push((w.done, Err(e))),
+                    Step::Fail(w, e) => r.now.push((w.done, Err(e))),
                 },
-                Parked::Meta(op) => match self.run_meta(&mut st, op) {
-                    MetaEnd::Now(d, r) => now.push((d, r)),
-                    MetaEnd::Durable(d) => durable.push(d),
+                Parked::Meta(op) => match self.run_meta(st, op) {
+                    MetaEnd::Now(d, res) => r.now.push((d, res)),
+                    MetaEnd::Durable(d) => r.durable.push(d),
                     MetaEnd::Park(op) => {
                         st.parked.push_front(Parked::Meta(op));
                         break;
@@ -480,31 +541,48 @@ impl Shared {
                 },
             }
         }
-        let still = !st.parked.is_empty();
-        let redo = take_ready(&mut st);
-        drop(st);
-        for a in ready {
-            self.send(Work::Write(a));
-        }
-        for (d, r) in now {
-            d.finish(r);
-        }
-        for d in durable {
-            self.to_committer(Waiter::Done(d));
-        }
-        for w in redo {
-            self.send(Work::Redo(w));
-        }
-        still
+        r.still = !st.parked.is_empty();
+        r.redo = take_ready(st);
+        r
     }
 
-    /// The journal is gone: parked work can never run.
+    /// Hands on what [`Shared::restart_locked`] started, without the lock.
+    fn dispatch(&self, r: Restarted) -> bool {
+        for a in r.ready {
+            self.send(Work::Write(a));
+        }
+        for (d, res) in r.now {
+            d.finish(res);
+        }
+        for d in r.durable {
+            self.to_committer(Waiter::Done(d));
+        }
+        for w in r.redo {
+            self.send(Work::Redo(w));
+        }
+        r.still
+    }
+
+    /// The journal is gone (or the engine closes): parked work can never run. Deferred writes
+    /// are failed with it, and the blocks of parked conversions unmarked, so nothing waits for
+    /// an initialisation that will never finish.
     fn fail_parked(&self) {
-        let parked = std::mem::take(&mut lock(&self.state).parked);
+        let (parked, deferred) = {
+            let mut st = lock(&self.state);
+            let parked = std::mem::take(&mut st.parked);
+            for p in &parked {
+                if let Parked::Meta(MetaOp::Convert { runs, .. }) = p {
+                    unmark(&mut st, runs);
+                }
+            }
+            (parked, std::mem::take(&mut st.deferred))
+        };
+        let e = || EngineError::Io(io::Error::other("the journal was aborted after an error"));
         for p in parked {
-            p.fail(EngineError::Io(io::Error::other(
-                "the journal was aborted after an error",
-            )));
+            p.fail(e());
+        }
+        for w in deferred {
+            w.done.finish(Err(e()));
         }
     }
 
@@ -626,7 +704,7 @@ impl Shared {
         // Writes already waiting for a commit go first: a later write must not take the space
         // (or the log room) they wait for. This is what bounds a write's wait (architecture.md,
         // "The space rule").
-        let step = if st.parked.is_empty() {
+        let step = if st.parked.is_empty() || w.ahead {
             self.alloc_locked(&mut st, w)
         } else {
             Step::Park(w)
@@ -635,7 +713,11 @@ impl Shared {
             Step::Go(a) => Some(a),
             Step::Later => None,
             Step::Park(w) => {
-                st.parked.push_back(Parked::Write(w));
+                if w.ahead {
+                    st.parked.push_front(Parked::Write(w));
+                } else {
+                    st.parked.push_back(Parked::Write(w));
+                }
                 drop(st);
                 self.to_committer(Waiter::Nudge);
                 None
@@ -1427,6 +1509,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                             bufs,
                             fua,
                             done: Box::new(done),
+                            ahead: false,
                         };
                         let Some(a) = sh.begin_alloc(w) else { return };
                         let ops = alloc_ops(&a);
