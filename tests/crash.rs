@@ -30,12 +30,16 @@ use extblk::units::{ByteRange, Bytes};
 
 const DISK_BLOCKS: u64 = 512;
 
+/// Word `i` of a block's content: it names its logical block (24 bits) and version (16 bits).
+fn stamp_word(lblk: u64, version: u64, i: u64) -> u64 {
+    debug_assert!(lblk < 1 << 24 && version < 1 << 16);
+    0xDA7A_0000_0000_0000 | (lblk << 24) | (version << 8) | (i & 0xFF)
+}
+
 /// A block's content names its logical block and version; poison names a physical block.
 fn stamp(lblk: u64, version: u64) -> Vec<u8> {
     (0..512u64)
-        .flat_map(|i| {
-            (0xDA7A_0000_0000_0000 | (lblk << 32) | (version << 8) | (i & 0xFF)).to_le_bytes()
-        })
+        .flat_map(|i| stamp_word(lblk, version, i).to_le_bytes())
         .collect()
 }
 fn poison(pblk: u64) -> Vec<u8> {
@@ -62,11 +66,14 @@ fn decode(lblk: u64, k: usize, b: &[u8]) -> Result<Val, String> {
             (w >> 8) & 0xFF_FFFF_FFFF
         ));
     }
-    if w >> 48 != 0xDA7A || (w >> 32) & 0xFFFF != lblk {
+    if w >> 48 != 0xDA7A || (w >> 24) & 0xFF_FFFF != lblk {
         return Err(format!("data of another block ({w:#x})"));
     }
-    let v = (w >> 8) & 0xFF_FFFF;
-    if b != &stamp(lblk, v)[k * 512..(k + 1) * 512] {
+    let v = (w >> 8) & 0xFFFF;
+    let whole = b.chunks_exact(8).enumerate().all(|(j, x)| {
+        u64::from_le_bytes(x.try_into().unwrap()) == stamp_word(lblk, v, (k * 64 + j) as u64)
+    });
+    if !whole {
         return Err("sector content is not one written value".into());
     }
     Ok(Val::V(v))
@@ -259,7 +266,7 @@ fn workload_with(seed: u64, nops: usize, fault: Option<FaultSpec>) -> (Run, Vec<
 fn apply(state: &mut [u8], events: &[&IoEvent], punch_zeroes: bool) {
     for e in events {
         match e {
-            IoEvent::Write { offset, data } => {
+            IoEvent::Write { offset, data, .. } => {
                 let o = *offset as usize;
                 state[o..o + data.len()].copy_from_slice(data);
             }
@@ -269,6 +276,73 @@ fn apply(state: &mut [u8], events: &[&IoEvent], punch_zeroes: bool) {
             _ => {}
         }
     }
+}
+
+/// One write (or punch) of a log, and from which cut on it is durable: a write is ordered by the
+/// first barrier that starts after its completion, once that barrier has ended (or at its own
+/// completion, an `RWF_DSYNC` write); until then it may or may not be on disk, in any order with
+/// the other unordered ones (see `extblk::io::record`).
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    /// Index of its `Write` (or `Punch`) event.
+    at: usize,
+    /// The first cut (events `..cut` happened) at which it is durable; `usize::MAX`: never.
+    durable_from: usize,
+}
+
+/// The log's writes and punches in log order, with the cuts they are durable from; also how
+/// many writes were in flight when a barrier started (the overlap the concurrent engine makes).
+fn pieces(events: &[IoEvent]) -> (Vec<Piece>, usize) {
+    let mut done: std::collections::HashMap<u64, (usize, bool)> = Default::default();
+    // Barriers never overlap (the recorder serialises them): a FlushEnd closes the last start.
+    let mut barriers: Vec<(usize, usize)> = Vec::new();
+    let mut open = None;
+    for (i, e) in events.iter().enumerate() {
+        match e {
+            IoEvent::Complete { id, durable } => {
+                done.insert(*id, (i, *durable));
+            }
+            IoEvent::FlushStart => open = Some(i),
+            IoEvent::FlushEnd => {
+                if let Some(s) = open.take() {
+                    barriers.push((s, i));
+                }
+            }
+            _ => {}
+        }
+    }
+    // The end (as a cut) of the first barrier that starts after event `c`.
+    let ordered_by = |c: usize| {
+        let j = barriers.partition_point(|&(s, _)| s <= c);
+        barriers.get(j).map_or(usize::MAX, |&(_, e)| e + 1)
+    };
+    let mut out = Vec::new();
+    let mut straddling = 0;
+    for (i, e) in events.iter().enumerate() {
+        let durable_from = match e {
+            IoEvent::Write { id, .. } => match done.get(id) {
+                None => usize::MAX,
+                Some(&(c, dsync)) => {
+                    let j = barriers.partition_point(|&(s, _)| s <= i);
+                    if barriers.get(j).is_some_and(|&(s, _)| s < c) {
+                        straddling += 1;
+                    }
+                    if dsync {
+                        ordered_by(c).min(c + 1)
+                    } else {
+                        ordered_by(c)
+                    }
+                }
+            },
+            IoEvent::Punch { .. } => ordered_by(i),
+            _ => continue,
+        };
+        out.push(Piece {
+            at: i,
+            durable_from,
+        });
+    }
+    (out, straddling)
 }
 
 /// The values each block may hold after a crash at event `cut` (see §5).
@@ -409,52 +483,80 @@ fn explore(
 ) -> Result<(), String> {
     let mut rng = Rng::new(seed ^ 0xC0FFEE);
     let n = run.events.len();
+    let (pieces, _) = pieces(&run.events);
+    // Where a request started or ended: a cut there may change what is allowed.
+    let bounds: HashSet<usize> = run.ops.iter().flat_map(|o| [o.start, o.end]).collect();
     for cut in 0..=n {
+        // A cut just after a completion or a barrier's start has the crash states of the cut
+        // before it.
+        if cut > 0
+            && !bounds.contains(&cut)
+            && matches!(
+                run.events[cut - 1],
+                IoEvent::Complete { .. } | IoEvent::FlushStart
+            )
+        {
+            continue;
+        }
         let allowed = allowed(run, cut);
-        let barrier = run.events[..cut]
+        let ev = |p: &Piece| &run.events[p.at];
+        let happened: Vec<&Piece> = pieces.iter().filter(|p| p.at < cut).collect();
+        let durable: Vec<&IoEvent> = happened
             .iter()
-            .rposition(|e| *e == IoEvent::Flush)
-            .map_or(0, |i| i + 1);
+            .filter(|p| p.durable_from <= cut)
+            .map(|p| ev(p))
+            .collect();
+        let unordered: Vec<&Piece> = happened
+            .iter()
+            .copied()
+            .filter(|p| p.durable_from > cut)
+            .collect();
         let mut variants: Vec<(String, Vec<&IoEvent>)> =
-            vec![("prefix".into(), run.events[..cut].iter().collect())];
-        let tail: Vec<&IoEvent> = run.events[barrier..cut].iter().collect();
-        if tail.len() > 1 {
+            vec![("prefix".into(), happened.iter().map(|p| ev(p)).collect())];
+        if unordered.len() > 1 {
             for k in 0..2 {
-                // A random subset of the writes after the last barrier, in a random order.
-                let mut sub: Vec<&IoEvent> =
-                    tail.iter().copied().filter(|_| rng.below(2) == 0).collect();
+                // A random subset of the unordered writes, in a random order.
+                let mut sub: Vec<&IoEvent> = unordered
+                    .iter()
+                    .filter(|_| rng.below(2) == 0)
+                    .map(|p| ev(p))
+                    .collect();
                 for i in (1..sub.len()).rev() {
                     sub.swap(i, rng.below(i as u64 + 1) as usize);
                 }
-                let mut ev: Vec<&IoEvent> = run.events[..barrier].iter().collect();
-                ev.extend(sub);
-                variants.push((format!("subset {k}"), ev));
+                let mut all = durable.clone();
+                all.extend(sub);
+                variants.push((format!("subset {k}"), all));
             }
         }
         let mut torn_events = Vec::new();
-        if let Some(IoEvent::Write { offset, data }) = tail
-            .last()
-            .copied()
+        let last = unordered.last().copied();
+        if let Some(IoEvent::Write { offset, data, .. }) = last
+            .map(ev)
             .filter(|e| matches!(e, IoEvent::Write { data, .. } if data.len() % 4096 == 0))
         {
-            // The last 4 KiB-multiple write torn: only some of its 512-byte sectors reached the
-            // disk. (The 1 KiB superblock write is taken as sector-atomic, as ext4 does; a torn
-            // superblock is what its backups are for.)
-            let mut t = Vec::new();
+            // The last unordered 4 KiB write torn: only some of its 512-byte sectors reached
+            // the disk. (The 1 KiB superblock write is taken as sector-atomic, as ext4 does; a
+            // torn superblock is what its backups are for.)
             for s in (0..data.len()).step_by(512) {
                 if rng.below(2) == 0 {
-                    t.push(IoEvent::Write {
+                    torn_events.push(IoEvent::Write {
                         offset: offset + s as u64,
                         data: data[s..s + 512].to_vec(),
+                        id: u64::MAX,
                     });
                 }
             }
-            torn_events = t;
         }
         if !torn_events.is_empty() {
-            let mut ev: Vec<&IoEvent> = run.events[..cut - 1].iter().collect();
-            ev.extend(torn_events.iter());
-            variants.push(("torn last write".into(), ev));
+            let skip = last.map(|p| p.at);
+            let mut all: Vec<&IoEvent> = happened
+                .iter()
+                .filter(|p| Some(p.at) != skip)
+                .map(|p| ev(p))
+                .collect();
+            all.extend(torn_events.iter());
+            variants.push(("torn last write".into(), all));
         }
         for (what, ev) in variants {
             let mut state = run.base.clone();
