@@ -28,6 +28,9 @@ use extblk::mapping::tree::Lookup;
 use extblk::testing::{set_broken, Broken};
 use extblk::units::{ByteRange, Bytes};
 
+#[path = "crash/concurrent.rs"]
+mod concurrent;
+
 const DISK_BLOCKS: u64 = 512;
 
 /// Word `i` of a block's content: it names its logical block (24 bits) and version (16 bits).
@@ -431,9 +434,15 @@ fn e2fsck_agrees(state: &[u8], dir: &std::path::Path, n: usize) -> Result<(), St
         .map_err(|e| e.to_string())?;
         img.runs()
     };
+    e2fsck_file_agrees(&p, ours)
+}
+
+/// e2fsck replays and checks the image in file `p` (which it may change): nothing to fix, and
+/// its replay maps `/disk` as ours did (`ours`). Removes the file when it agrees.
+fn e2fsck_file_agrees(p: &std::path::Path, ours: Vec<extblk::image::Run>) -> Result<(), String> {
     let out = Command::new("e2fsck")
         .args(["-fy", "-E", "no_optimize_extents"])
-        .arg(&p)
+        .arg(p)
         .output()
         .unwrap();
     let text =
@@ -446,7 +455,7 @@ fn e2fsck_agrees(state: &[u8], dir: &std::path::Path, n: usize) -> Result<(), St
     }
     let out = Command::new("e2fsck")
         .args(["-fn", "-E", "no_optimize_extents"])
-        .arg(&p)
+        .arg(p)
         .output()
         .unwrap();
     if !out.status.success() {
@@ -455,13 +464,15 @@ fn e2fsck_agrees(state: &[u8], dir: &std::path::Path, n: usize) -> Result<(), St
             String::from_utf8_lossy(&out.stdout)
         ));
     }
+    // Read through the file, not into memory: a sparse image may be far larger than its data.
+    let backing = extblk::engine::raw::Backing::open(p, true).map_err(|e| e.to_string())?;
     let theirs = Image::open(
-        Arc::new(MemIo::new(std::fs::read(&p).unwrap())),
+        Arc::new(extblk::io::FileIo::new(backing)),
         OpenOptions { read_only: true },
     )
     .map_err(|e| e.to_string())?
     .runs();
-    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_file(p);
     if ours != theirs {
         return Err("e2fsck's replay maps /disk differently from ours".into());
     }
@@ -692,6 +703,205 @@ fn converting_before_the_data_write_is_caught() {
         "the crash tests missed a conversion before the data write"
     );
     println!("caught: {}", r.unwrap());
+}
+
+/// The shape of concurrent run `seed`: allocation units of 4, 16 and 64 KiB in rotation; a
+/// short commit interval and barriers that take a while, so commits overlap allocation and
+/// the next transaction reaches the log throttle.
+fn shape(seed: u64) -> concurrent::Shape {
+    concurrent::Shape {
+        seed,
+        alloc_unit: [1, 4, 16][(seed % 3) as usize],
+        requests_per_queue: 2500,
+        commit_interval: Duration::from_millis(10),
+        barrier_delay: Duration::from_millis(20),
+        fua: false,
+    }
+}
+
+#[test]
+fn concurrent_crash_states_keep_the_contract() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    set_broken(Broken::None);
+    let target: usize = std::env::var("EXTBLK_CONCURRENT_STATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut seed = std::env::var("EXTBLK_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64);
+    let dir = scratch("concurrent");
+    let t0 = Instant::now();
+    let mut stats = concurrent::ExploreStats::default();
+    let mut total = concurrent::RunCounts::default();
+    let mut runs = 0;
+    // At least one run per allocation unit; states spread over them.
+    while runs < 3 || stats.states < target {
+        let t = Instant::now();
+        let run = concurrent::workload(shape(seed))
+            .unwrap_or_else(|e| panic!("seed {seed} {:?}: {e}", shape(seed)));
+        let ran = t.elapsed();
+        let reads = concurrent::check_reads(&run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let want = target
+            .saturating_sub(stats.states)
+            .div_ceil(3 - runs.min(2));
+        let before = stats.states;
+        // About 35 e2fsck judgements over 10,000 states.
+        concurrent::explore(&run, want.max(500), 300, &dir, &mut stats)
+            .unwrap_or_else(|e| panic!("{e}\nreproduce (timing varies): EXTBLK_CRASH_SEED={seed}"));
+        let c = run.counts;
+        println!(
+            "  open {:.1}s check {:.1}s data {:.1}s",
+            stats.open.as_secs_f64(),
+            stats.check.as_secs_f64(),
+            stats.data.as_secs_f64()
+        );
+        println!(
+            "seed {seed} unit {}: {} requests ({reads} sectors read back) in {:.1}s, {} events, \
+             {} writes straddling a barrier; throttled {}, deferred {}, commits {}, space waits {}; \
+             {} crash states",
+            run.shape.alloc_unit,
+            c.requests,
+            ran.as_secs_f64(),
+            c.events,
+            c.straddling,
+            c.throttled,
+            c.deferred_writes,
+            c.commits,
+            c.space_waits,
+            stats.states - before
+        );
+        total.throttled += c.throttled;
+        total.deferred_writes += c.deferred_writes;
+        total.commits += c.commits;
+        total.straddling += c.straddling;
+        seed += 1;
+        runs += 1;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "concurrent crash states: {} ({} cuts, up to {} unordered writes, {} judged by e2fsck) in {secs:.1}s",
+        stats.states, stats.cuts, stats.max_unordered, stats.e2fsck
+    );
+    assert!(stats.states >= target, "{} states", stats.states);
+    assert!(
+        stats.e2fsck >= 20,
+        "too few e2fsck judgements: {}",
+        stats.e2fsck
+    );
+    // What the sequential exploration never sees happened.
+    assert!(total.throttled > 0, "no write met the log throttle");
+    assert!(total.deferred_writes > 0, "no write was deferred");
+    assert!(total.commits > 0, "nothing committed");
+    assert!(
+        total.straddling > 0,
+        "no write was in flight across a barrier"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A broken engine under the concurrent exploration: the first violation, or why the run
+/// itself failed.
+fn caught_concurrent(mode: Broken) -> Option<String> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    set_broken(mode);
+    let dir = scratch("concurrent-broken");
+    let mut found = None;
+    for seed in 1..=6u64 {
+        match concurrent::workload(shape(seed)) {
+            Err(e) => found = Some(format!("seed {seed}: the run failed: {e}")),
+            Ok(run) => {
+                let mut st = concurrent::ExploreStats::default();
+                if let Err(e) = concurrent::explore(&run, 4000, 0, &dir, &mut st) {
+                    found = Some(e);
+                } else if let Err(e) = concurrent::check_reads(&run) {
+                    found = Some(format!("seed {seed}: {e}"));
+                }
+            }
+        }
+        if found.is_some() {
+            break;
+        }
+    }
+    set_broken(Broken::None);
+    let _ = std::fs::remove_dir_all(&dir);
+    found
+}
+
+#[test]
+fn concurrent_a_commit_record_before_the_data_barrier_is_caught() {
+    let r = caught_concurrent(Broken::CommitBeforeData);
+    assert!(
+        r.is_some(),
+        "the concurrent exploration missed a commit before its data barrier"
+    );
+    println!("caught: {}", r.unwrap());
+}
+
+#[test]
+fn concurrent_reusing_freed_blocks_before_the_commit_is_caught() {
+    let r = caught_concurrent(Broken::ReuseBeforeCommit);
+    assert!(
+        r.is_some(),
+        "the concurrent exploration missed blocks reused before their free committed"
+    );
+    println!("caught: {}", r.unwrap());
+}
+
+#[test]
+fn concurrent_converting_before_the_data_write_is_caught() {
+    let r = caught_concurrent(Broken::ConvertBeforeWrite);
+    assert!(
+        r.is_some(),
+        "the concurrent exploration missed a conversion before the data write"
+    );
+    println!("caught: {}", r.unwrap());
+}
+
+/// The old throttle (`Broken::ThrottleHoldsFence`) waits for a commit on the queue thread while
+/// fence guards of its own reads and overwrites, pushed earlier in the batch or in flight on its
+/// ring, hold the committer up: the disk stops. The liveness watch must say so. In a child copy
+/// of this test binary, since the stuck threads can never be ended.
+#[test]
+fn concurrent_a_throttle_that_holds_fence_guards_stops_a_queue_and_is_caught() {
+    const CHILD: &str = "EXTBLK_CRASH_THROTTLE_CHILD";
+    const NAME: &str = "concurrent_a_throttle_that_holds_fence_guards_stops_a_queue_and_is_caught";
+    if std::env::var_os(CHILD).is_some() {
+        set_broken(Broken::ThrottleHoldsFence);
+        for seed in 1..=3u64 {
+            let outcome = match concurrent::workload(shape(seed)) {
+                Err(concurrent::RunError::Stalled(m)) => Some((0, format!("stall: {m}"))),
+                Err(concurrent::RunError::Failed(m)) => Some((2, format!("failed: {m}"))),
+                Ok(run) => {
+                    println!("seed {seed}: no stall ({:?})", run.counts);
+                    None
+                }
+            };
+            if let Some((code, m)) = outcome {
+                println!("{m}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(code);
+            }
+        }
+        std::process::exit(3);
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stall = stdout.lines().find(|l| l.starts_with("stall: "));
+    assert!(
+        out.status.code() == Some(0) && stall.is_some_and(|l| l.contains("stopped completing")),
+        "the liveness watch missed the stall ({:?}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("caught: {}", stall.unwrap());
 }
 
 /// Faults below the engine: EIO on data writes, on metadata/journal writes and on fdatasync,
