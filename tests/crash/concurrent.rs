@@ -1274,8 +1274,10 @@ impl Share<'_> {
         } = *self;
         let mut rng = Rng::new(run.shape.seed ^ 0xC0FF_EE00 ^ ((t as u64 + 1) << 40));
         let mut model = Model::new(run);
-        let mut base = Arc::new(Pages(run.base.0.clone()));
-        let punch_zeroes = run.shape.seed % 2 == 0;
+        // The durable image twice: on a block device a discard leaves the old bytes (so a bug
+        // that exposes freed blocks shows stale data), in a sparse file a punched range reads
+        // as zeroes (so a punch of blocks already reused destroys data). Cuts alternate.
+        let mut bases = [(); 2].map(|_| Arc::new(Pages(run.base.0.clone())));
         let mut next_durable = 0;
         let mut next_piece = 0;
         let mut unordered: BTreeSet<usize> = BTreeSet::new();
@@ -1288,22 +1290,26 @@ impl Share<'_> {
                 unordered.insert(next_piece);
                 next_piece += 1;
             }
-            let pages = Arc::get_mut(&mut base).ok_or("a crash state outlived its judgement")?;
             while let Some(&i) = by_durable.get(next_durable) {
                 if pieces[i].durable_from > cut {
                     break;
                 }
                 let at = pieces[i].at;
-                apply_to(
-                    &mut pages.0,
-                    |b| default_page(b, run.data_start),
-                    &run.events[at],
-                    data.get(&at),
-                    punch_zeroes,
-                );
+                for (zeroes, base) in bases.iter_mut().enumerate() {
+                    let pages = Arc::get_mut(base).ok_or("a crash state outlived its judgement")?;
+                    apply_to(
+                        &mut pages.0,
+                        |b| default_page(b, run.data_start),
+                        &run.events[at],
+                        data.get(&at),
+                        zeroes == 1,
+                    );
+                }
                 unordered.remove(&i);
                 next_durable += 1;
             }
+            let punch_zeroes = cut % 2 == 1;
+            let base = &bases[usize::from(punch_zeroes)];
             model.advance(run, cut);
             stats.cuts += 1;
             stats.max_unordered = stats.max_unordered.max(unordered.len());
@@ -1400,7 +1406,18 @@ impl Share<'_> {
                         un.len()
                     )
                 };
-                let runs = judge(&io, run, ix, &model, cut, &mut cache, stats).map_err(at)?;
+                let runs = judge(&io, run, ix, &model, cut, &mut cache, stats).map_err(|e| {
+                    // The block the violation names, unless the variable names one.
+                    if let Ok(v) = std::env::var("EXTBLK_CRASH_TRACE") {
+                        let named = e.split_once("block ").and_then(|(_, r)| {
+                            r.split(' ').next()?.trim_end_matches(',').parse().ok()
+                        });
+                        if let Some(l) = v.parse().ok().or(named) {
+                            trace(run, &io, l, cut);
+                        }
+                    }
+                    at(e)
+                })?;
                 if e2fsck_every > 0 && stats.states % e2fsck_every == 0 {
                     let p = dir.join(format!("concurrent-{t}-{}.img", stats.states));
                     export(&io, &p).map_err(|e| at(e.to_string()))?;
@@ -1410,6 +1427,47 @@ impl Share<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// For debugging a violation (`EXTBLK_CRASH_TRACE=<logical block>`): the block's mapping in
+/// the crash state, and the log's writes near its identity placement and barriers up to the cut.
+fn trace(run: &CRun, io: &Arc<StateIo>, lblk: u64, cut: usize) {
+    if let Ok(img) = Image::open(io.clone(), OpenOptions { read_only: true }) {
+        let near: Vec<_> = img
+            .runs()
+            .into_iter()
+            .filter(|r| r.lblk <= lblk + WINDOW && r.lblk + r.len + WINDOW > lblk)
+            .collect();
+        println!("mapping near {lblk}: {near:?}");
+    }
+    let p = run.data_start + lblk;
+    let mut ids = std::collections::HashSet::new();
+    for (i, e) in run.events.iter().enumerate().take(cut + 1) {
+        match e {
+            IoEvent::Write { offset, data, id }
+                if (p - WINDOW..p + WINDOW).contains(&(offset / BS)) =>
+            {
+                ids.insert(*id);
+                let w = u64::from_le_bytes(data[..8].try_into().unwrap());
+                println!(
+                    "{i}: write #{id} block {} +{} len {} first word {w:#x}",
+                    offset / BS,
+                    offset % BS,
+                    data.len()
+                );
+            }
+            IoEvent::Complete { id, durable } if ids.contains(id) => {
+                println!(
+                    "{i}: complete #{id}{}",
+                    if *durable { " (dsync)" } else { "" }
+                );
+            }
+            IoEvent::FlushStart | IoEvent::FlushEnd | IoEvent::Punch { .. } => {
+                println!("{i}: {e:?}")
+            }
+            _ => {}
+        }
     }
 }
 
