@@ -973,19 +973,35 @@ fn concurrent_a_throttle_that_holds_fence_guards_stops_a_queue_and_is_caught() {
         std::process::exit(3);
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(std::env::current_exe().unwrap())
+    // Output to files: a pipe nobody reads while we wait could fill and block the child.
+    let dir = scratch("throttle-child");
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
-        .output()
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // A child stuck somewhere the watch does not see must not hang the suite.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
     let stall = stdout.lines().find(|l| l.starts_with("stall: "));
-    // The child ran this test alone, so its output is ours to show.
     assert!(
-        out.status.code() == Some(0) && stall.is_some_and(|l| l.contains("stopped completing")),
-        "the liveness watch missed the stall ({:?}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.code() == Some(0) && stall.is_some_and(|l| l.contains("stopped completing")),
+        "the liveness watch missed the stall ({status:?}): {stdout}{stderr}"
     );
     println!("caught: {}", stall.unwrap());
 }

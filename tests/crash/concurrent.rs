@@ -730,17 +730,26 @@ fn queue_thread(
     let mut rng = Rng::new(shape.seed.wrapping_mul(0x9E37_79B9) ^ (q as u64 + 1));
     let mut walk = q as u64 * slots.count / 2;
     let mut issued = 0;
+    let mut failure: Option<String> = None;
+    // Once told to stop (another queue stalled), drain for a while: the ring must not be
+    // dropped with reads in flight into buffers it frees.
+    let mut stopping: Option<Instant> = None;
     loop {
-        if ctx.stop.load(Ordering::SeqCst) {
-            return Ok(());
-        }
         let in_flight = side.in_flight.load(Ordering::SeqCst);
-        if issued >= shape.requests_per_queue && in_flight == 0 {
-            return Ok(());
+        if ctx.stop.load(Ordering::SeqCst) {
+            let since = *stopping.get_or_insert_with(Instant::now);
+            if in_flight == 0 || since.elapsed() > Duration::from_secs(1) {
+                return Ok(());
+            }
+        }
+        let done_issuing =
+            issued >= shape.requests_per_queue || failure.is_some() || stopping.is_some();
+        if done_issuing && in_flight == 0 {
+            return failure.map_or(Ok(()), Err);
         }
         // Top up in batches of at least four, so batches mix reads, overwrites and allocation.
         let room = DEPTH - in_flight;
-        if issued < shape.requests_per_queue && (room >= 4 || in_flight == 0) {
+        if !done_issuing && (room >= 4 || in_flight == 0) {
             let n = room.min(shape.requests_per_queue - issued);
             let mut batch: Vec<Planned> = (issued..issued + n)
                 .map(|i| {
@@ -752,7 +761,10 @@ fn queue_thread(
                 .collect();
             batch.sort_by_key(|p| !p.front);
             for p in batch {
-                submit(ctx, &mut queue, q, slots, version, p)?;
+                if let Err(e) = submit(ctx, &mut queue, q, slots, version, p) {
+                    failure = Some(e);
+                    break;
+                }
                 issued += 1;
             }
             queue.submit_batch();
