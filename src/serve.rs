@@ -230,7 +230,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
 }
 
 /// The `testing` feature's layers under the engine, from the environment: `EXTBLK_RECORD=FILE`
-/// logs every write, barrier and punch of the backing (see io::record); `EXTBLK_FAULT=SPEC`
+/// logs every write (at submission and completion, the io_uring's included), barrier and punch
+/// of the backing (see io::record); `EXTBLK_FAULT=SPEC`
 /// injects I/O errors (see io::fault); a `--hot-path` other than `fast` is warned about. Not
 /// compiled into a normal build, so no environment can make a production daemon do these.
 #[cfg(feature = "testing")]
@@ -241,7 +242,9 @@ fn test_layers(
     if let Ok(path) = std::env::var("EXTBLK_RECORD") {
         log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");
         let rec = crate::io::record::RecordingIo::to_file(io, Path::new(&path))
-            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?;
+            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?
+            // The queues keep their io_uring, observed: the daemon's real I/O path is recorded.
+            .with_ring();
         io = Arc::new(rec);
     }
     if opts.hot_path != crate::engine::image::HotPath::Fast {

@@ -1300,7 +1300,7 @@ fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_th
 #[test]
 fn image_crash_states_through_the_real_daemon() {
     use extblk::image::{Image, OpenOptions};
-    use extblk::io::record::{decode_events, IoEvent};
+    use extblk::io::record::{decode_events, encoded_len, IoEvent};
     let s = Scratch::new("img-record");
     let (img, sock, rec) = (s.path("disk.img"), s.path("sock"), s.path("io.log"));
     create_image(&img, "16M");
@@ -1349,18 +1349,13 @@ fn image_crash_states_through_the_real_daemon() {
     let mut ends = Vec::with_capacity(events.len());
     let mut pos = 0u64;
     for e in &events {
-        pos += 17
-            + if let IoEvent::Write { data, .. } = e {
-                data.len() as u64
-            } else {
-                0
-            };
+        pos += encoded_len(e);
         ends.push(pos);
     }
     let cuts: Vec<usize> = events
         .iter()
         .enumerate()
-        .filter(|(_, e)| **e == IoEvent::Flush)
+        .filter(|(_, e)| **e == IoEvent::FlushEnd)
         .map(|(i, _)| i + 1)
         .chain([events.len()])
         .collect();
@@ -1370,13 +1365,15 @@ fn image_crash_states_through_the_real_daemon() {
         let mut state = base.clone();
         for e in &events[..cut] {
             match e {
-                IoEvent::Write { offset, data } => {
+                // Every write submitted by the cut: the client waits for each request, so
+                // at a barrier nothing is in flight but the engine's own log writes.
+                IoEvent::Write { offset, data, .. } => {
                     state[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
                 }
                 IoEvent::Punch { offset, len } => {
                     state[*offset as usize..(*offset + *len) as usize].fill(0)
                 }
-                IoEvent::Flush => {}
+                IoEvent::Complete { .. } | IoEvent::FlushStart | IoEvent::FlushEnd => {}
             }
         }
         let io: std::sync::Arc<dyn extblk::io::BlockIo> =
@@ -1432,10 +1429,12 @@ fn image_crash_states_through_the_real_daemon() {
                     .rev()
                     .take(12)
                     .map(|e| match e {
-                        IoEvent::Write { offset, data } => {
-                            format!("W{}+{}", offset / 4096, data.len())
+                        IoEvent::Write { offset, data, id } => {
+                            format!("W{}+{}#{id}", offset / 4096, data.len())
                         }
-                        IoEvent::Flush => "F".into(),
+                        IoEvent::Complete { id, .. } => format!("C#{id}"),
+                        IoEvent::FlushStart => "F<".into(),
+                        IoEvent::FlushEnd => "F>".into(),
                         IoEvent::Punch { offset, len } => {
                             format!("P{}+{}", offset / 4096, len / 4096)
                         }

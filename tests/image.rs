@@ -508,10 +508,12 @@ fn every_cut_of_the_journal_replays_to_a_committed_prefix() {
     for step in &steps {
         step(&mut img);
         img.commit().unwrap();
-        // The commit block is the write just before the final barrier.
+        // The commit block is the write just before the final barrier (its Write, its
+        // Complete, then the barrier's FlushStart and FlushEnd).
         let events = rec.events();
-        assert_eq!(events.last(), Some(&IoEvent::Flush));
-        commit_at.push(events.len() - 2);
+        assert_eq!(events.last(), Some(&IoEvent::FlushEnd));
+        assert!(matches!(events[events.len() - 4], IoEvent::Write { .. }));
+        commit_at.push(events.len() - 4);
         snapshots.push(img.runs());
     }
     drop(img);

@@ -6,10 +6,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
 use super::iov;
+use crate::io::RingObserver;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How a request's operations ended: the first error, with the file offset it happened at.
@@ -59,6 +61,8 @@ struct Slot<T> {
     remaining: usize,
     error: Option<(io::Error, u64)>,
     ops: Vec<Op>,
+    /// The observer's token of each write in `ops` (empty when the ring is not observed).
+    tokens: Vec<u64>,
     tag: Option<T>,
 }
 
@@ -72,6 +76,9 @@ pub struct Ring<T> {
     /// Operations pushed and not yet reaped: kept within the completion queue, so completions
     /// never overflow into the kernel's backlog (which posts no eventfd wake-up when drained).
     ops_in_flight: usize,
+    /// Told of every write when it is pushed and when it is reaped (the crash tests' recording
+    /// layer); `None` in production, which costs one check per operation.
+    observer: Option<Arc<dyn RingObserver>>,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory that the request owns until
@@ -85,6 +92,11 @@ const CQ_ENTRIES: usize = 2 * ENTRIES as usize;
 
 impl<T> Ring<T> {
     pub fn new(fd: RawFd) -> io::Result<Ring<T>> {
+        Ring::observed(fd, None)
+    }
+
+    /// A ring whose writes are reported to `observer` (see [`RingObserver`]).
+    pub fn observed(fd: RawFd, observer: Option<Arc<dyn RingObserver>>) -> io::Result<Ring<T>> {
         let ring = IoUring::new(ENTRIES)?;
         let efd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
@@ -96,6 +108,7 @@ impl<T> Ring<T> {
             free: Vec::new(),
             unsubmitted: 0,
             ops_in_flight: 0,
+            observer,
         })
     }
 
@@ -123,6 +136,32 @@ impl<T> Ring<T> {
             }
         };
         let n = ops.len();
+        // Before any entry is pushed: the ring may hand entries to the kernel below (a full
+        // submission queue), and the observer must have logged a write before it can start.
+        let tokens = match &self.observer {
+            Some(obs) => ops
+                .iter()
+                .map(|op| {
+                    if !op.write {
+                        return 0;
+                    }
+                    let bufs: Vec<&[u8]> = op
+                        .iovs
+                        .iter()
+                        .filter(|v| v.iov_len > 0)
+                        // SAFETY: the iovecs describe buffers the kernel is about to read for
+                        // this write; they stay alive until its completion is reaped (the
+                        // request's GuestBuffers, or static zero pages), and nothing writes
+                        // them meanwhile.
+                        .map(|v| unsafe {
+                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                        })
+                        .collect();
+                    obs.write_submitted(op.offset, &bufs)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let entries: Vec<io_uring::squeue::Entry> = ops
             .iter()
             .enumerate()
@@ -148,6 +187,7 @@ impl<T> Ring<T> {
             remaining: n,
             error: None,
             ops,
+            tokens,
             tag: Some(tag),
         });
         for (pushed, entry) in entries.iter().enumerate() {
@@ -243,6 +283,9 @@ impl<T> Ring<T> {
             } else {
                 None
             };
+            if let (Some(obs), true) = (&self.observer, op.write) {
+                obs.write_completed(slot.tokens[sub], err.is_none(), op.dsync);
+            }
             if let Some(e) = err {
                 if slot.error.is_none() {
                     slot.error = Some((e, op.offset));
@@ -264,6 +307,86 @@ impl<T> Ring<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Logs what the ring reports: `(token, offset, bytes)` at submission, `token` when reaped.
+    #[derive(Default)]
+    struct Log {
+        submitted: Mutex<Vec<(u64, u64, Vec<u8>)>>,
+        completed: Mutex<Vec<(u64, bool, bool)>>,
+    }
+
+    impl RingObserver for Log {
+        fn write_submitted(&self, offset: u64, bufs: &[&[u8]]) -> u64 {
+            let mut s = self.submitted.lock().unwrap();
+            let token = 100 + s.len() as u64;
+            s.push((token, offset, bufs.concat()));
+            token
+        }
+        fn write_completed(&self, token: u64, ok: bool, durable: bool) {
+            self.completed.lock().unwrap().push((token, ok, durable));
+        }
+    }
+
+    #[test]
+    fn an_observed_ring_reports_each_write_at_push_and_at_reap() {
+        let path = std::env::temp_dir().join(format!("extblk-ring-obs-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let log = Arc::new(Log::default());
+        let mut ring: Ring<u32> = Ring::observed(file.as_raw_fd(), Some(log.clone())).unwrap();
+        let (mut a, mut b) = (vec![1u8; 512], vec![2u8; 1024]);
+        let mut back = vec![0u8; 1536];
+        let iov = |v: &mut Vec<u8>| libc::iovec {
+            iov_base: v.as_mut_ptr().cast(),
+            iov_len: v.len(),
+        };
+        let mut done = Vec::new();
+        ring.start(
+            vec![Op {
+                iovs: vec![iov(&mut a), iov(&mut b)],
+                offset: 4096,
+                write: true,
+                dsync: true,
+            }],
+            7,
+            &mut done,
+        );
+        // Logged when pushed, before the kernel saw it; nothing completed yet.
+        assert_eq!(log.submitted.lock().unwrap().len(), 1);
+        assert!(log.completed.lock().unwrap().is_empty());
+        ring.submit().unwrap();
+        while done.is_empty() {
+            done.extend(ring.reap());
+        }
+        assert!(matches!(done[0], (7, Ok(()))));
+        // Reads are not reported.
+        ring.start(
+            vec![Op {
+                iovs: vec![iov(&mut back)],
+                offset: 4096,
+                write: false,
+                dsync: false,
+            }],
+            8,
+            &mut done,
+        );
+        ring.submit().unwrap();
+        while done.len() < 2 {
+            done.extend(ring.reap());
+        }
+        let mut want = vec![1u8; 512];
+        want.extend([2u8; 1024]);
+        assert_eq!(back, want);
+        assert_eq!(*log.submitted.lock().unwrap(), [(100, 4096, want)]);
+        assert_eq!(*log.completed.lock().unwrap(), [(100, true, true)]);
+    }
 
     #[test]
     fn long_operations_split_at_iov_max() {

@@ -19,9 +19,17 @@ pub trait BlockIo: Send + Sync {
     fn size(&self) -> u64;
 
     /// The file descriptor behind this backing, for engines that submit data I/O to an
-    /// io_uring themselves. Layers that must see every I/O (recording, fault injection)
-    /// return `None`, which keeps engines on the positioned-I/O path through them.
+    /// io_uring themselves. Layers that must see every I/O return `None` (fault injection),
+    /// which keeps engines on the positioned-I/O path through them, or a descriptor together
+    /// with a [`RingObserver`] (recording).
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Who must be told of the writes an engine's io_uring does on [`BlockIo::raw_fd`], which
+    /// bypass this trait's methods. `None` (every production backing) leaves the ring
+    /// unobserved.
+    fn ring_observer(&self) -> Option<std::sync::Arc<dyn RingObserver>> {
         None
     }
 
@@ -61,6 +69,18 @@ pub trait BlockIo: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// Sees the writes an io_uring does on a backing's raw descriptor, so a recording layer logs
+/// them although they never pass through its [`BlockIo`] methods (the crash tests' view of the
+/// real, concurrent engine). Called on the ring's thread.
+pub trait RingObserver: Send + Sync {
+    /// A write is about to be pushed to the ring, before the kernel can start it: `bufs` are
+    /// its bytes, in order, from `offset`. Returns a token for [`RingObserver::write_completed`].
+    fn write_submitted(&self, offset: u64, bufs: &[&[u8]]) -> u64;
+    /// The write `token` was reaped from the completion queue: `ok` when it transferred every
+    /// byte without error, `durable` when it was an `RWF_DSYNC` write (on stable storage now).
+    fn write_completed(&self, token: u64, ok: bool, durable: bool);
 }
 
 pub mod fault;

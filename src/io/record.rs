@@ -1,124 +1,246 @@
 //! A recording layer: passes I/O through and logs every write, barrier and punch, so tests can
 //! rebuild the backing as it could stand after a crash at any point (dm-log-writes style).
+//!
+//! The log is a history of submissions and completions, not of finished operations, because
+//! with an io_uring many writes are in flight at once and a barrier covers only what completed
+//! before it started:
+//!
+//! - [`IoEvent::Write`] when a write is handed to the backing, with its bytes as they are then
+//!   (one event per 4 KiB block: a device may persist any subset of a longer write);
+//! - [`IoEvent::Complete`] when it has completed (reaped from the ring, or returned);
+//! - [`IoEvent::FlushStart`] / [`IoEvent::FlushEnd`] around each barrier (`fdatasync`);
+//! - [`IoEvent::Punch`] once a range has been deallocated.
+//!
+//! A write is durable-ordered before a barrier only if its `Complete` precedes the barrier's
+//! `FlushStart`; one submitted but not completed by then may or may not be on disk at that
+//! barrier, in any order with its peers, until a later barrier that starts after its completion
+//! (or its own `Complete { durable: true }`, an `RWF_DSYNC` write). Positioned I/O logs `Write`
+//! just before the call and `Complete` just after it; the ring logs them through
+//! [`RingObserver`] when it pushes an operation and when it reaps it ([`RecordingIo::with_ring`]).
+//! Barriers are serialised here, so they never overlap and a `FlushEnd` closes the last
+//! `FlushStart`.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::BlockIo;
+use super::{BlockIo, RingObserver};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IoEvent {
-    Write { offset: u64, data: Vec<u8> },
-    Flush,
+    /// A write handed to the backing: its bytes at submission, at most one 4 KiB block; the
+    /// blocks of one longer write share `id`.
+    Write { offset: u64, data: Vec<u8>, id: u64 },
+    /// The writes logged under `id` completed successfully; `durable`: an `RWF_DSYNC` write,
+    /// on stable storage from here on. A failed write gets no `Complete` (it may or may not
+    /// have landed, ordered by nothing).
+    Complete { id: u64, durable: bool },
+    /// A barrier started: it makes durable every write completed before this point.
+    FlushStart,
+    /// The barrier that started last returned successfully.
+    FlushEnd,
+    /// A range was deallocated (reads as zeroes on a file; a device may keep the old bytes).
     Punch { offset: u64, len: u64 },
 }
 
-pub struct RecordingIo {
-    inner: Arc<dyn BlockIo>,
-    log: Mutex<Vec<IoEvent>>,
-    /// Also append every event to this file as it happens (the daemon's `EXTBLK_RECORD`), so a
-    /// log survives a SIGKILL.
-    sink: Option<Mutex<std::fs::File>>,
-    /// Held across each operation and its record, so the log's order is the real order (a
-    /// barrier is never logged before a write it covered).
-    order: Mutex<()>,
+/// Bytes before a record's data in a log file: kind, then three little-endian u64 fields.
+pub const RECORD_HEADER: usize = 25;
+
+/// The length of one event's record in a log file.
+pub fn encoded_len(e: &IoEvent) -> u64 {
+    RECORD_HEADER as u64
+        + match e {
+            IoEvent::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        }
 }
 
-/// Encodes one event for a log file: kind (1 write, 2 flush, 3 punch), offset, length, data.
+/// Encodes one event for a log file: kind (1 write, 2 flush end, 3 punch, 4 complete, 5 flush
+/// start), three u64 fields (write: offset, length, id; complete: id, durable; punch: offset,
+/// length), then a write's data.
 pub fn encode_event(e: &IoEvent) -> Vec<u8> {
-    let (kind, offset, len, data): (u8, u64, u64, &[u8]) = match e {
-        IoEvent::Write { offset, data } => (1, *offset, data.len() as u64, data),
-        IoEvent::Flush => (2, 0, 0, &[]),
-        IoEvent::Punch { offset, len } => (3, *offset, *len, &[]),
+    let (kind, a, b, c, data): (u8, u64, u64, u64, &[u8]) = match e {
+        IoEvent::Write { offset, data, id } => (1, *offset, data.len() as u64, *id, data),
+        IoEvent::FlushEnd => (2, 0, 0, 0, &[]),
+        IoEvent::Punch { offset, len } => (3, *offset, *len, 0, &[]),
+        IoEvent::Complete { id, durable } => (4, *id, u64::from(*durable), 0, &[]),
+        IoEvent::FlushStart => (5, 0, 0, 0, &[]),
     };
-    let mut b = Vec::with_capacity(17 + data.len());
-    b.push(kind);
-    b.extend_from_slice(&offset.to_le_bytes());
-    b.extend_from_slice(&len.to_le_bytes());
-    b.extend_from_slice(data);
-    b
+    let mut out = Vec::with_capacity(RECORD_HEADER + data.len());
+    out.push(kind);
+    for v in [a, b, c] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(data);
+    out
 }
 
 /// Decodes a log file; a truncated last record (the writer was killed) is dropped.
 pub fn decode_events(mut b: &[u8]) -> Vec<IoEvent> {
+    let field = |b: &[u8], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[1 + 8 * i..9 + 8 * i]);
+        u64::from_le_bytes(w)
+    };
     let mut out = Vec::new();
-    while b.len() >= 17 {
-        let kind = b[0];
-        let offset = u64::from_le_bytes(b[1..9].try_into().unwrap_or_default());
-        let len = u64::from_le_bytes(b[9..17].try_into().unwrap_or_default());
-        b = &b[17..];
+    while b.len() >= RECORD_HEADER {
+        let (kind, x, y, z) = (b[0], field(b, 0), field(b, 1), field(b, 2));
+        b = &b[RECORD_HEADER..];
         match kind {
             1 => {
-                let Ok(n) = usize::try_from(len) else { break };
+                let Ok(n) = usize::try_from(y) else { break };
                 if b.len() < n {
                     break;
                 }
                 out.push(IoEvent::Write {
-                    offset,
+                    offset: x,
                     data: b[..n].to_vec(),
+                    id: z,
                 });
                 b = &b[n..];
             }
-            2 => out.push(IoEvent::Flush),
-            3 => out.push(IoEvent::Punch { offset, len }),
+            2 => out.push(IoEvent::FlushEnd),
+            3 => out.push(IoEvent::Punch { offset: x, len: y }),
+            4 => out.push(IoEvent::Complete {
+                id: x,
+                durable: y != 0,
+            }),
+            5 => out.push(IoEvent::FlushStart),
             _ => break,
         }
     }
     out
 }
 
-impl RecordingIo {
-    pub fn new(inner: Arc<dyn BlockIo>) -> RecordingIo {
-        RecordingIo {
-            inner,
-            log: Mutex::new(Vec::new()),
-            sink: None,
-            order: Mutex::new(()),
-        }
+/// The log itself, shared by the layer and the rings that report to it.
+struct Recorder {
+    log: Mutex<Vec<IoEvent>>,
+    /// Also append every event to this file as it happens (the daemon's `EXTBLK_RECORD`), so a
+    /// log survives a SIGKILL; the memory log then stays empty.
+    sink: Option<Mutex<std::fs::File>>,
+    next_id: AtomicU64,
+}
+
+impl Recorder {
+    fn lock(&self) -> MutexGuard<'_, Vec<IoEvent>> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records into a file instead of memory.
-    pub fn to_file(inner: Arc<dyn BlockIo>, path: &std::path::Path) -> io::Result<RecordingIo> {
-        Ok(RecordingIo {
-            inner,
-            log: Mutex::new(Vec::new()),
-            sink: Some(Mutex::new(std::fs::File::create(path)?)),
-            order: Mutex::new(()),
-        })
-    }
-
-    /// A write spanning several 4 KiB blocks is recorded block by block: a device may persist
-    /// any subset of them before the next barrier, and crash states must include those.
-    fn push_write(&self, offset: u64, data: &[u8]) {
-        let mut at = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let n = ((4096 - at % 4096) as usize).min(rest.len());
-            self.push(IoEvent::Write {
-                offset: at,
-                data: rest[..n].to_vec(),
-            });
-            at += n as u64;
-            rest = &rest[n..];
+    /// Appends events atomically (a write's blocks stay together).
+    fn push_all(&self, events: Vec<IoEvent>) {
+        match &self.sink {
+            Some(f) => {
+                use std::io::Write;
+                let mut bytes = Vec::new();
+                for e in &events {
+                    bytes.extend(encode_event(e));
+                }
+                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(err) = f.write_all(&bytes) {
+                    log::error!("cannot append to the I/O record: {err}");
+                }
+            }
+            None => self.lock().extend(events),
         }
     }
 
     fn push(&self, e: IoEvent) {
-        match &self.sink {
-            Some(f) => {
-                use std::io::Write;
-                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(err) = f.write_all(&encode_event(&e)) {
-                    log::error!("cannot append to the I/O record: {err}");
+        self.push_all(vec![e]);
+    }
+
+    /// Logs a write about to start, block by block under one new id.
+    fn submit(&self, offset: u64, bufs: &[&[u8]]) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut events = Vec::new();
+        let mut at = offset;
+        let mut cur: Vec<u8> = Vec::new();
+        for b in bufs {
+            let mut rest = *b;
+            while !rest.is_empty() {
+                let room = (4096 - (at + cur.len() as u64) % 4096) as usize;
+                let n = room.min(rest.len());
+                cur.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if n == room {
+                    let data = std::mem::take(&mut cur);
+                    let len = data.len() as u64;
+                    events.push(IoEvent::Write {
+                        offset: at,
+                        data,
+                        id,
+                    });
+                    at += len;
                 }
             }
-            None => self.lock().push(e),
+        }
+        if !cur.is_empty() {
+            events.push(IoEvent::Write {
+                offset: at,
+                data: cur,
+                id,
+            });
+        }
+        self.push_all(events);
+        id
+    }
+}
+
+impl RingObserver for Recorder {
+    fn write_submitted(&self, offset: u64, bufs: &[&[u8]]) -> u64 {
+        self.submit(offset, bufs)
+    }
+
+    fn write_completed(&self, token: u64, ok: bool, durable: bool) {
+        if ok {
+            self.push(IoEvent::Complete { id: token, durable });
+        }
+    }
+}
+
+pub struct RecordingIo {
+    inner: Arc<dyn BlockIo>,
+    rec: Arc<Recorder>,
+    /// Engines may run an io_uring on the inner backing's descriptor, reporting to `rec`.
+    ring: bool,
+    /// Held across each barrier and its two records, so barriers never overlap in the log.
+    barrier: Mutex<()>,
+}
+
+impl RecordingIo {
+    pub fn new(inner: Arc<dyn BlockIo>) -> RecordingIo {
+        RecordingIo::with_recorder(inner, None)
+    }
+
+    /// Records into a file instead of memory.
+    pub fn to_file(inner: Arc<dyn BlockIo>, path: &std::path::Path) -> io::Result<RecordingIo> {
+        let f = std::fs::File::create(path)?;
+        Ok(RecordingIo::with_recorder(inner, Some(Mutex::new(f))))
+    }
+
+    fn with_recorder(inner: Arc<dyn BlockIo>, sink: Option<Mutex<std::fs::File>>) -> RecordingIo {
+        RecordingIo {
+            inner,
+            rec: Arc::new(Recorder {
+                log: Mutex::new(Vec::new()),
+                sink,
+                next_id: AtomicU64::new(0),
+            }),
+            ring: false,
+            barrier: Mutex::new(()),
         }
     }
 
-    /// Events so far.
+    /// Offers engines the inner backing's own descriptor (`raw_fd`, `direct_io`) for an
+    /// io_uring that reports its writes to this log: the real I/O path, recorded. Without it
+    /// the layer has no descriptor and engines use positioned I/O through it.
+    pub fn with_ring(mut self) -> RecordingIo {
+        self.ring = self.inner.raw_fd().is_some();
+        self
+    }
+
+    /// Events so far (of the memory log).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.rec.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -126,19 +248,16 @@ impl RecordingIo {
     }
 
     pub fn events(&self) -> Vec<IoEvent> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IoEvent>> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner())
+        self.rec.lock().clone()
     }
 }
 
-/// Applies events to an in-memory image (a crash state is `base` + a subset of the events).
+/// Applies the writes and punches of `events` to an in-memory image, in log order (a crash
+/// state is `base` + a subset of the events).
 pub fn apply(image: &mut Vec<u8>, events: &[IoEvent]) {
     for e in events {
         match e {
-            IoEvent::Write { offset, data } => {
+            IoEvent::Write { offset, data, .. } => {
                 let o = *offset as usize;
                 if image.len() < o + data.len() {
                     image.resize(o + data.len(), 0);
@@ -150,7 +269,7 @@ pub fn apply(image: &mut Vec<u8>, events: &[IoEvent]) {
                 let end = ((offset + len) as usize).min(image.len());
                 image[o..end].fill(0);
             }
-            IoEvent::Flush => {}
+            IoEvent::Complete { .. } | IoEvent::FlushStart | IoEvent::FlushEnd => {}
         }
     }
 }
@@ -161,23 +280,23 @@ impl BlockIo for RecordingIo {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.rec.submit(offset, &[buf]);
         self.inner.write_at(buf, offset)?;
-        self.push_write(offset, buf);
+        self.rec.push(IoEvent::Complete { id, durable: false });
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = self.barrier.lock().unwrap_or_else(|e| e.into_inner());
+        self.rec.push(IoEvent::FlushStart);
         self.inner.flush()?;
-        self.push(IoEvent::Flush);
+        self.rec.push(IoEvent::FlushEnd);
         Ok(())
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.punch(offset, len)?;
-        self.push(IoEvent::Punch { offset, len });
+        self.rec.push(IoEvent::Punch { offset, len });
         Ok(())
     }
 
@@ -185,25 +304,92 @@ impl BlockIo for RecordingIo {
         self.inner.size()
     }
 
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.raw_fd().filter(|_| self.ring)
+    }
+
+    fn direct_io(&self) -> bool {
+        self.ring && self.inner.direct_io()
+    }
+
+    fn ring_observer(&self) -> Option<Arc<dyn RingObserver>> {
+        if self.ring {
+            Some(self.rec.clone())
+        } else {
+            None
+        }
+    }
+
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
         // Forwarded as a data write (layers below tell data from metadata), logged gathered.
-        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs: Vec<&[u8]> = iovs
+            .iter()
+            .filter(|v| v.iov_len > 0)
+            // SAFETY: callers pass iovecs describing live buffers (see engine::GuestBuffers),
+            // which nothing writes during the call.
+            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+            .collect();
+        let id = self.rec.submit(offset, &bufs);
         self.inner.writev_at(iovs, offset, dsync)?;
-        let mut data = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
-        for v in iovs {
-            // SAFETY: callers pass iovecs describing live buffers (see engine::GuestBuffers).
-            data.extend_from_slice(unsafe {
-                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-            });
-        }
-        self.push_write(offset, &data);
-        if dsync {
-            self.push(IoEvent::Flush);
-        }
+        self.rec.push(IoEvent::Complete { id, durable: dsync });
         Ok(())
     }
 
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
         self.inner.readv_at(iovs, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::MemIo;
+
+    #[test]
+    fn writes_are_logged_block_by_block_with_their_completion() {
+        let rec = RecordingIo::new(Arc::new(MemIo::new(vec![0; 5 * 4096])));
+        let data: Vec<u8> = (0..6000u32).map(|i| i as u8).collect();
+        rec.write_at(&data, 4096 + 1000).unwrap();
+        rec.flush().unwrap();
+        rec.punch(0, 4096).unwrap();
+        let ev = rec.events();
+        let w = |offset: u64, r: std::ops::Range<usize>| IoEvent::Write {
+            offset,
+            data: data[r].to_vec(),
+            id: 0,
+        };
+        assert_eq!(
+            ev,
+            [
+                w(5096, 0..3096),
+                w(8192, 3096..6000),
+                IoEvent::Complete {
+                    id: 0,
+                    durable: false
+                },
+                IoEvent::FlushStart,
+                IoEvent::FlushEnd,
+                IoEvent::Punch {
+                    offset: 0,
+                    len: 4096
+                },
+            ]
+        );
+        let mut bytes = Vec::new();
+        for e in &ev {
+            let b = encode_event(e);
+            assert_eq!(b.len() as u64, encoded_len(e));
+            bytes.extend(b);
+        }
+        assert_eq!(decode_events(&bytes), ev);
+        // A record cut short by a kill is dropped, the ones before it kept.
+        assert_eq!(decode_events(&bytes[..bytes.len() - 3]), ev[..5]);
+    }
+
+    #[test]
+    fn a_recording_without_its_ring_offers_no_descriptor() {
+        let rec = RecordingIo::new(Arc::new(MemIo::new(vec![0; 4096]))).with_ring();
+        // Memory has no descriptor: nothing to run a ring on.
+        assert!(rec.raw_fd().is_none() && rec.ring_observer().is_none());
     }
 }
