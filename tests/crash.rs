@@ -854,15 +854,15 @@ fn concurrent_crash_states_keep_the_contract() {
 }
 
 /// FUA (write-through) writes, discards and write-zeroes must be durable once they complete,
-/// without a FLUSH: a guest that turned the write cache off sends none. Ignored while it fails:
-/// a FUA *overwrite* of a block whose mapping (its allocation, the zero-filled unit of an
-/// earlier write, or its conversion) is still in an uncommitted transaction completes with
-/// `RWF_DSYNC` alone, so after a crash before that commit the block reads as zeroes or as the
-/// data of its older mapping (`EXTBLK_CRASH_TRACE=auto` shows the log around it). ext4
-/// makes such an O_DSYNC write commit the inode's transaction (`i_datasync_tid`); the engine's
-/// fast path needs the same (image.rs). Run it with `--ignored`.
+/// without a FLUSH: a guest that turned the write cache off sends none. Found failing by this
+/// exploration: a FUA *overwrite* of a block whose mapping was still in an uncommitted
+/// transaction completed with `RWF_DSYNC` alone. The engine now completes such writes after a
+/// commit (`fua_commits`, as ext4's `i_datasync_tid`), but a rarer case still fails (a FUA
+/// write whose block was freed and punched around it reads zero: seed 1, 16 KiB unit;
+/// `EXTBLK_CRASH_TRACE=auto` shows the log around it). Ignored until that is found; run it
+/// with `--ignored`.
 #[test]
-#[ignore = "engine bug: FUA overwrites of blocks allocated in an uncommitted transaction complete before it is durable"]
+#[ignore = "open: a FUA write racing the punch of a freed range (see the comment)"]
 fn concurrent_fua_requests_are_durable_once_acknowledged() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_broken(Broken::None);

@@ -133,13 +133,15 @@ pub struct EngineStats {
     /// Allocating writes that parked because free space existed only as blocks freed by the
     /// running or committing transaction (allocatable once it commits).
     pub space_waits: AtomicU64,
+    /// FUA overwrites completed after a commit because some mapping change was not yet durable.
+    pub fua_commits: AtomicU64,
 }
 
 impl EngineStats {
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} zero_filled_blocks={} commits={} zeroing_ops={} enospc={} throttled={} space_waits={}",
+            "fast_reads={} fast_overwrites={} allocating_writes={} deferred_writes={} journal_handles={} converted_blocks={} zero_filled_blocks={} commits={} zeroing_ops={} enospc={} throttled={} space_waits={} fua_commits={}",
             g(&self.fast_reads),
             g(&self.fast_overwrites),
             g(&self.allocating_writes),
@@ -151,7 +153,8 @@ impl EngineStats {
             g(&self.discards),
             g(&self.enospc),
             g(&self.throttled),
-            g(&self.space_waits)
+            g(&self.space_waits),
+            g(&self.fua_commits)
         )
     }
 }
@@ -224,6 +227,13 @@ struct Shared {
     fence: Arc<IoFence>,
     /// Bumped whenever a written mapping is removed or unwritten: invalidates queue caches.
     unmap_seq: AtomicU64,
+    /// Bumped (under the mapping lock) by every change to the mapping: allocation, conversion,
+    /// zeroing, punch. `durable_seq` is its value at the freeze of the last commit that is
+    /// durable: while they differ, some mapping change is not yet durable, and a FUA overwrite
+    /// (durable data in a block whose mapping may be that change) must wait for a commit, as
+    /// ext4 makes an O_DSYNC write commit the inode's transaction (`i_datasync_tid`).
+    meta_seq: AtomicU64,
+    durable_seq: AtomicU64,
     info: EngineInfo,
     aborted: AtomicBool,
     stats: EngineStats,
@@ -292,6 +302,8 @@ impl ImageEngine {
             io,
             fence: Arc::new(IoFence::default()),
             unmap_seq: AtomicU64::new(0),
+            meta_seq: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
             info,
             aborted: AtomicBool::new(false),
             stats: EngineStats::default(),
@@ -438,8 +450,10 @@ impl Shared {
             self.fail_parked();
             return Err("the journal was aborted".into());
         }
+        let frozen;
         let (prepared, punches, frees) = {
             let mut st = lock(&self.state);
+            frozen = self.meta_seq.load(Ordering::Acquire);
             match st.image.commit_prepare() {
                 Ok(p) => (
                     p,
@@ -485,6 +499,11 @@ impl Shared {
         };
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let r = r.map_err(|e| self.commit_failed(&mut st, e));
+        if r.is_ok() {
+            // Every mapping change made before the freeze is durable now (in this transaction or
+            // an earlier one).
+            self.durable_seq.fetch_max(frozen, Ordering::AcqRel);
+        }
         // Parked work first, under this same guard: nothing else takes the freed blocks first.
         let restarted = r.is_ok().then(|| self.restart_locked(&mut st));
         drop(st);
@@ -589,6 +608,7 @@ impl Shared {
     /// A conversion or zeroing, under the mapping lock. Either may split an extent and need a
     /// tree block; when none is free but frees wait for a commit, it parks (the space rule).
     fn run_meta(&self, st: &mut Locked, op: MetaOp) -> MetaEnd {
+        self.meta_seq.fetch_add(1, Ordering::AcqRel);
         let no_space = |r: &Result<(), EngineError>, st: &Locked| {
             matches!(r, Err(EngineError::NoSpace)) && st.image.space_pending()
         };
@@ -808,6 +828,7 @@ impl Shared {
             }
         }
         mark(st, &to_convert);
+        self.meta_seq.fetch_add(1, Ordering::AcqRel);
         let filled: u64 = fill.iter().map(|e| u64::from(e.len)).sum();
         self.stats
             .zero_filled_blocks
@@ -1318,6 +1339,7 @@ enum Flight<C> {
         done: C,
         _bufs: GuestBuffers,
         guard: FenceGuard,
+        fua: bool,
     },
     Alloc {
         rest: AllocatedDone,
@@ -1420,7 +1442,9 @@ impl<C: Completion> ImageQueue<C> {
                 }
                 sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }
-            Flight::Overwrite { done, guard, .. } => {
+            Flight::Overwrite {
+                done, guard, fua, ..
+            } => {
                 drop(guard);
                 if let Err((e, at)) = &r {
                     if e.raw_os_error() != Some(libc::ENOSPC) {
@@ -1429,6 +1453,16 @@ impl<C: Completion> ImageQueue<C> {
                     }
                 } else {
                     sh.stats.fast_overwrites.fetch_add(1, Ordering::Relaxed);
+                    if fua
+                        && sh.meta_seq.load(Ordering::Acquire)
+                            != sh.durable_seq.load(Ordering::Acquire)
+                    {
+                        // The data is durable, its mapping perhaps not yet: complete after the
+                        // next commit.
+                        sh.stats.fua_commits.fetch_add(1, Ordering::Relaxed);
+                        sh.to_committer(Waiter::Done(Box::new(done)));
+                        return;
+                    }
                 }
                 sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }
@@ -1501,6 +1535,7 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
                             done,
                             _bufs: bufs,
                             guard,
+                            fua,
                         },
                     ),
                     None => {
