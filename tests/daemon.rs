@@ -577,6 +577,14 @@ fn image_clean(path: &Path) {
     e2fsck_clean(path);
 }
 
+/// How long timed workloads run: `EXTBLK_WORKLOAD_SECS`, else `default`.
+fn workload_secs(default: u64) -> u64 {
+    std::env::var("EXTBLK_WORKLOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn counter(log: &str, name: &str) -> u64 {
     let line = log
         .lines()
@@ -1061,10 +1069,7 @@ fn image_enospc_fails_one_request_and_the_daemon_keeps_serving() {
 /// back (blocks written after it hold either version).
 #[test]
 fn image_timed_multi_queue_workload_then_sigkill() {
-    let secs: u64 = std::env::var("EXTBLK_WORKLOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let secs = workload_secs(30);
     let s = Scratch::new("img-soak");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     const SIZE: u64 = 64 << 20;
@@ -1612,10 +1617,7 @@ fn fill(c: &mut Client, size: u64) {
 /// transactions are waited for, not given up on after one retry.
 #[test]
 fn image_a_full_disk_churning_writes_and_discards_never_runs_out_of_space() {
-    let secs: u64 = std::env::var("EXTBLK_WORKLOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let secs = workload_secs(20);
     let s = Scratch::new("img-space");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     const SIZE: u64 = 256 << 20;
@@ -1652,10 +1654,7 @@ fn image_a_full_disk_churning_writes_and_discards_never_runs_out_of_space() {
 /// queue keeps completing.
 #[test]
 fn image_a_small_journal_throttles_without_stopping_any_queue() {
-    let secs: u64 = std::env::var("EXTBLK_WORKLOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let secs = workload_secs(20);
     let s = Scratch::new("img-throttle");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     const SIZE: u64 = 4 << 30;
