@@ -1612,34 +1612,55 @@ fn fill(c: &mut Client, size: u64) {
     }
 }
 
-/// Issue 12, 1: a guest that fills its disk and then churns random writes and discards must
-/// never see a write fail for lack of space: blocks freed by the running and committing
-/// transactions are waited for, not given up on after one retry.
-#[test]
-fn image_a_full_disk_churning_writes_and_discards_never_runs_out_of_space() {
-    let secs = workload_secs(20);
-    let s = Scratch::new("img-space");
-    let (img, sock) = (s.path("disk.img"), s.path("sock"));
-    const SIZE: u64 = 256 << 20;
-    create_image(&img, "256M");
-    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
-    let mut c = Client::connect(&sock, 2);
-    fill(&mut c, SIZE);
-    let res = churn(&mut c, SIZE, secs, &[64, 8], &[1]);
+/// Serves `img` with two queues (`serve_args` added), optionally fills `[0, fill)` first, then
+/// [`churn`]s `[0, span)`: random 4 KiB writes at depth 64 on queue 0, writes and 64 KiB
+/// discards at depth 8 on queue 1. Every queue must keep completing, every request succeed and
+/// each queue do real work. Returns the daemon's log (with its exit counters).
+fn two_queue_churn(
+    img: &Path,
+    sock: &Path,
+    serve_args: &[&str],
+    fill_size: Option<u64>,
+    span: u64,
+) -> String {
+    let mut args = vec!["--queues", "2"];
+    args.extend_from_slice(serve_args);
+    let d = Daemon::start_image(img, sock, &args);
+    let mut c = Client::connect(sock, 2);
+    if let Some(size) = fill_size {
+        fill(&mut c, size);
+    }
+    let res = churn(&mut c, span, workload_secs(20), &[64, 8], &[1]);
+    if res.iter().any(|r| r.stalled) {
+        let log = d.kill();
+        panic!("a queue stopped completing: {res:?}\n{log}");
+    }
     assert_eq!(c.flush(0), 0);
     drop(c);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     for (q, r) in res.iter().enumerate() {
-        assert!(!r.stalled, "queue {q} stopped: {r:?}\n{log}");
         assert!(
             r.errors.is_empty(),
-            "queue {q}: {} writes failed ({:?}...)\n{log}",
+            "queue {q}: {} requests failed ({:?}...)\n{log}",
             r.errors.len(),
             &r.errors[..r.errors.len().min(5)]
         );
         assert!(r.completed > 100, "queue {q} did too little: {r:?}");
     }
+    log
+}
+
+/// Issue 12, 1: a guest that fills its disk and then churns random writes and discards must
+/// never see a write fail for lack of space: blocks freed by the running and committing
+/// transactions are waited for, not given up on after one retry.
+#[test]
+fn image_a_full_disk_churning_writes_and_discards_never_runs_out_of_space() {
+    let s = Scratch::new("img-space");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    const SIZE: u64 = 256 << 20;
+    create_image(&img, "256M");
+    let log = two_queue_churn(&img, &sock, &[], Some(SIZE), SIZE);
     assert_eq!(counter(&log, "enospc"), 0, "{log}");
     // The race the fix is about happened: writes found free space only in pending frees.
     assert!(
@@ -1654,10 +1675,8 @@ fn image_a_full_disk_churning_writes_and_discards_never_runs_out_of_space() {
 /// queue keeps completing.
 #[test]
 fn image_a_small_journal_throttles_without_stopping_any_queue() {
-    let secs = workload_secs(20);
     let s = Scratch::new("img-throttle");
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
-    const SIZE: u64 = 4 << 30;
     let out = extblk()
         .args(["create", "--size", "4G", "--journal-size", "4M"])
         .arg(&img)
@@ -1668,22 +1687,7 @@ fn image_a_small_journal_throttles_without_stopping_any_queue() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let d = Daemon::start_image(&img, &sock, &["--queues", "2", "--alloc-unit", "4K"]);
-    let mut c = Client::connect(&sock, 2);
-    let res = churn(&mut c, SIZE, secs, &[64, 8], &[1]);
-    let stalled = res.iter().any(|r| r.stalled);
-    if stalled {
-        let log = d.kill();
-        panic!("a queue stopped completing: {res:?}\n{log}");
-    }
-    assert_eq!(c.flush(0), 0);
-    drop(c);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
-    for (q, r) in res.iter().enumerate() {
-        assert!(r.errors.is_empty(), "queue {q}: {:?}\n{log}", r.errors);
-        assert!(r.completed > 100, "queue {q} did too little: {r:?}");
-    }
+    let log = two_queue_churn(&img, &sock, &["--alloc-unit", "4K"], None, 4 << 30);
     // The situation that used to deadlock happened: writes met the log throttle.
     assert!(
         counter(&log, "throttled") > 0,
