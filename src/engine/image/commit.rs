@@ -1,0 +1,319 @@
+//! The commit service (jbd2's kjournald): commits the running transaction on demand, on the
+//! commit interval and when the log fills; punches freed ranges in the backing once their
+//! transaction is durable; restarts parked work after each commit; aborts the journal
+//! (`data_err=abort`).
+//!
+//! Invariants: only the committer thread commits while the engine runs, so commits never
+//! overlap. A commit freezes the transaction under the mapping lock and writes it with the
+//! lock released. Before blocks the transaction frees can be reused it waits for the I/O fence
+//! (in-flight I/O that saw them mapped); that wait ends because nobody holding a fence guard
+//! waits for this thread (`fence.rs`). Parked work restarts under the same guard that made the
+//! commit's frees allocatable, oldest first, so nothing newer takes them first.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::alloc_write::{Allocated, PendingWrite, Step};
+use super::worker::{MetaEnd, MetaOp, Work};
+use super::{lock, Done, Locked, Shared, BS};
+use crate::engine::EngineError;
+use crate::image::ImageError;
+
+/// What a restart of parked work started, to hand on without the lock.
+#[derive(Default)]
+pub(super) struct Restarted {
+    ready: Vec<Allocated>,
+    now: Vec<(Done, Result<(), EngineError>)>,
+    durable: Vec<Done>,
+    redo: Vec<PendingWrite>,
+    still: bool,
+}
+
+/// What the committer completes after its next commit.
+pub(super) enum Waiter {
+    /// A FLUSH, or a FUA write or zeroing: complete once durable.
+    Done(Done),
+    /// `flush()` at shutdown.
+    Sync(Sender<Result<(), String>>),
+    /// Nothing waits; the log is filling up, or writes are parked until the next commit.
+    Nudge,
+}
+
+/// Work waiting in `Locked::parked` for a commit.
+pub(super) enum Parked {
+    Write(PendingWrite),
+    Meta(MetaOp),
+}
+
+impl Parked {
+    pub(super) fn fail(self, e: EngineError) {
+        match self {
+            Parked::Write(w) => w.done.finish(Err(e)),
+            Parked::Meta(MetaOp::Convert { done, .. } | MetaOp::Zero { done, .. }) => {
+                done.finish(Err(e))
+            }
+        }
+    }
+}
+
+pub(super) fn answer(w: Waiter, r: Result<(), String>) {
+    match w {
+        Waiter::Done(d) => d.finish(r.map_err(|e| EngineError::Io(io::Error::other(e)))),
+        Waiter::Sync(reply) => {
+            let _ = reply.send(r);
+        }
+        Waiter::Nudge => {}
+    }
+}
+
+/// The committer: one commit for everything waiting, on demand, every `interval`, and when the
+/// log fills up.
+pub(super) fn run(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
+    let mut last_commit = Instant::now();
+    // Writes are still parked after the last commit: commit again at once.
+    let mut again = false;
+    loop {
+        let timeout = interval
+            .saturating_sub(last_commit.elapsed())
+            .max(Duration::from_millis(1));
+        let first = if again {
+            rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            rx.recv_timeout(timeout)
+        };
+        let mut waiters = match first {
+            Ok(w) => vec![w],
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let durable = waiters
+            .iter()
+            .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
+        let r = s.commit(durable);
+        last_commit = Instant::now();
+        again = matches!(r, Ok(true));
+        let r = r.map(|_| ());
+        {
+            let _batch = crate::engine::CompletionBatch::enter();
+            for w in waiters {
+                answer(w, r.clone());
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn to_committer(&self, w: Waiter) {
+        let tx = lock(&self.committer).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(w)) = tx.send(w) {
+                    answer(w, Err("the committer is gone".into()));
+                }
+            }
+            None => answer(w, Err("the engine is closed".into())),
+        }
+    }
+
+    /// Commits the running transaction; see the module comment. Only the committer thread
+    /// calls this while the engine runs, so commits never overlap. `durable`: a waiter needs
+    /// the data durable even when there is no metadata to journal. Afterwards, under the same
+    /// lock that makes the commit's frees allocatable, the parked allocating writes start again
+    /// in arrival order; returns whether some are still parked after a commit that wrote
+    /// something (the caller commits again at once).
+    pub(super) fn commit(&self, durable: bool) -> Result<bool, String> {
+        if self.info.read_only {
+            return Ok(false);
+        }
+        if self.aborted.load(Ordering::Acquire) {
+            self.fail_parked();
+            return Err("the journal was aborted".into());
+        }
+        let frozen;
+        let (prepared, punches, frees) = {
+            let mut st = lock(&self.state);
+            frozen = self.meta_seq.load(Ordering::Acquire);
+            match st.image.commit_prepare() {
+                Ok(p) => (
+                    p,
+                    std::mem::take(&mut st.punch_after_commit),
+                    std::mem::take(&mut st.frees_pending),
+                ),
+                Err(e) => {
+                    let e = self.commit_failed(&mut st, e);
+                    drop(st);
+                    self.committed.notify_all();
+                    self.fail_parked();
+                    return Err(e);
+                }
+            }
+        };
+        if prepared.is_none() && !durable {
+            // Nothing was committed, so nothing new became free: what stays parked waits for
+            // the next nudge or the interval rather than a busy loop of empty commits.
+            self.restart_parked();
+            return Ok(false);
+        }
+        if frees {
+            // No I/O that saw the old mapping may still touch the blocks about to be reused.
+            // Ends: see fence.rs (nobody holding a guard waits for this thread).
+            self.fence.wait_prior();
+        }
+        let written = match &prepared {
+            Some(w) => w.write(&*self.io),
+            // Nothing to journal: FLUSH still needs the data durable.
+            None => self.io.flush(),
+        };
+        if written.is_ok() {
+            for (p, l) in punches {
+                if let Err(e) = self.io.punch(p * BS, l * BS) {
+                    log::warn!("cannot deallocate blocks {p}+{l} in the backing: {e}");
+                }
+            }
+        }
+        let mut st = lock(&self.state);
+        let r = match prepared {
+            Some(_) => st.image.commit_finish(written),
+            None => written.map_err(ImageError::Io),
+        };
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let r = r.map_err(|e| self.commit_failed(&mut st, e));
+        if r.is_ok() {
+            // Every mapping change made before the freeze is durable now (in this transaction or
+            // an earlier one).
+            self.durable_seq.fetch_max(frozen, Ordering::AcqRel);
+        }
+        // Parked work first, under this same guard: nothing else takes the freed blocks first.
+        let restarted = r.is_ok().then(|| self.restart_locked(&mut st));
+        drop(st);
+        self.committed.notify_all();
+        match (r, restarted) {
+            (Ok(()), Some(restarted)) => Ok(self.dispatch(restarted)),
+            (Ok(()), None) => Ok(false),
+            (Err(e), _) => {
+                self.fail_parked();
+                Err(e)
+            }
+        }
+    }
+
+    /// Restarts parked work, oldest first, until one must park again: allocating writes are
+    /// allocated here (their data I/O goes to the worker), conversions and zeroings run here.
+    /// Returns whether work is still parked.
+    pub(super) fn restart_parked(&self) -> bool {
+        let mut st = lock(&self.state);
+        let r = self.restart_locked(&mut st);
+        drop(st);
+        self.dispatch(r)
+    }
+
+    /// The part of [`Shared::restart_parked`] under the lock. The committer calls it with the
+    /// same guard under which the commit's frees became allocatable, so the oldest waiter has
+    /// first pick of them.
+    pub(super) fn restart_locked(&self, st: &mut Locked) -> Restarted {
+        let mut r = Restarted::default();
+        while let Some(p) = st.parked.pop_front() {
+            match p {
+                Parked::Write(w) => match self.alloc_locked(st, w) {
+                    Step::Go(a) => r.ready.push(a),
+                    Step::Later => {
+                        // Deferred behind a write initialising its blocks: it keeps its place
+                        // at the head once redone (begin_alloc sees `ahead`).
+                        if let Some(w) = st.range.last_deferred_mut() {
+                            w.ahead = true;
+                        }
+                    }
+                    Step::Park(w) => {
+                        st.parked.push_front(Parked::Write(w));
+                        break;
+                    }
+                    Step::Fail(w, e) => r.now.push((w.done, Err(e))),
+                },
+                Parked::Meta(op) => match self.run_meta(st, op) {
+                    MetaEnd::Now(d, res) => r.now.push((d, res)),
+                    MetaEnd::Durable(d) => r.durable.push(d),
+                    MetaEnd::Park(op) => {
+                        st.parked.push_front(Parked::Meta(op));
+                        break;
+                    }
+                },
+            }
+        }
+        r.still = !st.parked.is_empty();
+        r.redo = st.range.take_ready();
+        r
+    }
+
+    /// Hands on what [`Shared::restart_locked`] started, without the lock.
+    pub(super) fn dispatch(&self, r: Restarted) -> bool {
+        for a in r.ready {
+            self.send(Work::Write(a));
+        }
+        for (d, res) in r.now {
+            d.finish(res);
+        }
+        for d in r.durable {
+            self.to_committer(Waiter::Done(d));
+        }
+        for w in r.redo {
+            self.send(Work::Redo(w));
+        }
+        r.still
+    }
+
+    /// The journal is gone (or the engine closes): parked work can never run. Deferred writes
+    /// are failed with it, and the blocks of parked conversions unmarked, so nothing waits for
+    /// an initialisation that will never finish.
+    pub(super) fn fail_parked(&self) {
+        let (parked, deferred) = {
+            let mut st = lock(&self.state);
+            let parked = std::mem::take(&mut st.parked);
+            for p in &parked {
+                if let Parked::Meta(MetaOp::Convert { runs, .. }) = p {
+                    st.range.unmark(runs);
+                }
+            }
+            (parked, st.range.take_deferred())
+        };
+        let e = || EngineError::Io(io::Error::other("the journal was aborted after an error"));
+        for p in parked {
+            p.fail(e());
+        }
+        for w in deferred {
+            w.done.finish(Err(e()));
+        }
+    }
+
+    pub(super) fn commit_failed(&self, st: &mut Locked, e: ImageError) -> String {
+        log::error!("journal commit failed: {e}");
+        self.abort(st, &io::Error::other(e.to_string()), 0);
+        e.to_string()
+    }
+
+    /// Aborts the journal after a failed data write (data_err=abort).
+    pub(super) fn abort(&self, st: &mut Locked, e: &io::Error, pblk: u64) {
+        // Allocating writes throttled for a commit must see the abort.
+        self.committed.notify_all();
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            log::error!("data write to block {pblk} failed ({e}): aborting the journal; writes will fail from now on");
+        }
+        if !st.image.is_read_only() {
+            if let Err(e2) = st.image.abort(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                "extblk_write_data",
+                pblk,
+            ) {
+                log::error!("cannot record the abort in the image: {e2}");
+            }
+        }
+    }
+}

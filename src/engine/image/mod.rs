@@ -1,0 +1,350 @@
+//! The image engine: serves an extblk image's `/disk` with ext4's iomap writeback design.
+//!
+//! - READ and pure OVERWRITE (every block mapped and written) run on the virtqueue thread: the
+//!   mapping comes from a per-queue cache of written extents validated by a sequence number
+//!   (no mapping lock), the data goes straight to the mapped blocks, and the request completes
+//!   there. No journal handle.
+//! - An ALLOCATING write takes the mapping lock, allocates every hole of the request as unwritten
+//!   extents at once, marks those blocks in progress, and writes the data (sub-block pieces of new
+//!   blocks padded with zeroes) outside the lock. The completion worker then converts exactly the
+//!   blocks it wrote and completes the request. A write that touches blocks another write is still
+//!   initialising waits for it, so partial writes into one new block never clobber each other.
+//! - FLUSH, DISCARD and WRITE_ZEROES go to the worker, which keeps order with conversions and
+//!   hands whatever must wait for durability to the committer.
+//! - The committer thread (jbd2's kjournald) commits the running transaction on demand, on the
+//!   commit interval and when the log fills: it freezes the transaction under the mapping lock
+//!   and writes it with the lock released, so allocation and conversion go on into the next
+//!   transaction meanwhile; every waiter that arrived before the freeze completes with that one
+//!   commit (group commit). Freed ranges are punched in the backing once their transaction is
+//!   durable and before the allocator may hand them out again.
+//! - `data_err=abort`: a failed data write aborts the journal; reads go on, writes fail.
+//!
+//! The rooms, each with its invariants in its module comment:
+//!
+//! | module | concept | runs on |
+//! | --- | --- | --- |
+//! | `queue` | a queue's fast path: mapping cache, plan, ring flights | the virtqueue thread |
+//! | `alloc_write` | the allocating write: allocate under the lock, data I/O, hand-off to convert | the virtqueue thread (the committer for parked writes, the worker for redone ones) |
+//! | `layout` | iovecs of a write over its runs, zero padding and zero fill | any |
+//! | `range_lock` | blocks being initialised and the writes deferred behind them | under the mapping lock |
+//! | `worker` | conversions, FLUSH, DISCARD, WRITE_ZEROES in arrival order | the completion worker |
+//! | `commit` | the commit service: commit, punch after commit, parked work, abort | the committer |
+//! | `stats` | counters | any |
+//!
+//! One lock, `Shared::state` (the mapping lock), guards the image and everything else mutable
+//! here. It is held for in-memory work only, never across a data I/O, a commit's log write or a
+//! wait: every holder returns in bounded time, so every `lock` ends. The waits that span threads
+//! are listed in `fence.rs` with why each ends.
+
+mod alloc_write;
+mod commit;
+mod layout;
+mod queue;
+mod range_lock;
+mod stats;
+mod worker;
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::fence::IoFence;
+use super::{BlockEngine, Completion, EngineError, EngineInfo};
+use crate::ext4::BLOCK_SIZE_U64;
+use crate::image::{Image, ImageError, OpenOptions};
+use crate::io::BlockIo;
+use crate::units::Bytes;
+use commit::{Parked, Waiter};
+use range_lock::RangeLock;
+use worker::Work;
+
+pub use queue::ImageQueue;
+pub use stats::EngineStats;
+
+const BS: u64 = BLOCK_SIZE_U64;
+
+/// A completion the worker can hold without knowing its type.
+pub trait DynCompletion: Send {
+    fn finish(self: Box<Self>, r: Result<(), EngineError>);
+}
+
+impl<C: Completion> DynCompletion for C {
+    fn finish(self: Box<Self>, r: Result<(), EngineError>) {
+        (*self).complete(r)
+    }
+}
+
+type Done = Box<dyn DynCompletion>;
+
+/// How reads and pure overwrites are served. Anything but `Fast` exists only to reproduce the
+/// seed's experiment (`extblk serve --hot-path`, `scripts/seed-experiment.sh`): it measures
+/// what the fast path saves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HotPath {
+    /// Mapping from the queue's seq-validated cache; completion on the queue thread.
+    #[default]
+    Fast,
+    /// As `Fast`, but every completion goes through the completion worker.
+    WorkerCompletion,
+    /// As `Fast`, but every lookup takes the mapping lock instead of using the cache.
+    LockedLookup,
+}
+
+/// How an image is served (`extblk serve` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub read_only: bool,
+    /// Longest time between journal commits when no FLUSH forces one.
+    pub commit_interval: Duration,
+    pub hot_path: HotPath,
+    /// Blocks an allocating write claims at least, aligned (a power of two, 1..=256): the holes
+    /// of the aligned unit around the request are allocated with it and filled with zeroes in the
+    /// same host write, so later writes into the unit are pure overwrites (qcow2's clusters,
+    /// ext4's zeroout of short unwritten extents).
+    pub alloc_unit: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            read_only: false,
+            commit_interval: Duration::from_secs(5),
+            hot_path: HotPath::Fast,
+            alloc_unit: DEFAULT_ALLOC_UNIT,
+        }
+    }
+}
+
+/// Commits `close` tries for parked work before answering it with an error: parked work needs
+/// at most two once first in line (the space rule), so this is generous.
+const PARKED_CLOSE_COMMITS: usize = 8;
+
+/// The default allocation unit, in blocks (64 KiB: qcow2's default cluster size).
+pub const DEFAULT_ALLOC_UNIT: u64 = 16;
+/// The largest allocation unit, in blocks (1 MiB: one zero-fill write).
+pub const MAX_ALLOC_UNIT: u64 = 256;
+
+/// State behind the mapping lock.
+struct Locked {
+    image: Image,
+    /// Blocks being initialised and the writes deferred behind them.
+    range: RangeLock,
+    /// Work waiting for a commit, in arrival order: allocating writes (the log throttle, or
+    /// space that only a commit frees) and conversions or zeroings that found no block for a
+    /// tree edit. While any waits, new allocating writes queue behind it. The committer
+    /// restarts them after each commit (see `fence.rs`: nobody blocks on a commit).
+    parked: VecDeque<Parked>,
+    /// Backing ranges freed by the running transaction, to punch once it is durable.
+    punch_after_commit: Vec<(u64, u64)>,
+    /// The running transaction frees blocks: in-flight I/O that saw them mapped must end before
+    /// they can be reused.
+    frees_pending: bool,
+}
+
+struct Shared {
+    state: Mutex<Locked>,
+    /// Signalled after every commit. Only the deliberately broken engine of the tests
+    /// (`Broken::ThrottleHoldsFence`) waits on it; the real one parks instead.
+    committed: Condvar,
+    io: Arc<dyn BlockIo>,
+    fence: Arc<IoFence>,
+    /// Bumped whenever a written mapping is removed or unwritten: invalidates queue caches.
+    unmap_seq: AtomicU64,
+    /// Bumped (under the mapping lock) by every change to the mapping: allocation, conversion,
+    /// zeroing, punch. `durable_seq` is its value at the freeze of the last commit that is
+    /// durable: while they differ, some mapping change is not yet durable, and a FUA overwrite
+    /// (durable data in a block whose mapping may be that change) must wait for a commit, as
+    /// ext4 makes an O_DSYNC write commit the inode's transaction (`i_datasync_tid`).
+    meta_seq: AtomicU64,
+    durable_seq: AtomicU64,
+    info: EngineInfo,
+    aborted: AtomicBool,
+    stats: EngineStats,
+    worker: Mutex<Option<Sender<Work>>>,
+    committer: Mutex<Option<Sender<Waiter>>>,
+    hot_path: HotPath,
+    alloc_unit: u64,
+}
+
+/// The image engine. Cheap to clone.
+
+#[derive(Clone)]
+pub struct ImageEngine {
+    shared: Arc<Shared>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl ImageEngine {
+    /// Opens `/disk` of the image on `io` and starts the completion worker.
+    pub fn open(io: Arc<dyn BlockIo>, opts: EngineOptions) -> Result<ImageEngine, ImageError> {
+        let EngineOptions {
+            read_only,
+            commit_interval,
+            hot_path,
+            alloc_unit,
+        } = opts;
+        let alloc_unit = alloc_unit.clamp(1, MAX_ALLOC_UNIT).next_power_of_two();
+        let image = Image::open(io.clone(), OpenOptions { read_only })?;
+        let sb = image.superblock();
+        let rec = image.recovery();
+        log::info!(
+            "image: {} bytes virtual, {} bytes allocated in {} extents (tree depth {}), journal {} KiB, \
+             features compat={:#x} incompat={:#x} ro_compat={:#x}, {}{}",
+            image.disk_size(),
+            image.tree().data_blocks() * BS,
+            image.tree().extent_count(),
+            image.tree().depth(),
+            image.log_map().blocks() * 4,
+            sb.feature_compat,
+            sb.feature_incompat,
+            sb.feature_ro_compat,
+            if read_only { "read-only" } else { "read-write" },
+            if rec.transactions > 0 { format!(", replayed {} journal transaction(s)", rec.transactions) } else { String::new() }
+        );
+        if image.superblock().has_errors() {
+            log::warn!("the image has recorded errors (run `extblk check`); serving it anyway, as ext4 mounts with errors=continue");
+        }
+        let disk_bytes = image.disk_size() - image.disk_size() % 512;
+        let info = EngineInfo {
+            capacity: Bytes(disk_bytes),
+            read_only,
+            discard_granularity: BS as u32,
+            physical_block_size: BS as u32,
+        };
+        let (tx, rx) = mpsc::channel();
+        let (ctx, crx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            committed: Condvar::new(),
+            state: Mutex::new(Locked {
+                image,
+                range: RangeLock::default(),
+                parked: VecDeque::new(),
+                punch_after_commit: Vec::new(),
+                frees_pending: false,
+            }),
+            io,
+            fence: Arc::new(IoFence::default()),
+            unmap_seq: AtomicU64::new(0),
+            meta_seq: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
+            info,
+            aborted: AtomicBool::new(false),
+            stats: EngineStats::default(),
+            worker: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(ctx)),
+            hot_path,
+            alloc_unit,
+        });
+        let s2 = shared.clone();
+        let w = std::thread::Builder::new()
+            .name("extblk-worker".into())
+            .spawn(move || worker::run(s2, rx))
+            .map_err(ImageError::Io)?;
+        let s2 = shared.clone();
+        let c = std::thread::Builder::new()
+            .name("extblk-commit".into())
+            .spawn(move || commit::run(s2, crx, commit_interval))
+            .map_err(ImageError::Io)?;
+        Ok(ImageEngine {
+            shared,
+            threads: Arc::new(Mutex::new(vec![w, c])),
+        })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    /// Stops the worker and closes the image cleanly (commit, checkpoint, clean superblock).
+    pub fn close(&self) -> Result<(), EngineError> {
+        self.flush()?;
+        // Work parked for a commit (the drain before close may have timed out): a few more
+        // commits let it run; what still cannot is answered, never dropped.
+        for _ in 0..PARKED_CLOSE_COMMITS {
+            if lock(&self.shared.state).parked.is_empty() {
+                break;
+            }
+            self.flush()?;
+        }
+        // The worker first (it forwards to the committer), then the committer.
+        lock(&self.shared.worker).take();
+        let mut threads = std::mem::take(&mut *lock(&self.threads));
+        if !threads.is_empty() {
+            let _ = threads.remove(0).join();
+        }
+        lock(&self.shared.committer).take();
+        for h in threads {
+            let _ = h.join();
+        }
+        self.shared.fail_parked();
+        let mut st = lock(&self.shared.state);
+        if st.image.is_read_only() || st.image.is_aborted() {
+            return Ok(());
+        }
+        // Close consumes the image: swap in nothing by closing through a checkpoint + clean mark.
+        st.image.commit().map_err(to_engine)?;
+        st.image.close_in_place().map_err(to_engine)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn to_engine(e: ImageError) -> EngineError {
+    match e {
+        ImageError::Io(e) => EngineError::Io(e),
+        ImageError::NoSpace => EngineError::NoSpace,
+        ImageError::ReadOnly => EngineError::ReadOnly,
+        other => EngineError::Io(io::Error::other(other.to_string())),
+    }
+}
+
+impl BlockEngine for ImageEngine {
+    type Queue<C: Completion> = ImageQueue<C>;
+
+    fn info(&self) -> EngineInfo {
+        self.shared.info.clone()
+    }
+
+    fn open_queue<C: Completion>(&self, _index: usize) -> Result<ImageQueue<C>, EngineError> {
+        ImageQueue::new(self.shared.clone())
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        if self.shared.info.read_only {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.shared.send(Work::Sync { reply: tx });
+        rx.recv()
+            .map_err(|_| EngineError::Io(io::Error::other("the completion worker is gone")))?
+            .map_err(|e| EngineError::Io(io::Error::other(e)))
+    }
+
+    fn close(&self) -> Result<(), EngineError> {
+        ImageEngine::close(self)
+    }
+
+    fn stats(&self) -> String {
+        self.shared.stats.summary()
+    }
+}
+
+impl Shared {
+    fn writable(&self) -> Result<(), EngineError> {
+        if self.info.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        if self.aborted.load(Ordering::Acquire) {
+            return Err(EngineError::Io(io::Error::other(
+                "the journal was aborted after a data write error",
+            )));
+        }
+        Ok(())
+    }
+}
