@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod check;
 pub mod cli;
+pub mod counters;
 pub mod device;
 pub mod engine;
 pub mod ext4;

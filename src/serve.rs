@@ -315,7 +315,7 @@ fn run<E: BlockEngine>(
     log::info!(
         "exiting: {} {}",
         device.counters().summary(),
-        device.engine().stats()
+        device.engine().counters()
     );
     result
 }
@@ -332,7 +332,7 @@ fn spawn_signal_thread<E: BlockEngine>(
                 libc::SIGUSR1 => log::info!(
                     "counters: {} {}",
                     device.counters().summary(),
-                    device.engine().stats()
+                    device.engine().counters()
                 ),
                 libc::SIGINT | libc::SIGTERM => {
                     log::info!(

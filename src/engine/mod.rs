@@ -37,6 +37,29 @@ pub enum EngineError {
     Unsupported(&'static str),
     #[error("no space left for the write")]
     NoSpace,
+    /// The image's metadata could not be changed (corrupt structures, a failed commit).
+    #[error("image: {0}")]
+    Image(#[source] crate::image::ImageError),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+/// Why an engine can no longer serve requests that change the disk, or answer a waiter.
+/// Cloned to every waiter of one failed commit.
+#[derive(Debug, Clone, Error)]
+pub enum Stopped {
+    /// The journal was aborted (`data_err=abort`, or a failed commit): writes fail from now on.
+    #[error("the journal was aborted after an error")]
+    Aborted,
+    /// The commit that was to make this durable failed (and aborted the journal).
+    #[error("journal commit failed: {0}")]
+    CommitFailed(Arc<crate::image::ImageError>),
+    #[error("the completion worker is gone")]
+    WorkerGone,
+    #[error("the committer is gone")]
+    CommitterGone,
+    #[error("the engine is closed")]
+    Closed,
 }
 
 /// The device-side continuation of a request: called exactly once, from any thread.
@@ -196,9 +219,20 @@ pub trait BlockEngine: Send + Sync + 'static {
         self.flush()
     }
 
-    /// Engine counters for the logs (SIGUSR1, exit).
-    fn stats(&self) -> String {
-        String::new()
+    /// The engine's counters: formatted for the logs (SIGUSR1, exit), serialised for tools.
+    type Counters: serde::Serialize + std::fmt::Display;
+
+    fn counters(&self) -> Self::Counters;
+}
+
+/// The counters of an engine that keeps none (the raw engine: the device's counters say it
+/// all). Formats as nothing, serialises as `null`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct NoCounters;
+
+impl std::fmt::Display for NoCounters {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
     }
 }
 

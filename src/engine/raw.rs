@@ -382,6 +382,11 @@ impl<C: Completion> EngineQueue<C> for RawQueue<C> {
 
 impl BlockEngine for RawEngine {
     type Queue<C: Completion> = RawQueue<C>;
+    type Counters = super::NoCounters;
+
+    fn counters(&self) -> super::NoCounters {
+        super::NoCounters
+    }
 
     fn info(&self) -> EngineInfo {
         self.inner.info.clone()

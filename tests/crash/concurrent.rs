@@ -540,7 +540,7 @@ pub fn workload(shape: Shape) -> Result<CRun, RunError> {
                     "queue {q} stopped completing: {in_flight} request(s) in flight, none \
                      completed for {:.1} s (engine: {})",
                     seen[q].1.elapsed().as_secs_f64(),
-                    BlockEngine::stats(&engine)
+                    BlockEngine::counters(&engine)
                 )));
             }
         }

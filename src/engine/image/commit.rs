@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::alloc_write::{Allocated, PendingWrite, Step};
 use super::worker::{MetaEnd, MetaOp, Work};
 use super::{lock, Done, Locked, Shared, BS};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Stopped};
 use crate::image::ImageError;
 
 /// What a restart of parked work started, to hand on without the lock.
@@ -37,7 +37,7 @@ pub(super) enum Waiter {
     /// A FLUSH, or a FUA write or zeroing: complete once durable.
     Done(Done),
     /// `flush()` at shutdown.
-    Sync(Sender<Result<(), String>>),
+    Sync(Sender<Result<(), Stopped>>),
     /// Nothing waits; the log is filling up, or writes are parked until the next commit.
     Nudge,
 }
@@ -59,9 +59,9 @@ impl Parked {
     }
 }
 
-pub(super) fn answer(w: Waiter, r: Result<(), String>) {
+pub(super) fn answer(w: Waiter, r: Result<(), Stopped>) {
     match w {
-        Waiter::Done(d) => d.finish(r.map_err(|e| EngineError::Io(io::Error::other(e)))),
+        Waiter::Done(d) => d.finish(r.map_err(EngineError::from)),
         Waiter::Sync(reply) => {
             let _ = reply.send(r);
         }
@@ -117,10 +117,10 @@ impl Shared {
         match tx {
             Some(tx) => {
                 if let Err(mpsc::SendError(w)) = tx.send(w) {
-                    answer(w, Err("the committer is gone".into()));
+                    answer(w, Err(Stopped::CommitterGone));
                 }
             }
-            None => answer(w, Err("the engine is closed".into())),
+            None => answer(w, Err(Stopped::Closed)),
         }
     }
 
@@ -130,13 +130,13 @@ impl Shared {
     /// lock that makes the commit's frees allocatable, the parked allocating writes start again
     /// in arrival order; returns whether some are still parked after a commit that wrote
     /// something (the caller commits again at once).
-    pub(super) fn commit(&self, durable: bool) -> Result<bool, String> {
+    pub(super) fn commit(&self, durable: bool) -> Result<bool, Stopped> {
         if self.info.read_only {
             return Ok(false);
         }
         if self.aborted.load(Ordering::Acquire) {
             self.fail_parked();
-            return Err("the journal was aborted".into());
+            return Err(Stopped::Aborted);
         }
         let frozen;
         let (prepared, punches, frees) = {
@@ -284,7 +284,7 @@ impl Shared {
             }
             (parked, st.range.take_deferred())
         };
-        let e = || EngineError::Io(io::Error::other("the journal was aborted after an error"));
+        let e = || EngineError::from(Stopped::Aborted);
         for p in parked {
             p.fail(e());
         }
@@ -293,10 +293,10 @@ impl Shared {
         }
     }
 
-    pub(super) fn commit_failed(&self, st: &mut Locked, e: ImageError) -> String {
+    pub(super) fn commit_failed(&self, st: &mut Locked, e: ImageError) -> Stopped {
         log::error!("journal commit failed: {e}");
         self.abort(st, &io::Error::other(e.to_string()), 0);
-        e.to_string()
+        Stopped::CommitFailed(Arc::new(e))
     }
 
     /// Aborts the journal after a failed data write (data_err=abort).

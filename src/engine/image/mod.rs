@@ -45,7 +45,6 @@ mod stats;
 mod worker;
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -53,7 +52,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::fence::IoFence;
-use super::{BlockEngine, Completion, EngineError, EngineInfo};
+use super::{BlockEngine, Completion, EngineError, EngineInfo, Stopped};
 use crate::ext4::BLOCK_SIZE_U64;
 use crate::image::{Image, ImageError, OpenOptions};
 use crate::io::BlockIo;
@@ -63,7 +62,7 @@ use range_lock::RangeLock;
 use worker::Work;
 
 pub use queue::ImageQueue;
-pub use stats::EngineStats;
+pub use stats::{EngineCounters, EngineStats};
 
 const BS: u64 = BLOCK_SIZE_U64;
 
@@ -208,7 +207,7 @@ impl ImageEngine {
         if image.superblock().has_errors() {
             log::warn!("the image has recorded errors (run `extblk check`); serving it anyway, as ext4 mounts with errors=continue");
         }
-        let disk_bytes = image.disk_size() - image.disk_size() % 512;
+        let disk_bytes = image.disk_size() - image.disk_size() % crate::units::SECTOR_SIZE;
         let info = EngineInfo {
             capacity: Bytes(disk_bytes),
             read_only,
@@ -300,7 +299,7 @@ fn to_engine(e: ImageError) -> EngineError {
         ImageError::Io(e) => EngineError::Io(e),
         ImageError::NoSpace => EngineError::NoSpace,
         ImageError::ReadOnly => EngineError::ReadOnly,
-        other => EngineError::Io(io::Error::other(other.to_string())),
+        other => EngineError::Image(other),
     }
 }
 
@@ -322,16 +321,18 @@ impl BlockEngine for ImageEngine {
         let (tx, rx) = mpsc::channel();
         self.shared.send(Work::Sync { reply: tx });
         rx.recv()
-            .map_err(|_| EngineError::Io(io::Error::other("the completion worker is gone")))?
-            .map_err(|e| EngineError::Io(io::Error::other(e)))
+            .map_err(|_| Stopped::WorkerGone)?
+            .map_err(EngineError::from)
     }
 
     fn close(&self) -> Result<(), EngineError> {
         ImageEngine::close(self)
     }
 
-    fn stats(&self) -> String {
-        self.shared.stats.summary()
+    type Counters = EngineCounters;
+
+    fn counters(&self) -> EngineCounters {
+        self.shared.stats.snapshot()
     }
 }
 
@@ -341,9 +342,7 @@ impl Shared {
             return Err(EngineError::ReadOnly);
         }
         if self.aborted.load(Ordering::Acquire) {
-            return Err(EngineError::Io(io::Error::other(
-                "the journal was aborted after a data write error",
-            )));
+            return Err(Stopped::Aborted.into());
         }
         Ok(())
     }

@@ -23,6 +23,11 @@ use crate::engine::{iov, Completion, EngineError, EngineOp, EngineQueue, GuestBu
 use crate::ext4::extent::Extent;
 use crate::mapping::tree::Lookup;
 
+/// Written extents a queue remembers. A linear scan of 64 is cheaper than the mapping lock and
+/// covers a guest's working set of hot ranges; an image filled in allocation units has few
+/// large extents, so misses are rare either way.
+const CACHE_EXTENTS: usize = 64;
+
 /// A queue thread's side: its cache of written extents and its io_uring.
 pub struct ImageQueue<C> {
     shared: Arc<Shared>,
@@ -89,7 +94,7 @@ impl<C: Completion> ImageQueue<C> {
         let found = lock(&self.shared.state).image.lookup(lblk as u32);
         match found {
             Lookup::Mapped(e) if !e.unwritten => {
-                if self.cache.len() >= 64 {
+                if self.cache.len() >= CACHE_EXTENTS {
                     self.cache.remove(0);
                 }
                 self.cache.push(e);

@@ -8,7 +8,6 @@
 //! only blocking call is `recv` on its channel, which ends when the engine closes (the sender
 //! is dropped in `ImageEngine::close`).
 
-use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -18,8 +17,13 @@ use super::commit::{Parked, Waiter};
 use super::layout::ZERO_PAGE;
 use super::range_lock::Run;
 use super::{lock, to_engine, Done, Locked, Shared, BS};
-use crate::engine::{EngineError, ZeroRange};
+use crate::engine::{EngineError, Stopped, ZeroRange};
 use crate::mapping::tree::Lookup;
+
+/// Work items the worker takes under one take of the mapping lock. Bounded so that a queue
+/// thread waiting for the lock (a cache miss, an allocating write) waits for at most this many
+/// in-memory conversions, and completions of the batch are not held back for long.
+const MAX_BATCH: usize = 512;
 
 pub(super) enum Work {
     /// A conversion after an allocating write's data I/O, or a DISCARD / WRITE_ZEROES.
@@ -31,7 +35,7 @@ pub(super) enum Work {
     Redo(PendingWrite),
     /// Commit now and report (used by `flush()` at shutdown).
     Sync {
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), Stopped>>,
     },
     /// Complete a read or overwrite that is already done (`HotPath::WorkerCompletion` only).
     Complete {
@@ -70,14 +74,14 @@ pub(super) enum MetaEnd {
     Park(MetaOp),
 }
 
-pub(super) fn fail_work(w: Work, why: &str) {
-    let e = || EngineError::Io(io::Error::other(why.to_string()));
+pub(super) fn fail_work(w: Work, why: Stopped) {
+    let e = || EngineError::from(why.clone());
     match w {
         Work::Meta(MetaOp::Convert { done, .. } | MetaOp::Zero { done, .. })
         | Work::Flush { done } => done.finish(Err(e())),
         Work::Redo(w) => w.done.finish(Err(e())),
         Work::Sync { reply } => {
-            let _ = reply.send(Err(why.to_string()));
+            let _ = reply.send(Err(why));
         }
         Work::Complete { done, result } => done.finish(result),
         Work::Write(a) => {
@@ -93,7 +97,7 @@ pub(super) fn fail_work(w: Work, why: &str) {
 pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < 512 {
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(w) => batch.push(w),
                 Err(_) => break,
@@ -108,7 +112,7 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
             match w {
                 Work::Meta(op) => {
                     if let MetaOp::Zero { .. } = op {
-                        s.stats.discards.fetch_add(1, Ordering::Relaxed);
+                        s.stats.zeroing_ops.fetch_add(1, Ordering::Relaxed);
                         s.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
                     }
                     match s.run_meta(&mut st, op) {
@@ -158,30 +162,29 @@ impl Shared {
         match tx {
             Some(tx) => {
                 if let Err(mpsc::SendError(w)) = tx.send(w) {
-                    self.fail_work(w, "the completion worker is gone");
+                    self.fail_work(w, Stopped::WorkerGone);
                 }
             }
-            None => self.fail_work(w, "the engine is closed"),
+            None => self.fail_work(w, Stopped::Closed),
         }
     }
 
     /// Answers work that no worker will run. A conversion or allocated write that never
     /// finishes must still unmark its blocks, or writes deferred behind them would wait for ever.
-    pub(super) fn fail_work(&self, w: Work, why: &str) {
+    pub(super) fn fail_work(&self, w: Work, why: Stopped) {
         let runs = match &w {
             Work::Meta(MetaOp::Convert { runs, .. }) => Some(runs.clone()),
             Work::Write(a) => Some(a.to_convert.clone()),
             _ => None,
         };
-        fail_work(w, why);
+        fail_work(w, why.clone());
         if let Some(runs) = runs {
             let mut st = lock(&self.state);
             st.range.unmark(&runs);
             let ready = st.range.take_ready();
             drop(st);
             for p in ready {
-                p.done
-                    .finish(Err(EngineError::Io(io::Error::other(why.to_string()))));
+                p.done.finish(Err(EngineError::from(why.clone())));
             }
         }
     }
