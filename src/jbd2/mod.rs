@@ -71,11 +71,19 @@ impl Transaction {
         self.blocks.is_empty() && self.revokes.is_empty()
     }
 
-    /// Log blocks this transaction occupies.
+    /// Log blocks this transaction occupies (at most: a revoke of a block it also logs is
+    /// counted, though [`Journal::prepare`] writes no record for it).
     pub fn log_blocks(&self) -> u32 {
-        let n = self.blocks.len();
-        (self.revokes.len().div_ceil(MAX_REVOKES) + n.div_ceil(MAX_TAGS) + n + 1) as u32
+        log_blocks(self.blocks.len(), self.revokes.len())
     }
+}
+
+/// Log blocks a transaction of `blocks` metadata blocks and `revokes` revoke records takes, as
+/// [`Journal::prepare`] lays it out: revoke blocks of [`MAX_REVOKES`] records each, then per
+/// [`MAX_TAGS`] blocks a descriptor followed by their copies, then the commit block. The writer
+/// and every estimate of a running transaction's size count with this.
+pub fn log_blocks(blocks: usize, revokes: usize) -> u32 {
+    (revokes.div_ceil(MAX_REVOKES) + blocks.div_ceil(MAX_TAGS) + blocks + 1) as u32
 }
 
 /// Statistics for `info` and the daemon's counters.
