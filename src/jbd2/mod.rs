@@ -86,6 +86,17 @@ pub fn log_blocks(blocks: usize, revokes: usize) -> u32 {
     (revokes.div_ceil(MAX_REVOKES) + blocks.div_ceil(MAX_TAGS) + blocks + 1) as u32
 }
 
+/// The log block after `pos` in a log of blocks `first..maxlen` (`s_first`, `s_maxlen`): past
+/// the end it wraps around to `first`. `pos` is at most one block past the end. The writer
+/// and replay both step through the log with this.
+pub fn wrap(pos: u32, first: u32, maxlen: u32) -> u32 {
+    if pos >= maxlen {
+        first + (pos - maxlen)
+    } else {
+        pos
+    }
+}
+
 /// Statistics for `info` and the daemon's counters.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JournalStats {
@@ -209,11 +220,7 @@ impl Journal {
     }
 
     fn wrap(&self, p: u32) -> u32 {
-        if p >= self.sb.maxlen {
-            self.sb.first + (p - self.sb.maxlen)
-        } else {
-            p
-        }
+        wrap(p, self.sb.first, self.sb.maxlen)
     }
 
     fn write_sb(&mut self, io: &dyn BlockIo) -> io::Result<()> {

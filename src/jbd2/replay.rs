@@ -50,7 +50,7 @@ pub fn replay(
     let jseed = format::journal_seed(&sb.uuid);
     let csum = sb.has_csum_v3();
     let (first, maxlen) = (sb.first, sb.maxlen);
-    let wrap = |p: u32| if p >= maxlen { first + (p - maxlen) } else { p };
+    let wrap = |p: u32| super::wrap(p, first, maxlen);
     let mut buf = vec![0u8; BLOCK_SIZE];
     let mut pos = sb.start;
     let mut tid = sb.sequence;
