@@ -14,11 +14,13 @@ use serde::Serialize;
 use crate::engine::raw::Backing;
 use crate::ext4::dir;
 use crate::ext4::extent;
-use crate::ext4::group::{BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
-use crate::ext4::inode::Inode;
+use crate::ext4::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
+use crate::ext4::inode::{Inode, SECTORS_PER_BLOCK};
+use crate::ext4::superblock::Superblock;
 use crate::ext4::{bitmap, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE};
 use crate::image::{Image, ImageError, OpenOptions};
 use crate::io::{BlockIo, FileIo};
+use crate::jbd2::format::SUPERBLOCK_SIZE as JOURNAL_SUPERBLOCK_SIZE;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -76,14 +78,65 @@ struct Claim {
     owner: String,
 }
 
+/// Every structure's claim on blocks, gathered for the ownership and bitmap checks.
+#[derive(Default)]
+struct Claims(Vec<Claim>);
+
+impl Claims {
+    fn claim(&mut self, start: u64, len: u64, owner: String) {
+        self.0.push(Claim { start, len, owner });
+    }
+}
+
+/// Blocks of one group's inode table.
+fn itable_blocks(sb: &Superblock) -> u64 {
+    (sb.inodes_per_group as usize * usize::from(sb.inode_size)).div_ceil(BLOCK_SIZE) as u64
+}
+
 pub fn check(img: &Image, name: String) -> Report {
     let mut p: Vec<String> = Vec::new();
     let sb = img.superblock();
-    let seed = sb.csum_seed();
-    let alloc = img.allocator();
-    let descs = &alloc.descs;
-    let n = sb.blocks_count;
-    let gdt_blocks = sb.group_count().div_ceil(DESCS_PER_BLOCK);
+    let rec = img.recovery();
+    let jsb = img.journal_superblock();
+    check_recorded_state(img, &mut p);
+    let mut claims = Claims::default();
+    claim_group_metadata(sb, &img.allocator().descs, &mut claims);
+    check_gdt_padding(img, &mut p);
+    check_inode_tables(img, &mut p);
+    check_system_inodes(img, &mut p, &mut claims);
+    check_resize_inode(img, &mut p, &mut claims);
+    check_disk(img, &mut p, &mut claims);
+    check_journal_superblock_padding(img, &mut p);
+    let mut claims = claims.0;
+    claims.sort_by_key(|c| c.start);
+    let ownership_problems = p.len();
+    check_ownership(&claims, sb.blocks_count, &mut p);
+    let bitmaps_rebuildable = p.len() == ownership_problems;
+    let (rebuilt_bitmaps, free_total) = check_block_bitmaps(img, &claims, &mut p);
+    if !sb.needs_recovery() && sb.free_blocks_count != free_total {
+        p.push(format!(
+            "free blocks count wrong ({}, counted={free_total})",
+            sb.free_blocks_count
+        ));
+    }
+    let clean = !sb.needs_recovery() && jsb.start == 0 && !sb.has_errors();
+    let tree = img.tree();
+    Report {
+        image: name,
+        clean,
+        problems: p,
+        journal_transactions: rec.transactions,
+        extents: tree.extent_count(),
+        allocated_blocks: tree.data_blocks(),
+        rebuilt_bitmaps,
+        bitmaps_rebuildable,
+    }
+}
+
+/// What the image says about itself: the journal's recovery outcome, errors recorded in the
+/// superblock or the journal superblock, and `needs_recovery` against the log's contents.
+fn check_recorded_state(img: &Image, p: &mut Vec<String>) {
+    let sb = img.superblock();
     let rec = img.recovery();
     if let Some(c) = &rec.corrupt {
         p.push(c.clone());
@@ -107,40 +160,53 @@ pub fn check(img: &Image, name: String) -> Report {
     if !sb.needs_recovery() && rec.transactions > 0 {
         p.push("needs_recovery is clear, but the journal has data".into());
     }
+}
 
-    let mut claims: Vec<Claim> = Vec::new();
-    let mut claim = |start: u64, len: u64, owner: String| claims.push(Claim { start, len, owner });
-    // Superblock copies with their GDT and reserved GDT blocks (the latter also belong to the
-    // resize inode, which extblk never touches: claimed once here).
+/// The group metadata's blocks: superblock copies with their GDT and reserved GDT blocks (the
+/// latter also belong to the resize inode, which extblk never touches: claimed once here),
+/// then each group's bitmaps and inode table.
+fn claim_group_metadata(sb: &Superblock, descs: &[GroupDesc], claims: &mut Claims) {
+    let n = sb.blocks_count;
     for g in (0..sb.group_count()).filter(|&g| sb.has_super(g)) {
         let len = sb.super_region_len().min(bitmap::blocks_in_group(n, g));
-        claim(
+        claims.claim(
             g * BLOCKS_PER_GROUP,
             len,
             format!("superblock copy of group {g}"),
         );
     }
-    let isz = usize::from(sb.inode_size);
-    let itable_blocks = (sb.inodes_per_group as usize * isz).div_ceil(BLOCK_SIZE) as u64;
+    let itable_blocks = itable_blocks(sb);
     for (g, d) in descs.iter().enumerate() {
-        claim(d.block_bitmap, 1, format!("block bitmap of group {g}"));
-        claim(d.inode_bitmap, 1, format!("inode bitmap of group {g}"));
-        claim(
+        claims.claim(d.block_bitmap, 1, format!("block bitmap of group {g}"));
+        claims.claim(d.inode_bitmap, 1, format!("inode bitmap of group {g}"));
+        claims.claim(
             d.inode_table,
             itable_blocks,
             format!("inode table of group {g}"),
         );
     }
-    // GDT bytes past the last descriptor are zero.
+}
+
+/// The group descriptor table: its bytes past the last descriptor are zero.
+fn check_gdt_padding(img: &Image, p: &mut Vec<String>) {
+    let sb = img.superblock();
+    let gdt_blocks = sb.group_count().div_ceil(DESCS_PER_BLOCK);
     if let Ok(b) = img.meta_block(gdt_blocks) {
         let used = (sb.group_count() - (gdt_blocks - 1) * DESCS_PER_BLOCK) as usize * DESC_SIZE;
         if b[used..].iter().any(|&x| x != 0) {
             p.push("garbage after the last group descriptor".into());
         }
     }
+}
 
-    // Every inode of every initialised inode table: checksums; used inodes: bitmap agreement.
-    let mut used_inodes = 0u64;
+/// Inode bitmaps and tables: every inode of every initialised inode table has its checksum,
+/// used inodes agree with the bitmap, and the free-inode and directory counts add up.
+fn check_inode_tables(img: &Image, p: &mut Vec<String>) {
+    let sb = img.superblock();
+    let seed = sb.csum_seed();
+    let descs = &img.allocator().descs;
+    let isz = usize::from(sb.inode_size);
+    let itable_blocks = itable_blocks(sb);
     let mut dirs_found = 0u32;
     for (g, d) in descs.iter().enumerate() {
         let ib = match img.meta_block(d.inode_bitmap) {
@@ -189,7 +255,6 @@ pub fn check(img: &Image, name: String) -> Report {
                 match Inode::decode(raw, ino, seed) {
                     Err(e) => p.push(e.to_string()),
                     Ok(i) if in_use && i.links > 0 => {
-                        used_inodes += 1;
                         if i.is_dir() {
                             dirs_found += 1;
                         }
@@ -214,9 +279,13 @@ pub fn check(img: &Image, name: String) -> Report {
             descs.iter().map(|d| d.used_dirs).sum::<u32>()
         ));
     }
-    let _ = used_inodes;
+}
 
-    // Directories (/ and lost+found) and the journal: their blocks are claimed.
+/// The directories (`/`, `lost+found`) and the journal: their extent trees and directory
+/// blocks decode, `i_blocks` matches, and their blocks are claimed.
+fn check_system_inodes(img: &Image, p: &mut Vec<String>, claims: &mut Claims) {
+    let sb = img.superblock();
+    let seed = sb.csum_seed();
     for (ino, what) in [
         (crate::ext4::ROOT_INO, "/"),
         (crate::ext4::LOST_FOUND_INO, "lost+found"),
@@ -243,11 +312,11 @@ pub fn check(img: &Image, name: String) -> Report {
                     Err(e) => p.push(format!("{what}: {e}")),
                     Ok(t) => {
                         for b in t.node_blocks() {
-                            claim(b, 1, format!("{what} extent block"));
+                            claims.claim(b, 1, format!("{what} extent block"));
                         }
                         let mut blocks = t.tree_blocks();
                         for e in t.iter() {
-                            claim(e.pblk, u64::from(e.len), format!("{what} data"));
+                            claims.claim(e.pblk, u64::from(e.len), format!("{what} data"));
                             blocks += u64::from(e.len);
                             if i.is_dir() {
                                 for k in 0..e.len {
@@ -259,11 +328,11 @@ pub fn check(img: &Image, name: String) -> Report {
                                 }
                             }
                         }
-                        if i.blocks != blocks * 8 {
+                        if i.blocks != blocks * SECTORS_PER_BLOCK {
                             p.push(format!(
                                 "inode {ino} ({what}): i_blocks is {}, should be {}",
                                 i.blocks,
-                                blocks * 8
+                                blocks * SECTORS_PER_BLOCK
                             ));
                         }
                     }
@@ -271,29 +340,34 @@ pub fn check(img: &Image, name: String) -> Report {
             }
         }
     }
+}
 
-    // The resize inode (mke2fs's resize_inode feature): its double-indirect block; the reserved
-    // GDT blocks it lists were claimed with the superblock copies.
-    if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
-        match read_inode(img, 7) {
+/// The resize inode (mke2fs's resize_inode feature): its double-indirect block is claimed; the
+/// reserved GDT blocks it lists were claimed with the superblock copies.
+fn check_resize_inode(img: &Image, p: &mut Vec<String>, claims: &mut Claims) {
+    if img.superblock().feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
+        match read_inode(img, crate::ext4::RESIZE_INO) {
             Ok(i) => {
                 let dind = u64::from(i.dind_block());
                 if dind != 0 {
-                    claim(dind, 1, "resize inode".into());
+                    claims.claim(dind, 1, "resize inode".into());
                 }
             }
             Err(e) => p.push(format!("resize inode: {e}")),
         }
     }
+}
 
-    // /disk.
+/// `/disk`: its tree and data blocks are claimed, written extents end within `i_size`, and
+/// `i_blocks` counts data and tree blocks.
+fn check_disk(img: &Image, p: &mut Vec<String>, claims: &mut Claims) {
     let disk = img.disk_inode();
     let tree = img.tree();
     for b in tree.node_blocks() {
-        claim(b, 1, "/disk extent block".into());
+        claims.claim(b, 1, "/disk extent block".into());
     }
     for e in tree.iter() {
-        claim(
+        claims.claim(
             e.pblk,
             u64::from(e.len),
             format!("/disk blocks {}..{}", e.lblk, e.end()),
@@ -305,7 +379,7 @@ pub fn check(img: &Image, name: String) -> Report {
             ));
         }
     }
-    let want = 8 * (tree.data_blocks() + tree.tree_blocks());
+    let want = SECTORS_PER_BLOCK * (tree.data_blocks() + tree.tree_blocks());
     if disk.blocks != want {
         p.push(format!(
             "inode {} (/disk): i_blocks is {}, should be {want}",
@@ -313,25 +387,29 @@ pub fn check(img: &Image, name: String) -> Report {
             disk.blocks
         ));
     }
+}
 
-    // The journal superblock block: only its first 1024 bytes are the structure.
+/// The journal superblock's block: only its first 1024 bytes are the structure, the rest is
+/// zero.
+fn check_journal_superblock_padding(img: &Image, p: &mut Vec<String>) {
     match img.meta_block(img.log_map().fs_block(0)) {
-        Ok(b) if b[1024..].iter().any(|&x| x != 0) => {
+        Ok(b) if b[JOURNAL_SUPERBLOCK_SIZE..].iter().any(|&x| x != 0) => {
             p.push("garbage after the journal superblock".into())
         }
         Ok(_) => {}
         Err(e) => p.push(format!("cannot read the journal superblock: {e}")),
     }
+}
 
-    // Ownership: out of range, double use; then bitmaps against the claims.
-    claims.sort_by_key(|c| c.start);
-    let ownership_problems = p.len();
+/// Block ownership over the claims (sorted by start): nothing past the end of the
+/// filesystem, no block claimed twice.
+fn check_ownership(claims: &[Claim], blocks_count: u64, p: &mut Vec<String>) {
     let mut prev: Option<&Claim> = None;
-    for c in &claims {
+    for c in claims {
         if c.len == 0 {
             continue;
         }
-        if c.start + c.len > n {
+        if c.start + c.len > blocks_count {
             p.push(format!(
                 "{} (blocks {}..{}) past the end of the filesystem",
                 c.owner,
@@ -351,11 +429,22 @@ pub fn check(img: &Image, name: String) -> Report {
             prev = Some(c);
         }
     }
-    let bitmaps_rebuildable = p.len() == ownership_problems;
+}
+
+/// Block bitmaps and free-block counts against the claims (sorted by start): the differences
+/// of each group, and the bitmaps `repair` would write. Returns those bitmaps and the free
+/// blocks counted over all groups.
+fn check_block_bitmaps(
+    img: &Image,
+    claims: &[Claim],
+    p: &mut Vec<String>,
+) -> (Vec<(u64, Vec<u8>)>, u64) {
+    let n = img.superblock().blocks_count;
+    let alloc = img.allocator();
     let mut rebuilt_bitmaps = Vec::new();
     let mut ci = 0usize;
     let mut free_total = 0u64;
-    for (g, d) in descs.iter().enumerate() {
+    for (g, d) in alloc.descs.iter().enumerate() {
         let g = g as u64;
         let base = g * BLOCKS_PER_GROUP;
         let gn = bitmap::blocks_in_group(n, g);
@@ -416,23 +505,7 @@ pub fn check(img: &Image, name: String) -> Report {
             ));
         }
     }
-    if !sb.needs_recovery() && sb.free_blocks_count != free_total {
-        p.push(format!(
-            "free blocks count wrong ({}, counted={free_total})",
-            sb.free_blocks_count
-        ));
-    }
-    let clean = !sb.needs_recovery() && jsb.start == 0 && !sb.has_errors();
-    Report {
-        image: name,
-        clean,
-        problems: p,
-        journal_transactions: rec.transactions,
-        extents: tree.extent_count(),
-        allocated_blocks: tree.data_blocks(),
-        rebuilt_bitmaps,
-        bitmaps_rebuildable,
-    }
+    (rebuilt_bitmaps, free_total)
 }
 
 fn read_inode(img: &Image, ino: u32) -> Result<Inode, ImageError> {

@@ -12,6 +12,9 @@ pub const S_IFMT: u16 = 0o170000;
 /// Size of `i_extra_isize` extblk writes: holds `i_checksum_hi`, nanosecond times and crtime.
 pub const EXTRA_ISIZE: u16 = 32;
 
+/// `i_blocks` units in one filesystem block: it counts 512-byte sectors.
+pub const SECTORS_PER_BLOCK: u64 = crate::ext4::BLOCK_SIZE_U64 / 512;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inode {
     pub mode: u16,

@@ -29,20 +29,6 @@ pub const DISK_NAME: &str = "disk";
 /// Last usable logical block of a file (0xFFFFFFFF is reserved): files end at 16 TiB − 4 KiB.
 pub const MAX_FILE_BLOCKS: u64 = (1 << 32) - 1;
 
-/// A physical filesystem block number.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Pblk(pub u64);
-
-/// A logical block number inside a file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lblk(pub u32);
-
-impl Pblk {
-    pub fn byte_offset(self) -> u64 {
-        self.0 * BLOCK_SIZE_U64
-    }
-}
-
 /// Why bytes are not a valid extblk image structure.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FormatError {

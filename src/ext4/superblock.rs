@@ -450,6 +450,16 @@ impl Superblock {
         put_cstr(&mut self.volume_name, s);
     }
 
+    /// `s_jnl_blocks`, the backup of the journal inode's block map: its 60-byte `i_block` as
+    /// 15 little-endian words, then `i_size`'s high and low words.
+    pub fn set_journal_backup(&mut self, i_block: &[u8; 60], size: u64) {
+        for (w, b) in self.jnl_blocks.iter_mut().zip(i_block.chunks_exact(4)) {
+            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        self.jnl_blocks[15] = (size >> 32) as u32;
+        self.jnl_blocks[16] = size as u32;
+    }
+
     /// The 1024 bytes with the checksum.
     pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
         let mut b = *self.raw;

@@ -5,12 +5,12 @@ use crate::ext4::bitmap;
 use crate::ext4::dir::{self, DirEntry, FT_DIR, FT_REG};
 use crate::ext4::extent::{self, Entries, Extent, Node};
 use crate::ext4::group::{GroupDesc, BG_INODE_UNINIT, BG_INODE_ZEROED, DESCS_PER_BLOCK, DESC_SIZE};
-use crate::ext4::inode::{Inode, EXTENTS_FL, S_IFDIR, S_IFREG};
+use crate::ext4::inode::{Inode, EXTENTS_FL, SECTORS_PER_BLOCK, S_IFDIR, S_IFREG};
 use crate::ext4::layout::Layout;
 use crate::ext4::superblock::{Superblock, SUPERBLOCK_OFFSET};
 use crate::ext4::{
     inode_seed, BLOCKS_PER_GROUP, BLOCK_SIZE, BLOCK_SIZE_U64, DISK_INO, INODES_PER_GROUP,
-    JOURNAL_INO, LOST_FOUND_INO, ROOT_INO,
+    INODE_SIZE, JOURNAL_INO, LOST_FOUND_INO, ROOT_INO,
 };
 use crate::io::BlockIo;
 use crate::jbd2::format::JournalSuperblock;
@@ -42,11 +42,11 @@ fn leaf_root(extents: Vec<Extent>) -> [u8; 60] {
 }
 
 fn file_inode(mode: u16, links: u16, size: u64, blocks: u64, root: [u8; 60], now: u32) -> Inode {
-    let mut i = Inode::new(crate::ext4::INODE_SIZE);
+    let mut i = Inode::new(INODE_SIZE);
     i.mode = mode;
     i.links = links;
     i.size = size;
-    i.blocks = blocks * 8;
+    i.blocks = blocks * SECTORS_PER_BLOCK;
     i.flags = EXTENTS_FL;
     i.i_block = root;
     i.atime = now;
@@ -56,23 +56,52 @@ fn file_inode(mode: u16, links: u16, size: u64, blocks: u64, root: [u8; 60], now
     i
 }
 
+/// Inodes in use in a new image: the reserved ones (1–10), lost+found (11) and /disk (12).
+const USED_INODES: u32 = DISK_INO;
+/// Directories in a new image: `/` and lost+found (both in group 0).
+const USED_DIRS: u32 = 2;
+
 /// Writes a new image onto `io`, which must be at least `layout.blocks_count` blocks long.
 pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(), ImageError> {
     let bs = BLOCK_SIZE_U64;
     if io.size() < layout.blocks_count * bs {
         return Err(ImageError::TooSmall(io.size(), layout.blocks_count * bs));
     }
-    // Whatever was there before (an old device's data, a stale journal) must read as zero.
+    erase_metadata(io, layout)?;
+    let mut sb = new_superblock(layout, p);
+    let seed = sb.csum_seed();
+    let (descs, free_blocks) = write_groups(io, layout, seed)?;
+    sb.free_blocks_count = free_blocks;
+    let jruns = layout.journal_runs();
+    let jroot = journal_root(&jruns);
+    write_inodes(io, layout, &jroot, p.now, seed)?;
+    sb.set_journal_backup(&jroot, layout.journal_blocks * bs);
+    write_directories(io, layout, seed)?;
+    // Journal superblock; the rest of the log area was zeroed by `erase_metadata`.
+    let jsb = JournalSuperblock::new(layout.journal_blocks as u32, p.uuid, 0);
+    io.write_at(&jsb.encode(), jruns[0].0 * bs)?;
+    write_gdt_and_superblocks(io, layout, &sb, &descs, seed)
+}
+
+/// Whatever was there before (an old device's data, a stale journal) must read as zero: the
+/// metadata area, the journal and the backup superblock/GDT copies.
+fn erase_metadata(io: &dyn BlockIo, layout: &Layout) -> Result<(), ImageError> {
+    let bs = BLOCK_SIZE_U64;
     io.punch(0, layout.data_start * bs)?;
     for g in layout.backup_groups() {
         io.punch(g * BLOCKS_PER_GROUP * bs, (1 + layout.gdt_blocks) * bs)?;
     }
+    Ok(())
+}
 
+/// The primary superblock as the layout and the parameters make it (free blocks counted
+/// later, with the bitmaps).
+fn new_superblock(layout: &Layout, p: &CreateParams) -> Superblock {
     let mut sb = Superblock::new_blank();
     sb.blocks_count = layout.blocks_count;
     sb.inodes_per_group = INODES_PER_GROUP;
     sb.inodes_count = (layout.groups * u64::from(INODES_PER_GROUP)) as u32;
-    sb.free_inodes_count = sb.inodes_count - 12;
+    sb.free_inodes_count = sb.inodes_count - USED_INODES;
     sb.uuid = p.uuid;
     sb.set_label(&p.label);
     sb.mkfs_time = p.now;
@@ -80,9 +109,17 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
     sb.lastcheck = p.now;
     sb.log_groups_per_flex = layout.log_groups_per_flex();
     sb.backup_bgs = layout.backup_bgs();
-    let seed = sb.csum_seed();
+    sb
+}
 
-    // Block bitmaps and group descriptors, one group at a time.
+/// Block bitmaps and group descriptors, one group at a time, and group 0's inode bitmap.
+/// Returns the descriptors and the free blocks of all groups.
+fn write_groups(
+    io: &dyn BlockIo,
+    layout: &Layout,
+    seed: u32,
+) -> Result<(Vec<GroupDesc>, u64), ImageError> {
+    let bs = BLOCK_SIZE_U64;
     let used = layout.used_runs();
     let mut descs = Vec::with_capacity(layout.groups as usize);
     let mut free_total = 0u64;
@@ -110,11 +147,11 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
             inode_table: layout.inode_table(g),
             free_blocks: free as u32,
             free_inodes: if first {
-                INODES_PER_GROUP - 12
+                INODES_PER_GROUP - USED_INODES
             } else {
                 INODES_PER_GROUP
             },
-            used_dirs: if first { 2 } else { 0 },
+            used_dirs: if first { USED_DIRS } else { 0 },
             flags: if first {
                 BG_INODE_ZEROED
             } else {
@@ -123,7 +160,7 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
             block_bitmap_csum: bitmap::block_bitmap_csum(seed, &bb),
             inode_bitmap_csum: 0,
             itable_unused: if first {
-                INODES_PER_GROUP - 12
+                INODES_PER_GROUP - USED_INODES
             } else {
                 INODES_PER_GROUP
             },
@@ -131,19 +168,21 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
         if first {
             let mut ib = vec![0xFFu8; BLOCK_SIZE];
             ib[..INODES_PER_GROUP as usize / 8].fill(0);
-            bitmap::set_range(&mut ib, 0, 12);
+            bitmap::set_range(&mut ib, 0, USED_INODES as usize);
             d.inode_bitmap_csum = bitmap::inode_bitmap_csum(seed, &ib, INODES_PER_GROUP);
             io.write_at(&ib, layout.inode_bitmap(0) * bs)?;
         }
         descs.push(d);
     }
-    sb.free_blocks_count = free_total;
+    Ok((descs, free_total))
+}
 
-    // Inodes: /, the journal, lost+found, /disk. Reserved inodes stay zero.
-    let jruns = layout.journal_runs();
+/// The journal inode's extent root: its runs (`Layout::journal_runs`) one after the other in
+/// the log.
+fn journal_root(jruns: &[(u64, u64)]) -> [u8; 60] {
     let mut jext = Vec::new();
     let mut lblk = 0u32;
-    for &(s, l) in &jruns {
+    for &(s, l) in jruns {
         jext.push(Extent {
             lblk,
             len: l as u32,
@@ -152,7 +191,19 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
         });
         lblk += l as u32;
     }
-    let jroot = leaf_root(jext);
+    leaf_root(jext)
+}
+
+/// Group 0's inode table: `/`, the journal (its extent root `jroot`), lost+found and an empty
+/// `/disk`; the reserved inodes stay zero.
+fn write_inodes(
+    io: &dyn BlockIo,
+    layout: &Layout,
+    jroot: &[u8; 60],
+    now: u32,
+    seed: u32,
+) -> Result<(), ImageError> {
+    let bs = BLOCK_SIZE_U64;
     let jsize = layout.journal_blocks * bs;
     let inodes = [
         (
@@ -168,7 +219,7 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
                     pblk: layout.root_dir_block(),
                     unwritten: false,
                 }]),
-                p.now,
+                now,
             ),
         ),
         (
@@ -178,8 +229,8 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
                 1,
                 jsize,
                 layout.journal_blocks,
-                jroot,
-                p.now,
+                *jroot,
+                now,
             ),
         ),
         (
@@ -195,7 +246,7 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
                     pblk: layout.lost_found_block(),
                     unwritten: false,
                 }]),
-                p.now,
+                now,
             ),
         ),
         (
@@ -206,23 +257,23 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
                 layout.disk_size,
                 0,
                 leaf_root(vec![]),
-                p.now,
+                now,
             ),
         ),
     ];
     let mut itable = vec![0u8; BLOCK_SIZE];
+    let isz = usize::from(INODE_SIZE);
     for (ino, inode) in &inodes {
-        let off = (*ino as usize - 1) * usize::from(crate::ext4::INODE_SIZE);
-        itable[off..off + 256].copy_from_slice(&inode.encode(*ino, seed));
+        let off = (*ino as usize - 1) * isz;
+        itable[off..off + isz].copy_from_slice(&inode.encode(*ino, seed));
     }
     io.write_at(&itable, layout.inode_table(0) * bs)?;
-    for (i, w) in sb.jnl_blocks.iter_mut().take(15).enumerate() {
-        *w = u32::from_le_bytes(jroot[4 * i..4 * i + 4].try_into().unwrap_or_default());
-    }
-    sb.jnl_blocks[15] = (jsize >> 32) as u32;
-    sb.jnl_blocks[16] = jsize as u32;
+    Ok(())
+}
 
-    // Directories.
+/// The blocks of `/` (`.`, `..`, lost+found, disk) and of lost+found (`.`, `..`).
+fn write_directories(io: &dyn BlockIo, layout: &Layout, seed: u32) -> Result<(), ImageError> {
+    let bs = BLOCK_SIZE_U64;
     let root = dir::encode_block(
         &[
             DirEntry::new(ROOT_INO, ".", FT_DIR),
@@ -241,12 +292,19 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
         inode_seed(seed, LOST_FOUND_INO, 0),
     );
     io.write_at(&lf, layout.lost_found_block() * bs)?;
+    Ok(())
+}
 
-    // Journal superblock; the rest of the log area was zeroed above.
-    let jsb = JournalSuperblock::new(layout.journal_blocks as u32, p.uuid, 0);
-    io.write_at(&jsb.encode(), jruns[0].0 * bs)?;
-
-    // Group descriptor tables, then the superblocks (primary last, after a barrier).
+/// Group descriptor tables, then the superblocks: the backups with their GDT copies, and the
+/// primary last, after a barrier (an image is an image only once everything else is there).
+fn write_gdt_and_superblocks(
+    io: &dyn BlockIo,
+    layout: &Layout,
+    sb: &Superblock,
+    descs: &[GroupDesc],
+    seed: u32,
+) -> Result<(), ImageError> {
+    let bs = BLOCK_SIZE_U64;
     let mut gdt = vec![0u8; (layout.gdt_blocks * bs) as usize];
     for (g, d) in descs.iter().enumerate() {
         gdt[g * DESC_SIZE..(g + 1) * DESC_SIZE].copy_from_slice(&d.encode(g as u64, seed));

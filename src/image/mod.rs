@@ -524,14 +524,14 @@ impl Image {
         Ok(freed)
     }
 
-    /// Log blocks the running transaction would take now.
+    /// Log blocks the running transaction would take now (at most), counted as the journal
+    /// lays it out ([`crate::jbd2::log_blocks`]).
     pub fn running_log_blocks(&self) -> u32 {
         // Bitmap + descriptor-table block per dirty group is an upper bound worth having cheaply.
-        (self.tree.pending_changes().dirty.len()
+        let blocks = self.tree.pending_changes().dirty.len()
             + usize::from(self.inode_dirty)
-            + 2 * self.alloc_dirty_groups()
-            + self.revokes.len() / 500
-            + 2) as u32
+            + 2 * self.alloc_dirty_groups();
+        crate::jbd2::log_blocks(blocks, self.revokes.len())
     }
 
     fn alloc_dirty_groups(&self) -> usize {

@@ -17,6 +17,7 @@ use crate::ext4::dir;
 use crate::ext4::extent::{self, Extent};
 use crate::ext4::group::{GroupDesc, BG_BLOCK_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
 use crate::ext4::inode::{Inode, EXTENTS_FL};
+use crate::ext4::layout::MIN_JOURNAL_BLOCKS;
 use crate::ext4::superblock::{Superblock, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE};
 use crate::ext4::{
     bitmap, corrupt, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE, BLOCK_SIZE_U64,
@@ -27,6 +28,7 @@ use crate::jbd2::format::JournalSuperblock;
 use crate::jbd2::{replay, Journal, LogMap};
 use crate::mapping::alloc::Allocator;
 use crate::mapping::tree::ExtentTree;
+use crate::mapping::usemap::UseMap;
 use crate::mapping::zone::{Claim, Invalid, Owner, SystemZone};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -146,7 +148,10 @@ impl Reader<'_> {
 
     fn superblock(&self) -> Result<Superblock, ImageError> {
         let b = match self.overlay.get(&0) {
-            Some(b0) => b0[1024..2048].to_vec(),
+            Some(b0) => {
+                let at = SUPERBLOCK_OFFSET as usize;
+                b0[at..at + SUPERBLOCK_SIZE].to_vec()
+            }
             None => {
                 let mut b = vec![0u8; SUPERBLOCK_SIZE];
                 self.io.read_at(&mut b, SUPERBLOCK_OFFSET)?;
@@ -417,7 +422,7 @@ impl Image {
             let map = LogMap::new(jtree.iter().collect::<Vec<Extent>>());
             if !map.is_contiguous()
                 || map.blocks() * BLOCK_SIZE_U64 != jinode.size
-                || map.blocks() < 1024
+                || map.blocks() < MIN_JOURNAL_BLOCKS
             {
                 return Err(
                     corrupt("journal inode", "its blocks do not map the whole journal").into(),
@@ -501,60 +506,8 @@ impl Image {
             overlay: &overlay,
             blocks_count: sb.blocks_count,
         };
-        // `/disk` through the root directory.
-        let (root, _, _) = r.inode(&sb, &descs, ROOT_INO)?;
-        if !root.is_dir() {
-            return Err(corrupt("root inode", "not a directory").into());
-        }
-        let rseed = inode_seed(seed, ROOT_INO, root.generation);
-        let rtree = r.tree(&root, rseed, "root directory", &zone)?;
-        claim_tree(
-            &mut zone,
-            &rtree,
-            "root directory",
-            Owner::Directory { ino: ROOT_INO },
-        )?;
-        let mut disk_ino = None;
-        let mut others = Vec::new();
-        for e in rtree.iter() {
-            for i in 0..e.len {
-                let b = r.block(e.pblk + u64::from(i))?;
-                for ent in dir::decode_block(&b, rseed, "root directory")? {
-                    if ent.name == DISK_NAME.as_bytes() {
-                        disk_ino = Some(ent.ino);
-                    } else if ent.name == b"lost+found" {
-                        others.push(ent.ino);
-                    }
-                }
-            }
-        }
-        let disk_ino = disk_ino.ok_or(FormatError::Corrupt {
-            what: "image".into(),
-            detail: "no /disk file".into(),
-        })?;
-        if disk_ino == 0 || disk_ino > sb.inodes_count {
-            return Err(corrupt("/disk", format!("inode number {disk_ino}")).into());
-        }
-        // lost+found's blocks are metadata a guest write must not reach either.
-        for ino in others {
-            if ino == 0 || ino > sb.inodes_count || ino == disk_ino || ino == ROOT_INO {
-                continue;
-            }
-            let (lf, _, _) = r.inode(&sb, &descs, ino)?;
-            if lf.is_dir() && lf.flags & EXTENTS_FL != 0 {
-                let what = format!("directory inode {ino}");
-                let t = r.tree(&lf, inode_seed(seed, ino, lf.generation), &what, &zone)?;
-                claim_tree(&mut zone, &t, &what, Owner::Directory { ino })?;
-            }
-        }
-        if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
-            let (ri, _, _) = r.inode(&sb, &descs, crate::ext4::RESIZE_INO)?;
-            let dind = u64::from(ri.dind_block());
-            if dind != 0 {
-                zone.add(Claim::new(dind, 1, Owner::ResizeInode))
-                    .map_err(|why| invalid("the resize inode", dind, 1, why))?;
-            }
-        }
+        let disk_ino = find_disk(&r, &sb, &descs, &mut zone)?;
+        claim_resize_inode(&r, &sb, &descs, &mut zone)?;
         let (disk, itable_blk, itable) = r.inode(&sb, &descs, disk_ino)?;
         if !disk.is_reg() {
             return Err(corrupt("/disk", "not a regular file").into());
@@ -565,41 +518,8 @@ impl Image {
         if disk_blocks > crate::ext4::MAX_FILE_BLOCKS {
             return Err(corrupt("/disk", "larger than 16 TiB - 4 KiB").into());
         }
-        // Block bitmaps, each checked against its descriptor.
-        let mut bitmaps = Vec::with_capacity(descs.len());
-        for (g, d) in descs.iter().enumerate() {
-            let bm = if d.flags & BG_BLOCK_UNINIT != 0 {
-                synthesize_bitmap(&sb, &descs, g as u64)
-            } else {
-                let bm = r.block(d.block_bitmap)?;
-                let c = bitmap::block_bitmap_csum(seed, &bm);
-                if c != d.block_bitmap_csum {
-                    return Err(FormatError::Checksum {
-                        what: format!("block bitmap of group {g}"),
-                        stored: d.block_bitmap_csum,
-                        computed: c,
-                    }
-                    .into());
-                }
-                bm
-            };
-            // Compact at once: a large image's bitmaps are never all in memory together.
-            bitmaps.push(crate::mapping::usemap::UseMap::from_bitmap(&bm));
-        }
-        // Identity placement starts past the journal (and any backup range right after it).
-        let jend = (0..map.blocks() as u32)
-            .map(|b| map.fs_block(b))
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let mut data_start = jend;
-        let g = data_start / BLOCKS_PER_GROUP;
-        if data_start % BLOCKS_PER_GROUP < sb.super_region_len() && sb.has_super(g) {
-            data_start = g * BLOCKS_PER_GROUP + sb.super_region_len();
-        }
-        if data_start >= sb.blocks_count {
-            return Err(corrupt("journal", "no data area after it").into());
-        }
+        let bitmaps = read_bitmaps(&r, &sb, &descs)?;
+        let data_start = data_start(&sb, &map)?;
         let mut alloc = Allocator::new(
             sb.blocks_count,
             data_start,
@@ -609,28 +529,10 @@ impl Image {
             zone,
         );
         check_disk_blocks(&tree, &alloc, (!opts.read_only).then_some(trust))?;
-        if !opts.read_only {
-            // The allocator counts from the bitmaps, as ext4's mballoc does; a descriptor that
-            // disagrees is corrected in the next commit.
-            for g in alloc.recount() {
-                log::warn!(
-                    "group {g}: free blocks count in the descriptor disagrees with its bitmap; \
-                     using the bitmap's"
-                );
-            }
-        }
         let journal = if opts.read_only {
             None
         } else {
-            if !jsb.has_csum_v3() {
-                // A journal made by mke2fs: upgrade it while it is empty, as the kernel does.
-                jsb.upgrade_features();
-                io.write_at(&jsb.encode(), map.byte_offset(0))?;
-            }
-            sb.set_needs_recovery(true);
-            io.write_at(&sb.encode(), SUPERBLOCK_OFFSET)?;
-            io.flush()?;
-            Some(Journal::new(map.clone(), jsb.clone()))
+            Some(start_writing(&*io, &mut sb, &mut alloc, &map, &mut jsb)?)
         };
         Ok(Image {
             io,
@@ -654,4 +556,156 @@ impl Image {
             sb,
         })
     }
+}
+
+/// `/disk`'s inode number, through the root directory. The blocks of `/` and of lost+found
+/// join the system zone on the way: metadata a guest write must not reach either.
+fn find_disk(
+    r: &Reader,
+    sb: &Superblock,
+    descs: &[GroupDesc],
+    zone: &mut SystemZone,
+) -> Result<u32, ImageError> {
+    let seed = sb.csum_seed();
+    let (root, _, _) = r.inode(sb, descs, ROOT_INO)?;
+    if !root.is_dir() {
+        return Err(corrupt("root inode", "not a directory").into());
+    }
+    let rseed = inode_seed(seed, ROOT_INO, root.generation);
+    let rtree = r.tree(&root, rseed, "root directory", zone)?;
+    claim_tree(
+        zone,
+        &rtree,
+        "root directory",
+        Owner::Directory { ino: ROOT_INO },
+    )?;
+    let mut disk_ino = None;
+    let mut others = Vec::new();
+    for e in rtree.iter() {
+        for i in 0..e.len {
+            let b = r.block(e.pblk + u64::from(i))?;
+            for ent in dir::decode_block(&b, rseed, "root directory")? {
+                if ent.name == DISK_NAME.as_bytes() {
+                    disk_ino = Some(ent.ino);
+                } else if ent.name == b"lost+found" {
+                    others.push(ent.ino);
+                }
+            }
+        }
+    }
+    let disk_ino = disk_ino.ok_or(FormatError::Corrupt {
+        what: "image".into(),
+        detail: "no /disk file".into(),
+    })?;
+    if disk_ino == 0 || disk_ino > sb.inodes_count {
+        return Err(corrupt("/disk", format!("inode number {disk_ino}")).into());
+    }
+    for ino in others {
+        if ino == 0 || ino > sb.inodes_count || ino == disk_ino || ino == ROOT_INO {
+            continue;
+        }
+        let (lf, _, _) = r.inode(sb, descs, ino)?;
+        if lf.is_dir() && lf.flags & EXTENTS_FL != 0 {
+            let what = format!("directory inode {ino}");
+            let t = r.tree(&lf, inode_seed(seed, ino, lf.generation), &what, zone)?;
+            claim_tree(zone, &t, &what, Owner::Directory { ino })?;
+        }
+    }
+    Ok(disk_ino)
+}
+
+/// The resize inode's double-indirect block joins the system zone (mke2fs's resize_inode
+/// feature; its reserved GDT blocks are already there with the superblock copies).
+fn claim_resize_inode(
+    r: &Reader,
+    sb: &Superblock,
+    descs: &[GroupDesc],
+    zone: &mut SystemZone,
+) -> Result<(), ImageError> {
+    if sb.feature_compat & crate::ext4::superblock::compat::RESIZE_INODE != 0 {
+        let (ri, _, _) = r.inode(sb, descs, crate::ext4::RESIZE_INO)?;
+        let dind = u64::from(ri.dind_block());
+        if dind != 0 {
+            zone.add(Claim::new(dind, 1, Owner::ResizeInode))
+                .map_err(|why| invalid("the resize inode", dind, 1, why))?;
+        }
+    }
+    Ok(())
+}
+
+/// Block bitmaps, each checked against its descriptor (a `BLOCK_UNINIT` group's synthesised),
+/// compacted at once: a large image's bitmaps are never all in memory together.
+fn read_bitmaps(
+    r: &Reader,
+    sb: &Superblock,
+    descs: &[GroupDesc],
+) -> Result<Vec<UseMap>, ImageError> {
+    let seed = sb.csum_seed();
+    let mut bitmaps = Vec::with_capacity(descs.len());
+    for (g, d) in descs.iter().enumerate() {
+        let bm = if d.flags & BG_BLOCK_UNINIT != 0 {
+            synthesize_bitmap(sb, descs, g as u64)
+        } else {
+            let bm = r.block(d.block_bitmap)?;
+            let c = bitmap::block_bitmap_csum(seed, &bm);
+            if c != d.block_bitmap_csum {
+                return Err(FormatError::Checksum {
+                    what: format!("block bitmap of group {g}"),
+                    stored: d.block_bitmap_csum,
+                    computed: c,
+                }
+                .into());
+            }
+            bm
+        };
+        bitmaps.push(UseMap::from_bitmap(&bm));
+    }
+    Ok(bitmaps)
+}
+
+/// Where identity placement starts: past the journal (and any backup range right after it);
+/// an image with no data area there is refused.
+fn data_start(sb: &Superblock, map: &LogMap) -> Result<u64, ImageError> {
+    let jend = (0..map.blocks() as u32)
+        .map(|b| map.fs_block(b))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut data_start = jend;
+    let g = data_start / BLOCKS_PER_GROUP;
+    if data_start % BLOCKS_PER_GROUP < sb.super_region_len() && sb.has_super(g) {
+        data_start = g * BLOCKS_PER_GROUP + sb.super_region_len();
+    }
+    if data_start >= sb.blocks_count {
+        return Err(corrupt("journal", "no data area after it").into());
+    }
+    Ok(data_start)
+}
+
+/// A read-write open takes the image: free counts from the bitmaps, a mke2fs journal upgraded,
+/// `needs_recovery` set durably before the first transaction. Returns the journal writer.
+fn start_writing(
+    io: &dyn BlockIo,
+    sb: &mut Superblock,
+    alloc: &mut Allocator,
+    map: &LogMap,
+    jsb: &mut JournalSuperblock,
+) -> Result<Journal, ImageError> {
+    // The allocator counts from the bitmaps, as ext4's mballoc does; a descriptor that
+    // disagrees is corrected in the next commit.
+    for g in alloc.recount() {
+        log::warn!(
+            "group {g}: free blocks count in the descriptor disagrees with its bitmap; \
+             using the bitmap's"
+        );
+    }
+    if !jsb.has_csum_v3() {
+        // A journal made by mke2fs: upgrade it while it is empty, as the kernel does.
+        jsb.upgrade_features();
+        io.write_at(&jsb.encode(), map.byte_offset(0))?;
+    }
+    sb.set_needs_recovery(true);
+    io.write_at(&sb.encode(), SUPERBLOCK_OFFSET)?;
+    io.flush()?;
+    Ok(Journal::new(map.clone(), jsb.clone()))
 }

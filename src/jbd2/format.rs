@@ -29,6 +29,9 @@ pub const MAX_TAGS: usize = 254;
 /// Revoke records per block: (4092 − 16) / 8.
 pub const MAX_REVOKES: usize = 509;
 const TAIL: usize = BLOCK_SIZE - 4;
+/// The journal superblock (`journal_superblock_t`): the first 1024 bytes of log block 0; the
+/// rest of that block is zero.
+pub const SUPERBLOCK_SIZE: usize = 1024;
 
 fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
@@ -63,7 +66,7 @@ pub struct JournalSuperblock {
     pub uuid: [u8; 16],
     pub checksum_type: u8,
     pub head: u32,
-    raw: Box<[u8; 1024]>,
+    raw: Box<[u8; SUPERBLOCK_SIZE]>,
 }
 
 impl JournalSuperblock {
@@ -80,13 +83,13 @@ impl JournalSuperblock {
             uuid,
             checksum_type: CSUM_TYPE_CRC32C,
             head: 0,
-            raw: Box::new([0u8; 1024]),
+            raw: Box::new([0u8; SUPERBLOCK_SIZE]),
         }
     }
 
     pub fn decode(b: &[u8]) -> Result<JournalSuperblock, FormatError> {
         let bad = |d: &str| corrupt("journal superblock", d);
-        if b.len() < 1024 {
+        if b.len() < SUPERBLOCK_SIZE {
             return Err(bad("truncated"));
         }
         if be32(b, 0) != MAGIC {
@@ -104,8 +107,8 @@ impl JournalSuperblock {
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[0x30..0x40]);
-        let mut raw = Box::new([0u8; 1024]);
-        raw.copy_from_slice(&b[..1024]);
+        let mut raw = Box::new([0u8; SUPERBLOCK_SIZE]);
+        raw.copy_from_slice(&b[..SUPERBLOCK_SIZE]);
         let sb = JournalSuperblock {
             maxlen: be32(b, 0x10),
             first: be32(b, 0x14),
@@ -174,8 +177,8 @@ impl JournalSuperblock {
     }
 
     fn checksum(b: &[u8]) -> u32 {
-        let mut c = [0u8; 1024];
-        c.copy_from_slice(&b[..1024]);
+        let mut c = [0u8; SUPERBLOCK_SIZE];
+        c.copy_from_slice(&b[..SUPERBLOCK_SIZE]);
         c[0xFC..0x100].fill(0);
         crc(!0, &c)
     }
@@ -183,7 +186,7 @@ impl JournalSuperblock {
     /// The whole first journal block.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
-        b[..1024].copy_from_slice(&self.raw[..]);
+        b[..SUPERBLOCK_SIZE].copy_from_slice(&self.raw[..]);
         put_be32(&mut b, 0, MAGIC);
         put_be32(&mut b, 4, BT_SUPERBLOCK_V2);
         put_be32(&mut b, 8, 0);

@@ -71,10 +71,29 @@ impl Transaction {
         self.blocks.is_empty() && self.revokes.is_empty()
     }
 
-    /// Log blocks this transaction occupies.
+    /// Log blocks this transaction occupies (at most: a revoke of a block it also logs is
+    /// counted, though [`Journal::prepare`] writes no record for it).
     pub fn log_blocks(&self) -> u32 {
-        let n = self.blocks.len();
-        (self.revokes.len().div_ceil(MAX_REVOKES) + n.div_ceil(MAX_TAGS) + n + 1) as u32
+        log_blocks(self.blocks.len(), self.revokes.len())
+    }
+}
+
+/// Log blocks a transaction of `blocks` metadata blocks and `revokes` revoke records takes, as
+/// [`Journal::prepare`] lays it out: revoke blocks of [`MAX_REVOKES`] records each, then per
+/// [`MAX_TAGS`] blocks a descriptor followed by their copies, then the commit block. The writer
+/// and every estimate of a running transaction's size count with this.
+pub fn log_blocks(blocks: usize, revokes: usize) -> u32 {
+    (revokes.div_ceil(MAX_REVOKES) + blocks.div_ceil(MAX_TAGS) + blocks + 1) as u32
+}
+
+/// The log block after `pos` in a log of blocks `first..maxlen` (`s_first`, `s_maxlen`): past
+/// the end it wraps around to `first`. `pos` is at most one block past the end. The writer
+/// and replay both step through the log with this.
+pub fn wrap(pos: u32, first: u32, maxlen: u32) -> u32 {
+    if pos >= maxlen {
+        first + (pos - maxlen)
+    } else {
+        pos
     }
 }
 
@@ -201,11 +220,7 @@ impl Journal {
     }
 
     fn wrap(&self, p: u32) -> u32 {
-        if p >= self.sb.maxlen {
-            self.sb.first + (p - self.sb.maxlen)
-        } else {
-            p
-        }
+        wrap(p, self.sb.first, self.sb.maxlen)
     }
 
     fn write_sb(&mut self, io: &dyn BlockIo) -> io::Result<()> {
@@ -363,6 +378,7 @@ impl Journal {
         io.flush()
     }
 
+    /// Log blocks taken since the last checkpoint (the `image_open` fuzz target mutates those).
     pub fn log_used(&self) -> u32 {
         self.used
     }

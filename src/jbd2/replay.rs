@@ -47,14 +47,42 @@ pub fn replay(
     if sb.start == 0 {
         return Ok(out);
     }
+    let scan = scan(io, map, sb)?;
+    out.transactions = scan.txns.len() as u32;
+    out.end_tid = scan.end_tid;
+    out.log_blocks = scan.log_blocks;
+    out.corrupt = scan.corrupt;
+    let revoked = newest_revokes(&scan.txns, sb.sequence);
+    resolve(io, map, sb, &scan.txns, &revoked, &mut out)?;
+    Ok(out)
+}
+
+/// What the scan of the log found.
+struct Scan {
+    /// The complete transactions, oldest first.
+    txns: Vec<Txn>,
+    /// The tid after the last of them.
+    end_tid: u32,
+    /// Log blocks they use.
+    log_blocks: u32,
+    /// Why the scan stopped at a damaged transaction, if it did.
+    corrupt: Option<String>,
+}
+
+/// The committed transactions from `s_start`: descriptors (with where each tagged copy sits)
+/// and revoke records, up to the first block with the wrong magic or tid, a bad descriptor or
+/// revoke checksum, or a commit whose checksum fails (reported as corrupt unless older than
+/// the previous commit).
+fn scan(io: &dyn BlockIo, map: &LogMap, sb: &JournalSuperblock) -> std::io::Result<Scan> {
     let jseed = format::journal_seed(&sb.uuid);
     let csum = sb.has_csum_v3();
     let (first, maxlen) = (sb.first, sb.maxlen);
-    let wrap = |p: u32| if p >= maxlen { first + (p - maxlen) } else { p };
+    let wrap = |p: u32| super::wrap(p, first, maxlen);
     let mut buf = vec![0u8; BLOCK_SIZE];
     let mut pos = sb.start;
     let mut tid = sb.sequence;
     let mut txns: Vec<Txn> = Vec::new();
+    let mut corrupt = None;
     let mut cur = Txn {
         tid,
         tags: Vec::new(),
@@ -103,7 +131,7 @@ pub fn replay(
                 let (sec, ok) = format::decode_commit(&buf, jseed);
                 if csum && !ok {
                     if sec >= last_commit_sec {
-                        out.corrupt = Some(format!(
+                        corrupt = Some(format!(
                             "journal transaction {tid} is corrupt, replay was aborted"
                         ));
                     }
@@ -126,25 +154,51 @@ pub fn replay(
             _ => break,
         }
     }
-    out.transactions = txns.len() as u32;
-    out.end_tid = tid;
-    out.log_blocks = used;
-    // Revokes: block → newest revoking tid (tid order is wrap-safe relative to s_sequence).
-    let age = |t: u32| t.wrapping_sub(sb.sequence);
+    Ok(Scan {
+        txns,
+        end_tid: tid,
+        log_blocks: used,
+        corrupt,
+    })
+}
+
+/// A tid's age relative to `s_sequence`: tid order is wrap-safe relative to it.
+fn age(tid: u32, sequence: u32) -> u32 {
+    tid.wrapping_sub(sequence)
+}
+
+/// Revokes: block → the newest tid that revokes it.
+fn newest_revokes(txns: &[Txn], sequence: u32) -> HashMap<u64, u32> {
     let mut revoked: HashMap<u64, u32> = HashMap::new();
-    for t in &txns {
+    for t in txns {
         for &b in &t.revokes {
             let e = revoked.entry(b).or_insert(t.tid);
-            if age(t.tid) > age(*e) {
+            if age(t.tid, sequence) > age(*e, sequence) {
                 *e = t.tid;
             }
         }
     }
-    for t in &txns {
+    revoked
+}
+
+/// The final content of every logged block that no later-or-equal transaction revoked and
+/// whose tag checksum holds (the others counted in `bad_tags`), unescaped, into `out`.
+fn resolve(
+    io: &dyn BlockIo,
+    map: &LogMap,
+    sb: &JournalSuperblock,
+    txns: &[Txn],
+    revoked: &HashMap<u64, u32>,
+    out: &mut ReplayOutcome,
+) -> std::io::Result<()> {
+    let jseed = format::journal_seed(&sb.uuid);
+    let csum = sb.has_csum_v3();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for t in txns {
         for (tag, p) in &t.tags {
             if revoked
                 .get(&tag.blocknr)
-                .is_some_and(|&r| age(r) >= age(t.tid))
+                .is_some_and(|&r| age(r, sb.sequence) >= age(t.tid, sb.sequence))
             {
                 continue;
             }
@@ -160,7 +214,7 @@ pub fn replay(
             out.blocks.insert(tag.blocknr, data);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Log blocks from `start` up to (not including) `pos`, with wrap-around.

@@ -122,8 +122,6 @@ pub struct ExtentTree {
     changes: TreeChanges,
     data_blocks: u64,
     extent_count: usize,
-    /// Bumped on every change, so a mapping read without the lock can be validated.
-    seq: u64,
 }
 
 fn merge_pass(v: Vec<Extent>) -> Vec<Extent> {
@@ -353,10 +351,6 @@ impl ExtentTree {
         }
     }
 
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
     pub fn extent_count(&self) -> usize {
         self.extent_count
     }
@@ -471,7 +465,6 @@ impl ExtentTree {
             self.extent_count = count;
             removed
         };
-        self.seq += 1;
         let added: u64 = new.iter().map(|e| u64::from(e.len)).sum();
         let gone: u64 = removed.iter().map(|e| u64::from(e.len)).sum();
         self.data_blocks = self.data_blocks + added - gone;
