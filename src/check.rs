@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::engine::raw::Backing;
 use crate::ext4::dir;
 use crate::ext4::extent;
 use crate::ext4::group::{BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
 use crate::ext4::inode::Inode;
 use crate::ext4::{bitmap, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE};
 use crate::image::{Image, ImageError, OpenOptions};
+use crate::io::backing::Backing;
 use crate::io::{BlockIo, FileIo};
 
 #[derive(Debug, Default, Serialize)]

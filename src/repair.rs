@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::raw::Backing;
 use crate::image::Image;
+use crate::io::backing::Backing;
 use crate::io::{BlockIo, FileIo};
 
 pub fn repair(path: &Path) -> anyhow::Result<()> {

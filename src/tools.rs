@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::check::{self, Outcome};
-use crate::engine::raw::Backing;
 use crate::image::{Image, OpenOptions, RunKind};
+use crate::io::backing::Backing;
 use crate::io::{BlockIo, FileIo};
 
 fn open_ro(path: &Path) -> anyhow::Result<Image> {

@@ -28,15 +28,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fence::{FenceGuard, IoFence};
-use super::uring::Ring;
 use super::{
-    iov, BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
+    BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
     ZeroRange,
 };
 use crate::ext4::extent::Extent;
 use crate::ext4::BLOCK_SIZE_U64;
 use crate::image::{Image, ImageError, OpenOptions};
-use crate::io::BlockIo;
+use crate::io::backing::DIRECT_ALIGN;
+use crate::io::uring::{self, Ring};
+use crate::io::{iov, BlockIo};
 use crate::mapping::tree::Lookup;
 use crate::units::Bytes;
 
@@ -1063,7 +1064,7 @@ static ZERO_UNIT: ZeroUnit = ZeroUnit([0; (MAX_ALLOC_UNIT * BS) as usize]);
 /// The data writes of an allocating request, with the zero fill of its unit: a piece that
 /// starts where another ends on disk joins it, so a request and its fill are one host write
 /// (one allocation in a sparse backing).
-fn alloc_ops(a: &Allocated) -> Vec<super::uring::Op> {
+fn alloc_ops(a: &Allocated) -> Vec<uring::Op> {
     let mut ops = run_ops(&a.runs, &a.w);
     if a.fill.is_empty() {
         return ops;
@@ -1073,7 +1074,7 @@ fn alloc_ops(a: &Allocated) -> Vec<super::uring::Op> {
         let mut at = e.pblk * BS;
         while left > 0 {
             let n = left.min(MAX_ALLOC_UNIT * BS);
-            ops.push(super::uring::Op {
+            ops.push(uring::Op {
                 iovs: vec![libc::iovec {
                     iov_base: ZERO_UNIT.0.as_ptr() as *mut _,
                     iov_len: n as usize,
@@ -1087,7 +1088,7 @@ fn alloc_ops(a: &Allocated) -> Vec<super::uring::Op> {
         }
     }
     ops.sort_by_key(|op| op.offset);
-    let mut out: Vec<super::uring::Op> = Vec::with_capacity(ops.len());
+    let mut out: Vec<uring::Op> = Vec::with_capacity(ops.len());
     for op in ops {
         if let Some(last) = out.last_mut() {
             let last_end = last.offset + last.iovs.iter().map(|v| v.iov_len as u64).sum::<u64>();
@@ -1107,7 +1108,7 @@ fn alloc_ops(a: &Allocated) -> Vec<super::uring::Op> {
 /// The data writes of a request over its mapped runs. Unwritten (new) blocks get zero padding
 /// around a partial write, so the rest of the block reads as zero once converted; written
 /// blocks take just the guest's bytes (durable at once with FUA).
-fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<super::uring::Op> {
+fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<uring::Op> {
     let (start, end) = (w.offset, w.offset + w.bufs.len() as u64);
     let mut ops = Vec::with_capacity(runs.len());
     for e in runs {
@@ -1138,7 +1139,7 @@ fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<super::uring::Op> {
                 });
             }
         }
-        ops.push(super::uring::Op {
+        ops.push(uring::Op {
             iovs,
             offset: at,
             write: true,
@@ -1349,7 +1350,7 @@ enum Flight<C> {
 
 /// Where a request's bytes go: the written runs (as operations) and the ranges that read as zero.
 struct Plan {
-    ops: Vec<super::uring::Op>,
+    ops: Vec<uring::Op>,
     zero: Vec<(u64, u64)>,
 }
 
@@ -1400,7 +1401,7 @@ impl<C: Completion> ImageQueue<C> {
             };
             let n = run_end.min(end) - pos;
             match pblk {
-                Some(p) => plan.ops.push(super::uring::Op {
+                Some(p) => plan.ops.push(uring::Op {
                     iovs: iov::slice(bufs.iovecs(), (pos - offset) as usize, n as usize),
                     offset: p * BS + pos % BS,
                     write,
@@ -1470,13 +1471,13 @@ impl<C: Completion> ImageQueue<C> {
         }
     }
 
-    fn start(&mut self, ops: Vec<super::uring::Op>, f: Flight<C>) {
+    fn start(&mut self, ops: Vec<uring::Op>, f: Flight<C>) {
         let mut finished = Vec::new();
         // With O_DIRECT, only aligned requests may go to the ring; the rest use the page cache.
         let direct_ok = !self.shared.io.direct_io()
             || ops
                 .iter()
-                .all(|op| iov::aligned(&op.iovs, op.offset, super::raw::DIRECT_ALIGN));
+                .all(|op| iov::aligned(&op.iovs, op.offset, DIRECT_ALIGN));
         match self.ring.as_mut().filter(|_| direct_ok) {
             Some(ring) => ring.start(ops, f, &mut finished),
             None => {

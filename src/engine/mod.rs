@@ -8,12 +8,9 @@
 
 pub mod fence;
 pub mod image;
-pub mod iov;
 #[cfg(test)]
 mod protocol_model;
 pub mod raw;
-pub mod sysio;
-pub mod uring;
 
 use std::any::Any;
 use std::io;

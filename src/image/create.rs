@@ -271,14 +271,14 @@ pub fn create(io: &dyn BlockIo, layout: &Layout, p: &CreateParams) -> Result<(),
 ///
 /// An existing file is opened without `O_TRUNC` and emptied only once this process holds the
 /// image lock: a daemon (or a tool) that holds it keeps its image byte for byte, and this fails
-/// with [`OpenError::Locked`](crate::engine::raw::OpenError::Locked).
+/// with [`OpenError::Locked`](crate::io::backing::OpenError::Locked).
 pub fn create_path(
     path: &std::path::Path,
     disk_size: u64,
     journal_blocks: Option<u64>,
     force: bool,
 ) -> Result<Layout, ImageError> {
-    use crate::engine::raw::{Backing, OpenError};
+    use crate::io::backing::{Backing, OpenError};
     use std::os::unix::fs::FileTypeExt;
     let journal =
         journal_blocks.unwrap_or_else(|| crate::ext4::layout::default_journal_blocks(disk_size));
