@@ -116,10 +116,6 @@ impl<T> Ring<T> {
         self.efd.as_raw_fd()
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
     /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
     /// later [`Ring::reap`]) when they all finished, with the first error. The buffers `ops`
     /// describe must stay alive, and untouched by anyone else, until then: the caller keeps them
