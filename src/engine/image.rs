@@ -59,7 +59,7 @@ type Done = Box<dyn DynCompletion>;
 /// How reads and pure overwrites are served. Anything but `Fast` exists only to reproduce the
 /// seed's experiment (`extblk serve --hot-path`, `scripts/seed-experiment.sh`): it measures
 /// what the fast path saves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HotPath {
     /// Mapping from the queue's seq-validated cache; completion on the queue thread.
     #[default]
