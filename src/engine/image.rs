@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::fence::{FenceGuard, IoFence};
 use super::{
-    BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
+    Batch, BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
     ZeroRange,
 };
 use crate::ext4::extent::Extent;
@@ -46,11 +46,15 @@ const BS: u64 = BLOCK_SIZE_U64;
 /// A completion the worker can hold without knowing its type.
 pub trait DynCompletion: Send {
     fn finish(self: Box<Self>, r: Result<(), EngineError>);
+    fn batch(&self) -> Batch;
 }
 
 impl<C: Completion> DynCompletion for C {
     fn finish(self: Box<Self>, r: Result<(), EngineError>) {
         (*self).complete(r)
+    }
+    fn batch(&self) -> Batch {
+        Completion::batch(self)
     }
 }
 
@@ -1259,7 +1263,8 @@ fn worker(s: Arc<Shared>, rx: Receiver<Work>) {
         }
         let redo = take_ready(&mut st);
         drop(st);
-        let batch = super::CompletionBatch::enter();
+        // One batch for the run (Completion::batch): each queue is notified once.
+        let batch = done_now.first().map(|(d, _)| d.batch());
         for (d, r) in done_now {
             d.finish(r);
         }
@@ -1313,7 +1318,10 @@ fn committer(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
         again = matches!(r, Ok(true));
         let r = r.map(|_| ());
         {
-            let _batch = super::CompletionBatch::enter();
+            let _batch = waiters.iter().find_map(|w| match w {
+                Waiter::Done(d) => Some(d.batch()),
+                _ => None,
+            });
             for w in waiters {
                 answer(w, r.clone());
             }
