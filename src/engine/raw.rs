@@ -12,7 +12,7 @@ use super::{
     BlockEngine, Completion, EngineError, EngineInfo, EngineOp, EngineQueue, GuestBuffers,
     ZeroRange,
 };
-use crate::io::backing::{Backing, OpenError, DIRECT_ALIGN};
+use crate::io::backing::{Backing, OpenError, Zeroing, DIRECT_ALIGN};
 use crate::io::iov;
 use crate::io::sys;
 use crate::io::uring::{Finished, Op, Ring};
@@ -74,46 +74,18 @@ impl RawEngine {
 
     fn discard(&self, r: &ZeroRange) -> io::Result<()> {
         let (off, len) = (r.range.offset.0, r.range.len.0);
-        if self.inner.backing.is_block_device {
-            sys::blk_discard(self.file(), off, len)
-        } else {
-            sys::fallocate(
-                self.file(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        }
+        self.inner.backing.zero_range(Zeroing::Discard, off, len)
     }
 
     fn write_zeroes(&self, r: &ZeroRange) -> io::Result<()> {
         let (off, len) = (r.range.offset.0, r.range.len.0);
-        let file = self.file();
-        if r.unmap {
-            // A hole (or a device's punched range) reads as zeroes, which is what was asked.
-            match sys::fallocate(
-                file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(e) if !unsupported(&e) => return Err(e),
-                Err(_) => {}
-            }
-        }
-        if self.inner.backing.is_block_device {
-            return sys::blk_zeroout(file, off, len);
-        }
-        match sys::fallocate(
-            file,
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        ) {
-            Err(e) if unsupported(&e) => write_zero_bytes(file, off, len),
-            other => other,
-        }
+        // With unmap a hole (or a device's punched range) reads as zeroes, which is what was asked.
+        let how = if r.unmap {
+            Zeroing::PunchOrZeroes
+        } else {
+            Zeroing::Zeroes
+        };
+        self.inner.backing.zero_range(how, off, len)
     }
 
     fn execute(&self, op: &EngineOp) -> Result<(), EngineError> {
@@ -149,30 +121,6 @@ impl RawEngine {
         }
         Ok(())
     }
-}
-
-fn unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
-    )
-}
-
-/// Last resort for filesystems without fallocate modes: write real zero bytes.
-fn write_zero_bytes(file: &File, mut off: u64, len: u64) -> io::Result<()> {
-    const CHUNK: usize = 1 << 20;
-    let zeroes = vec![0u8; CHUNK];
-    let end = off + len;
-    while off < end {
-        let n = ((end - off) as usize).min(CHUNK);
-        let iov = [libc::iovec {
-            iov_base: zeroes.as_ptr() as *mut libc::c_void,
-            iov_len: n,
-        }];
-        sys::pwritev_all(file, &iov, off, false)?;
-        off += n as u64;
-    }
-    Ok(())
 }
 
 /// The raw engine's per-queue state: its io_uring for reads and writes. Flushes, discards and

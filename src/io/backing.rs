@@ -124,3 +124,81 @@ impl Backing {
         Ok(())
     }
 }
+
+/// How a range of a backing is emptied. The one place that decides which syscall does it for a
+/// file and for a device; each caller names what it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Zeroing {
+    /// Deallocate (a guest's DISCARD); the range need not read back as zeroes. A device gets
+    /// BLKDISCARD, a file a hole (PUNCH_HOLE | KEEP_SIZE).
+    Discard,
+    /// Read back as zeroes, deallocated where the backing can (the image's punch of freed
+    /// blocks). A device gets BLKZEROOUT, which guarantees zeroes (a discard may not) while the
+    /// kernel unmaps where it can; a file a hole.
+    Punch,
+    /// Read back as zeroes, deallocating allowed (WRITE_ZEROES with unmap): a hole where
+    /// fallocate can punch one (a file, or a device whose kernel can), otherwise as
+    /// [`Zeroing::Zeroes`].
+    PunchOrZeroes,
+    /// Read back as zeroes (WRITE_ZEROES). A device gets BLKZEROOUT; a file ZERO_RANGE, or zero
+    /// bytes written where its filesystem has no such fallocate mode.
+    Zeroes,
+}
+
+impl Backing {
+    /// Empties `[offset, offset + len)` the way `how` says.
+    pub fn zero_range(&self, how: Zeroing, offset: u64, len: u64) -> io::Result<()> {
+        zero_range(&self.file, self.is_block_device, how, offset, len)
+    }
+}
+
+fn zero_range(file: &File, is_dev: bool, how: Zeroing, off: u64, len: u64) -> io::Result<()> {
+    const HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match how {
+        Zeroing::Discard if is_dev => sys::blk_discard(file, off, len),
+        Zeroing::Punch if is_dev => sys::blk_zeroout(file, off, len),
+        Zeroing::Discard | Zeroing::Punch => sys::fallocate(file, HOLE, off, len),
+        Zeroing::PunchOrZeroes => match sys::fallocate(file, HOLE, off, len) {
+            Err(e) if unsupported(&e) => zero_range(file, is_dev, Zeroing::Zeroes, off, len),
+            other => other,
+        },
+        Zeroing::Zeroes if is_dev => sys::blk_zeroout(file, off, len),
+        Zeroing::Zeroes => match sys::fallocate(
+            file,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Err(e) if unsupported(&e) => write_zero_bytes(file, off, len),
+            other => other,
+        },
+    }
+}
+
+/// The errors with which a file or device says it has no such fallocate mode or ioctl.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+    )
+}
+
+/// Zero bytes written per call by [`write_zero_bytes`]: 1 MiB bounds the buffer's memory while
+/// keeping the number of system calls small.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Last resort for filesystems without fallocate modes: write real zero bytes.
+fn write_zero_bytes(file: &File, mut off: u64, len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; ZERO_CHUNK];
+    let end = off + len;
+    while off < end {
+        let n = ((end - off) as usize).min(ZERO_CHUNK);
+        let iov = [libc::iovec {
+            iov_base: zeroes.as_ptr() as *mut libc::c_void,
+            iov_len: n,
+        }];
+        sys::pwritev_all(file, &iov, off, false)?;
+        off += n as u64;
+    }
+    Ok(())
+}

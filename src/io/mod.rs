@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 
-use backing::Backing;
+use backing::{Backing, Zeroing};
 
 /// Positioned I/O on the image. Offsets and lengths are in bytes.
 pub trait BlockIo: Send + Sync {
@@ -96,19 +96,15 @@ pub mod uring;
 
 /// A regular file or a block device.
 pub struct FileIo {
-    file: File,
+    backing: Backing,
     /// O_DIRECT descriptor for data I/O (`--cache none`), if the filesystem allows it.
     direct: Option<File>,
-    is_block_device: bool,
-    size: u64,
 }
 
 impl FileIo {
     pub fn new(backing: Backing) -> FileIo {
         FileIo {
-            size: backing.size,
-            is_block_device: backing.is_block_device,
-            file: backing.file,
+            backing,
             direct: None,
         }
     }
@@ -121,7 +117,7 @@ impl FileIo {
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        &self.backing.file
     }
 }
 
@@ -134,44 +130,35 @@ fn iov(buf: &[u8]) -> [libc::iovec; 1] {
 
 impl BlockIo for FileIo {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        sys::preadv_all(&self.file, &iov(buf), offset)
+        sys::preadv_all(self.file(), &iov(buf), offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        sys::pwritev_all(&self.file, &iov(buf), offset, false)
+        sys::pwritev_all(self.file(), &iov(buf), offset, false)
     }
 
     fn flush(&self) -> io::Result<()> {
-        sys::fdatasync(&self.file)
+        sys::fdatasync(self.file())
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        if self.is_block_device {
-            // BLKZEROOUT guarantees zeroes (a discard may not); the kernel unmaps where it can.
-            return sys::blk_zeroout(&self.file, offset, len);
-        }
-        sys::fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
+        self.backing.zero_range(Zeroing::Punch, offset, len)
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.backing.size
     }
 
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
-        sys::pwritev_all(&self.file, iovs, offset, dsync)
+        sys::pwritev_all(self.file(), iovs, offset, dsync)
     }
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(std::os::fd::AsRawFd::as_raw_fd(
-            self.direct.as_ref().unwrap_or(&self.file),
+            self.direct.as_ref().unwrap_or(self.file()),
         ))
     }
 
@@ -180,6 +167,6 @@ impl BlockIo for FileIo {
     }
 
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
-        sys::preadv_all(&self.file, iovs, offset)
+        sys::preadv_all(self.file(), iovs, offset)
     }
 }
