@@ -17,7 +17,6 @@ use crate::ext4::group::{BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC
 use crate::ext4::inode::Inode;
 use crate::ext4::{bitmap, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE};
 use crate::image::{Image, ImageError, OpenOptions};
-use crate::io::backing::Backing;
 use crate::io::{BlockIo, FileIo};
 
 #[derive(Debug, Default, Serialize)]
@@ -46,11 +45,10 @@ pub enum Outcome {
 
 /// Opens `path` read-only and checks it.
 pub fn check_path(path: &Path) -> Outcome {
-    let backing = match Backing::open(path, true) {
-        Ok(b) => b,
+    let io: Arc<dyn BlockIo> = match FileIo::open(path, true) {
+        Ok(f) => Arc::new(f),
         Err(e) => return Outcome::CouldNotCheck(e.to_string()),
     };
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(backing));
     let name = path.display().to_string();
     match Image::open(io, OpenOptions { read_only: true }) {
         Ok(img) => Outcome::Checked(check(&img, name)),

@@ -244,9 +244,8 @@ fn scatter(path: &std::path::Path, bytes: u64) -> anyhow::Result<()> {
     if bytes == 0 || bytes % 4096 != 0 {
         anyhow::bail!("--scatter must be a positive multiple of 4K");
     }
-    let backing = crate::io::backing::Backing::open(path, false)?;
     let io: std::sync::Arc<dyn crate::io::BlockIo> =
-        std::sync::Arc::new(crate::io::FileIo::new(backing));
+        std::sync::Arc::new(crate::io::FileIo::open(path, false)?);
     let mut img = crate::image::Image::open(io, crate::image::OpenOptions { read_only: false })?;
     img.map_scattered(bytes / 4096)?;
     img.close()?;

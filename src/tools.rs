@@ -7,11 +7,10 @@ use serde::Serialize;
 
 use crate::check::{self, Outcome};
 use crate::image::{Image, OpenOptions, RunKind};
-use crate::io::backing::Backing;
 use crate::io::{BlockIo, FileIo};
 
 fn open_ro(path: &Path) -> anyhow::Result<Image> {
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, true)?));
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::open(path, true)?);
     Image::open(io, OpenOptions { read_only: true })
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

@@ -294,9 +294,8 @@ pub fn create_path(
         _ => false,
     };
     if is_dev {
-        let backing = Backing::open(path, false)?;
-        let layout = Layout::compute(disk_size, journal, Some(backing.size / BLOCK_SIZE_U64))?;
-        let io = crate::io::FileIo::new(backing);
+        let io = crate::io::FileIo::open(path, false)?;
+        let layout = Layout::compute(disk_size, journal, Some(io.size() / BLOCK_SIZE_U64))?;
         create(&io, &layout, &default_params()?)?;
         return Ok(layout);
     }

@@ -7,8 +7,9 @@
 
 use std::fs::File;
 use std::io;
+use std::path::Path;
 
-use backing::{Backing, Zeroing};
+use backing::{Backing, OpenError, Zeroing};
 
 /// Positioned I/O on the image. Offsets and lengths are in bytes.
 pub trait BlockIo: Send + Sync {
@@ -102,6 +103,14 @@ pub struct FileIo {
 }
 
 impl FileIo {
+    /// Opens `path` and takes the image lock ([`Backing::open`]): how the tools (`info`, `map`,
+    /// `check`, `check --repair`, `create --scatter`) and `create` on a device reach an image.
+    /// The daemon opens the [`Backing`] itself, as it may serve it raw, and adds an O_DIRECT
+    /// descriptor ([`FileIo::with_direct`]).
+    pub fn open(path: &Path, read_only: bool) -> Result<FileIo, OpenError> {
+        Ok(FileIo::new(Backing::open(path, read_only)?))
+    }
+
     pub fn new(backing: Backing) -> FileIo {
         FileIo {
             backing,
