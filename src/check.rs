@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::engine::raw::Backing;
 use crate::ext4::dir;
 use crate::ext4::extent;
 use crate::ext4::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
@@ -48,11 +47,10 @@ pub enum Outcome {
 
 /// Opens `path` read-only and checks it.
 pub fn check_path(path: &Path) -> Outcome {
-    let backing = match Backing::open(path, true) {
-        Ok(b) => b,
+    let io: Arc<dyn BlockIo> = match FileIo::open(path, true) {
+        Ok(f) => Arc::new(f),
         Err(e) => return Outcome::CouldNotCheck(e.to_string()),
     };
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(backing));
     let name = path.display().to_string();
     match Image::open(io, OpenOptions { read_only: true }) {
         Ok(img) => Outcome::Checked(check(&img, name)),

@@ -205,14 +205,36 @@ pub struct ServeArgs {
     /// complete them through the completion worker, or look every mapping up under the lock.
     /// Only in builds with the `testing` feature: a shipped daemon always serves the fast way.
     #[cfg(feature = "testing")]
-    #[arg(long, value_enum, default_value_t = HotPath::Fast, hide = true)]
-    pub hot_path: HotPath,
+    #[arg(long, value_enum, default_value_t = HotPathArg::Fast, hide = true)]
+    pub hot_path: HotPathArg,
 
     /// Regular file or block device holding the disk.
     pub image: PathBuf,
 }
 
 use crate::engine::image::HotPath;
+
+/// `--hot-path` as clap parses it, mapped onto the engine's [`HotPath`] (the engine knows
+/// nothing of the command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HotPathArg {
+    /// Mapping from the queue's seq-validated cache; completion on the queue thread.
+    Fast,
+    /// As `Fast`, but every completion goes through the completion worker.
+    WorkerCompletion,
+    /// As `Fast`, but every lookup takes the mapping lock instead of using the cache.
+    LockedLookup,
+}
+
+impl From<HotPathArg> for HotPath {
+    fn from(a: HotPathArg) -> HotPath {
+        match a {
+            HotPathArg::Fast => HotPath::Fast,
+            HotPathArg::WorkerCompletion => HotPath::WorkerCompletion,
+            HotPathArg::LockedLookup => HotPath::LockedLookup,
+        }
+    }
+}
 
 fn scatter(path: &std::path::Path, bytes: u64) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -222,9 +244,8 @@ fn scatter(path: &std::path::Path, bytes: u64) -> anyhow::Result<()> {
     if bytes == 0 || bytes % 4096 != 0 {
         anyhow::bail!("--scatter must be a positive multiple of 4K");
     }
-    let backing = crate::engine::raw::Backing::open(path, false)?;
     let io: std::sync::Arc<dyn crate::io::BlockIo> =
-        std::sync::Arc::new(crate::io::FileIo::new(backing));
+        std::sync::Arc::new(crate::io::FileIo::open(path, false)?);
     let mut img = crate::image::Image::open(io, crate::image::OpenOptions { read_only: false })?;
     img.map_scattered(bytes / 4096)?;
     img.close()?;
@@ -289,7 +310,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => {
             #[cfg(feature = "testing")]
-            let hot_path = a.hot_path;
+            let hot_path = HotPath::from(a.hot_path);
             #[cfg(not(feature = "testing"))]
             let hot_path = HotPath::Fast;
             serve::serve(&ServeOptions {

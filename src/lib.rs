@@ -3,6 +3,23 @@
 //! Data flows one way, device → engine → backing; completions flow back on whichever thread
 //! can finish them. See `docs/architecture.md`.
 
+/// `broken!(Name)`: is the test switch `testing::Broken::Name` on? With the `testing`
+/// feature it reads the switch; without it the macro is the constant `false` and names nothing,
+/// so a normal build has no reference to `testing` (which does not exist there) and the checks
+/// compile away.
+#[cfg(feature = "testing")]
+macro_rules! broken {
+    ($b:ident) => {
+        $crate::testing::broken($crate::testing::Broken::$b)
+    };
+}
+#[cfg(not(feature = "testing"))]
+macro_rules! broken {
+    ($b:ident) => {
+        false
+    };
+}
+
 pub mod bench;
 pub mod check;
 pub mod cli;
@@ -18,6 +35,7 @@ pub mod mapping;
 pub mod repair;
 pub mod rng;
 pub mod serve;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tools;
 pub mod units;

@@ -8,12 +8,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::raw::Backing;
 use crate::image::Image;
 use crate::io::{BlockIo, FileIo};
 
 pub fn repair(path: &Path) -> anyhow::Result<()> {
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, false)?));
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::open(path, false)?);
     let mut img = Image::open_for_repair(io)
         .map_err(|e| anyhow::anyhow!("{}: cannot repair: {e}", path.display()))?;
     let r = img.recovery().clone();

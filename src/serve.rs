@@ -19,10 +19,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::request::ID_BYTES;
 use crate::device::{BlockDevice, DeviceOptions};
 use crate::engine::image::ImageEngine;
-use crate::engine::raw::{Backing, OpenError, RawEngine};
+use crate::engine::raw::RawEngine;
 use crate::engine::{BlockEngine, EngineError};
 use crate::ext4::FormatError;
 use crate::image::ImageError;
+use crate::io::backing::{Backing, OpenError};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,7 +1,8 @@
 //! Test-only switches that break the engine on purpose, so the crash tests can prove they catch
-//! each class of bug. They exist only with the `testing` feature (`scripts/test.sh` enables it);
-//! without it [`broken`] is a constant `false` and the checks compile away, so a shipped binary
-//! cannot be broken by anything. With the feature they cost one relaxed load where checked.
+//! each class of bug. This module exists only with the `testing` feature (`scripts/test.sh`
+//! enables it); the engine checks its switches through the crate's `broken!` macro, which is a
+//! constant `false` without the feature, so the checks compile away and a shipped binary cannot
+//! be broken by anything. With the feature they cost one relaxed load where checked.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -20,22 +21,14 @@ pub enum Broken {
     ThrottleHoldsFence = 4,
 }
 
-#[cfg(feature = "testing")]
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub fn set_broken(b: Broken) {
     MODE.store(b as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-#[cfg(feature = "testing")]
+/// Is switch `b` on? Called only through the crate's `broken!` macro.
 pub(crate) fn broken(b: Broken) -> bool {
     MODE.load(std::sync::atomic::Ordering::Relaxed) == b as u8
-}
-
-#[cfg(not(feature = "testing"))]
-#[inline(always)]
-pub(crate) fn broken(_: Broken) -> bool {
-    false
 }

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::check::{self, Outcome};
-use crate::engine::raw::Backing;
 use crate::image::{Image, OpenOptions, RunKind};
 use crate::io::{BlockIo, FileIo};
 
 fn open_ro(path: &Path) -> anyhow::Result<Image> {
-    let io: Arc<dyn BlockIo> = Arc::new(FileIo::new(Backing::open(path, true)?));
+    let io: Arc<dyn BlockIo> = Arc::new(FileIo::open(path, true)?);
     Image::open(io, OpenOptions { read_only: true })
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

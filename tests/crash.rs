@@ -514,7 +514,7 @@ fn e2fsck_file_agrees(p: &std::path::Path, ours: Vec<extblk::image::Run>) -> Res
         ));
     }
     // Read through the file, not into memory: a sparse image may be far larger than its data.
-    let backing = extblk::engine::raw::Backing::open(p, true).map_err(|e| e.to_string())?;
+    let backing = extblk::io::backing::Backing::open(p, true).map_err(|e| e.to_string())?;
     let theirs = Image::open(
         Arc::new(extblk::io::FileIo::new(backing)),
         OpenOptions { read_only: true },

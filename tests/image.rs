@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use extblk::engine::raw::Backing;
 use extblk::image::create::create_path;
 use extblk::image::{Image, OpenOptions, RunKind};
+use extblk::io::backing::Backing;
 use extblk::io::{BlockIo, FileIo};
 use extblk::mapping::tree::Lookup;
 
@@ -27,7 +27,7 @@ fn backing(path: &Path, read_only: bool) -> Backing {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match Backing::open(path, read_only) {
-            Err(extblk::engine::raw::OpenError::Locked(_))
+            Err(extblk::io::backing::OpenError::Locked(_))
                 if std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(5))

@@ -2,7 +2,7 @@
 //!
 //! The virtqueue thread completes many requests per wake-up and notifies the guest once at the
 //! end (see [`BatchScope`]); completions from any other thread (an engine's worker) notify at once,
-//! or at the end of that thread's [`crate::engine::CompletionBatch`].
+//! or at the end of that thread's [`CompletionBatch`](super::batch::CompletionBatch).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,8 +11,9 @@ use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::batch::{defer_wake, CompletionBatch};
 use super::request::Status;
-use crate::engine::{Completion, EngineError};
+use crate::engine::{Batch, Completion, EngineError};
 
 pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -154,7 +155,7 @@ impl VirtioCompletion {
             self.queue.pending_signal.store(true, Ordering::Release);
         } else {
             c.completed_elsewhere.fetch_add(1, Ordering::Relaxed);
-            let deferred = crate::engine::defer_wake(self.queue.key(), || {
+            let deferred = defer_wake(self.queue.key(), || {
                 let vring = self.vring.clone();
                 Box::new(move || signal(&vring))
             });
@@ -183,6 +184,11 @@ impl Completion for VirtioCompletion {
             }
         };
         self.complete_status(status);
+    }
+
+    /// Notifications of this thread's completions wait for the batch's end: one per queue.
+    fn batch(&self) -> Batch {
+        Batch::new(CompletionBatch::enter())
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`completion::VirtioCompletion`] from whichever thread finishes the request. This module
 //! never touches a file: storage is the engine's business.
 
+pub mod batch;
 pub mod completion;
 pub mod config;
 pub mod request;

@@ -18,7 +18,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::completion::{GuestMem, Vring};
 use super::request::{parse, Limits, Request, RequestError, Status};
 use super::{BlockDevice, DeviceOptions};
-use crate::engine::raw::{Backing, RawEngine};
+use crate::engine::raw::RawEngine;
+use crate::io::backing::Backing;
 use crate::units::Bytes as B;
 
 const MEM_SIZE: usize = 16 << 20;

@@ -8,12 +8,9 @@
 
 pub mod fence;
 pub mod image;
-pub mod iov;
 #[cfg(test)]
 mod protocol_model;
 pub mod raw;
-pub mod sysio;
-pub mod uring;
 
 use std::any::Any;
 use std::io;
@@ -65,54 +62,35 @@ pub enum Stopped {
 /// The device-side continuation of a request: called exactly once, from any thread.
 pub trait Completion: Send + 'static {
     fn complete(self, result: Result<(), EngineError>);
-}
 
-/// A deferred wake-up and the key it is deduplicated by.
-type Wakes = Vec<(usize, Box<dyn FnOnce()>)>;
-
-thread_local! {
-    /// Wake-ups deferred to the end of the current [`CompletionBatch`] on this thread, one per key.
-    static DEFERRED_WAKES: std::cell::RefCell<Option<Wakes>> = const { std::cell::RefCell::new(None) };
-}
-
-/// While alive, completions made on this thread may defer their wake-up of the waiting side
-/// ([`defer_wake`]) to the batch's end: an engine thread that completes many requests at once
-/// notifies each queue once, as a queue thread does for its own batch.
-pub struct CompletionBatch(());
-
-impl CompletionBatch {
-    pub fn enter() -> CompletionBatch {
-        DEFERRED_WAKES.with(|d| {
-            let mut d = d.borrow_mut();
-            if d.is_none() {
-                *d = Some(Vec::new());
-            }
-        });
-        CompletionBatch(())
+    /// Opens a batch of completions on this thread, ended when the returned guard drops. An
+    /// engine thread that completes many requests at once (the image engine's worker and
+    /// committer) holds one around them, so that the device can notify each queue once per
+    /// batch, as a queue thread does for its own. Called on any one completion of the run, it
+    /// covers every completion of this type on this thread.
+    ///
+    /// A hook rather than a batch type of this seam: what batching means (here, deferring the
+    /// guest's notification) is the device's concept, and the engine must not import the
+    /// device. Default: no batching.
+    fn batch(&self) -> Batch {
+        Batch::default()
     }
 }
 
-impl Drop for CompletionBatch {
-    fn drop(&mut self) {
-        let wakes = DEFERRED_WAKES.with(|d| d.borrow_mut().take());
-        for (_, wake) in wakes.unwrap_or_default() {
-            wake();
-        }
-    }
+/// A batch opened by [`Completion::batch`]: it ends, and whatever it deferred happens, when this
+/// drops.
+#[derive(Default)]
+pub struct Batch {
+    _guard: Option<Box<dyn Any>>,
 }
 
-/// Defers a wake-up to the end of this thread's [`CompletionBatch`], once per `key` (`make`
-/// builds it only for the first). False when no batch is open: the caller wakes now.
-pub fn defer_wake(key: usize, make: impl FnOnce() -> Box<dyn FnOnce()>) -> bool {
-    DEFERRED_WAKES.with(|d| match d.borrow_mut().as_mut() {
-        Some(list) => {
-            if !list.iter().any(|(k, _)| *k == key) {
-                list.push((key, make()));
-            }
-            true
+impl Batch {
+    /// A batch that ends when `guard` drops.
+    pub fn new(guard: impl Any) -> Batch {
+        Batch {
+            _guard: Some(Box::new(guard)),
         }
-        None => false,
-    })
+    }
 }
 
 /// Guest buffers of one request, as host iovecs.

@@ -329,14 +329,14 @@ fn write_gdt_and_superblocks(
 ///
 /// An existing file is opened without `O_TRUNC` and emptied only once this process holds the
 /// image lock: a daemon (or a tool) that holds it keeps its image byte for byte, and this fails
-/// with [`OpenError::Locked`](crate::engine::raw::OpenError::Locked).
+/// with [`OpenError::Locked`](crate::io::backing::OpenError::Locked).
 pub fn create_path(
     path: &std::path::Path,
     disk_size: u64,
     journal_blocks: Option<u64>,
     force: bool,
 ) -> Result<Layout, ImageError> {
-    use crate::engine::raw::{Backing, OpenError};
+    use crate::io::backing::{Backing, OpenError};
     use std::os::unix::fs::FileTypeExt;
     let journal =
         journal_blocks.unwrap_or_else(|| crate::ext4::layout::default_journal_blocks(disk_size));
@@ -352,9 +352,8 @@ pub fn create_path(
         _ => false,
     };
     if is_dev {
-        let backing = Backing::open(path, false)?;
-        let layout = Layout::compute(disk_size, journal, Some(backing.size / BLOCK_SIZE_U64))?;
-        let io = crate::io::FileIo::new(backing);
+        let io = crate::io::FileIo::open(path, false)?;
+        let layout = Layout::compute(disk_size, journal, Some(io.size() / BLOCK_SIZE_U64))?;
         create(&io, &layout, &default_params()?)?;
         return Ok(layout);
     }

@@ -40,7 +40,7 @@ pub enum ImageError {
     #[error("{0} already exists (use --force to overwrite it)")]
     Exists(std::path::PathBuf),
     #[error(transparent)]
-    Open(#[from] crate::engine::raw::OpenError),
+    Open(#[from] crate::io::backing::OpenError),
     #[error("no space left in the image")]
     NoSpace,
     #[error("the image is open read-only")]

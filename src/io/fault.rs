@@ -122,7 +122,7 @@ impl BlockIo for FaultIo {
         if let Err(e) = self.maybe_fail(FaultOp::Data) {
             if self.spec.short {
                 let total: usize = iovs.iter().map(|v| v.iov_len).sum();
-                let half = crate::engine::iov::slice(iovs, 0, total / 2);
+                let half = super::iov::slice(iovs, 0, total / 2);
                 self.inner.writev_at(&half, offset, dsync)?;
             }
             return Err(e);

@@ -1,11 +1,15 @@
-//! Backing I/O for images: positioned reads and writes, barriers and deallocation, behind a
-//! trait so tests can record every write and barrier (crash states) or inject faults.
+//! The host I/O layer, the bottom of the stack: everything that touches the backing file or
+//! device. The backing itself, opened and locked ([`backing`]); the checked syscall wrappers
+//! ([`sys`]); slicing and filling iovec lists ([`iov`]); the per-queue io_uring ([`uring`]); and
+//! [`BlockIo`], positioned reads and writes, barriers and deallocation, behind a trait so tests
+//! can record every write and barrier (crash states, [`record`]) or inject faults ([`fault`]).
+//! Nothing here knows of engines, images or virtio.
 
 use std::fs::File;
 use std::io;
+use std::path::Path;
 
-use crate::engine::raw::Backing;
-use crate::engine::sysio;
+use backing::{Backing, OpenError, Zeroing};
 
 /// Positioned I/O on the image. Offsets and lengths are in bytes.
 pub trait BlockIo: Send + Sync {
@@ -34,7 +38,7 @@ pub trait BlockIo: Send + Sync {
     }
 
     /// Is `raw_fd` opened with O_DIRECT (data I/O on it must be aligned, see
-    /// `engine::raw::DIRECT_ALIGN`)?
+    /// [`backing::DIRECT_ALIGN`])?
     fn direct_io(&self) -> bool {
         false
     }
@@ -44,7 +48,7 @@ pub trait BlockIo: Send + Sync {
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
         let mut buf = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
         for v in iovs {
-            // SAFETY: callers pass iovecs describing live buffers (see engine::GuestBuffers).
+            // SAFETY: callers pass iovecs describing live buffers (the engine's guest buffers).
             buf.extend_from_slice(unsafe {
                 std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
             });
@@ -83,25 +87,33 @@ pub trait RingObserver: Send + Sync {
     fn write_completed(&self, token: u64, ok: bool, durable: bool);
 }
 
+pub mod backing;
 pub mod fault;
+pub mod iov;
 pub mod mem;
 pub mod record;
+pub mod sys;
+pub mod uring;
 
 /// A regular file or a block device.
 pub struct FileIo {
-    file: File,
+    backing: Backing,
     /// O_DIRECT descriptor for data I/O (`--cache none`), if the filesystem allows it.
     direct: Option<File>,
-    is_block_device: bool,
-    size: u64,
 }
 
 impl FileIo {
+    /// Opens `path` and takes the image lock ([`Backing::open`]): how the tools (`info`, `map`,
+    /// `check`, `check --repair`, `create --scatter`) and `create` on a device reach an image.
+    /// The daemon opens the [`Backing`] itself, as it may serve it raw, and adds an O_DIRECT
+    /// descriptor ([`FileIo::with_direct`]).
+    pub fn open(path: &Path, read_only: bool) -> Result<FileIo, OpenError> {
+        Ok(FileIo::new(Backing::open(path, read_only)?))
+    }
+
     pub fn new(backing: Backing) -> FileIo {
         FileIo {
-            size: backing.size,
-            is_block_device: backing.is_block_device,
-            file: backing.file,
+            backing,
             direct: None,
         }
     }
@@ -114,7 +126,7 @@ impl FileIo {
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        &self.backing.file
     }
 }
 
@@ -127,44 +139,35 @@ fn iov(buf: &[u8]) -> [libc::iovec; 1] {
 
 impl BlockIo for FileIo {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        sysio::preadv_all(&self.file, &iov(buf), offset)
+        sys::preadv_all(self.file(), &iov(buf), offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        sysio::pwritev_all(&self.file, &iov(buf), offset, false)
+        sys::pwritev_all(self.file(), &iov(buf), offset, false)
     }
 
     fn flush(&self) -> io::Result<()> {
-        sysio::fdatasync(&self.file)
+        sys::fdatasync(self.file())
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        if self.is_block_device {
-            // BLKZEROOUT guarantees zeroes (a discard may not); the kernel unmaps where it can.
-            return sysio::blk_zeroout(&self.file, offset, len);
-        }
-        sysio::fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
+        self.backing.zero_range(Zeroing::Punch, offset, len)
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.backing.size
     }
 
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
-        sysio::pwritev_all(&self.file, iovs, offset, dsync)
+        sys::pwritev_all(self.file(), iovs, offset, dsync)
     }
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(std::os::fd::AsRawFd::as_raw_fd(
-            self.direct.as_ref().unwrap_or(&self.file),
+            self.direct.as_ref().unwrap_or(self.file()),
         ))
     }
 
@@ -173,6 +176,6 @@ impl BlockIo for FileIo {
     }
 
     fn readv_at(&self, iovs: &[libc::iovec], offset: u64) -> io::Result<()> {
-        sysio::preadv_all(&self.file, iovs, offset)
+        sys::preadv_all(self.file(), iovs, offset)
     }
 }

@@ -125,7 +125,7 @@ impl CommitWrite {
         for (at, run) in &self.body {
             io.write_at(run, *at)?;
         }
-        if !crate::testing::broken(crate::testing::Broken::CommitBeforeData) {
+        if !broken!(CommitBeforeData) {
             io.flush()?;
         }
         io.write_at(&self.commit.1, self.commit.0)?;

@@ -354,7 +354,7 @@ impl Allocator {
     /// with nothing changed, unless [`Allocator::check_free`] accepts it.
     pub fn free(&mut self, start: u64, len: u64) -> Result<(), MapError> {
         self.mark(start, len, false)?;
-        if !crate::testing::broken(crate::testing::Broken::ReuseBeforeCommit) {
+        if !broken!(ReuseBeforeCommit) {
             self.pending.insert(start, len);
         }
         self.record(Undo::Freed { start, len });

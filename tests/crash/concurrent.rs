@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use extblk::engine::image::{EngineOptions, ImageEngine, ImageQueue};
-use extblk::engine::raw::Backing;
 use extblk::engine::{
     BlockEngine, Completion, EngineError, EngineOp, EngineQueue, GuestBuffers, ZeroRange,
 };
@@ -21,6 +20,7 @@ use extblk::ext4::layout::Layout;
 use extblk::ext4::BLOCKS_PER_GROUP;
 use extblk::image::create::{create, CreateParams};
 use extblk::image::{Image, OpenOptions};
+use extblk::io::backing::Backing;
 use extblk::io::record::{IoEvent, RecordingIo};
 use extblk::io::{BlockIo, FileIo};
 use extblk::rng::Rng;

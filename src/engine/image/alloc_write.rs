@@ -96,7 +96,7 @@ impl Shared {
             return None;
         }
         let mut st = lock(&self.state);
-        if crate::testing::broken(crate::testing::Broken::ThrottleHoldsFence) {
+        if broken!(ThrottleHoldsFence) {
             // Deliberately wrong (tests only): the old throttle, waiting for a commit on this
             // thread while guards of its own unsubmitted I/O hold the committer up.
             while st.image.log_nearly_full() && !self.aborted.load(Ordering::Acquire) {
@@ -182,7 +182,7 @@ impl Shared {
         };
         self.stats.journal_handles.fetch_add(1, Ordering::Relaxed);
         self.stats.allocating_writes.fetch_add(1, Ordering::Relaxed);
-        if crate::testing::broken(crate::testing::Broken::ConvertBeforeWrite) {
+        if broken!(ConvertBeforeWrite) {
             // Deliberately wrong (tests only): written, and committed, before the data exists.
             let _ = st.image.convert(b0, b1 - b0);
             let _ = st.image.commit();

@@ -103,7 +103,10 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
         again = matches!(r, Ok(true));
         let r = r.map(|_| ());
         {
-            let _batch = crate::engine::CompletionBatch::enter();
+            let _batch = waiters.iter().find_map(|w| match w {
+                Waiter::Done(d) => Some(d.batch()),
+                _ => None,
+            });
             for w in waiters {
                 answer(w, r.clone());
             }

@@ -5,8 +5,8 @@
 
 use super::alloc_write::{Allocated, PendingWrite};
 use super::{BS, MAX_ALLOC_UNIT};
-use crate::engine::{iov, uring};
 use crate::ext4::extent::Extent;
+use crate::io::{iov, uring};
 
 /// A zero block aligned for any direct I/O, for padding partial new blocks.
 #[repr(C, align(4096))]

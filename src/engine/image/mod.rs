@@ -52,7 +52,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::fence::IoFence;
-use super::{BlockEngine, Completion, EngineError, EngineInfo, Stopped};
+use super::{Batch, BlockEngine, Completion, EngineError, EngineInfo, Stopped};
 use crate::ext4::BLOCK_SIZE_U64;
 use crate::image::{Image, ImageError, OpenOptions};
 use crate::io::BlockIo;
@@ -69,11 +69,15 @@ const BS: u64 = BLOCK_SIZE_U64;
 /// A completion the worker can hold without knowing its type.
 pub trait DynCompletion: Send {
     fn finish(self: Box<Self>, r: Result<(), EngineError>);
+    fn batch(&self) -> Batch;
 }
 
 impl<C: Completion> DynCompletion for C {
     fn finish(self: Box<Self>, r: Result<(), EngineError>) {
         (*self).complete(r)
+    }
+    fn batch(&self) -> Batch {
+        Completion::batch(self)
     }
 }
 
@@ -82,7 +86,7 @@ type Done = Box<dyn DynCompletion>;
 /// How reads and pure overwrites are served. Anything but `Fast` exists only to reproduce the
 /// seed's experiment (`extblk serve --hot-path`, `scripts/seed-experiment.sh`): it measures
 /// what the fast path saves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HotPath {
     /// Mapping from the queue's seq-validated cache; completion on the queue thread.
     #[default]

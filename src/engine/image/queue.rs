@@ -18,9 +18,11 @@ use super::layout::alloc_ops;
 use super::worker::{MetaOp, Work};
 use super::{lock, HotPath, Shared, BS};
 use crate::engine::fence::FenceGuard;
-use crate::engine::uring::{self, Ring};
-use crate::engine::{iov, Completion, EngineError, EngineOp, EngineQueue, GuestBuffers};
+use crate::engine::{Completion, EngineError, EngineOp, EngineQueue, GuestBuffers};
 use crate::ext4::extent::Extent;
+use crate::io::backing::DIRECT_ALIGN;
+use crate::io::iov;
+use crate::io::uring::{self, Ring};
 use crate::mapping::tree::Lookup;
 
 /// Written extents a queue remembers. A linear scan of 64 is cheaper than the mapping lock and
@@ -204,7 +206,7 @@ impl<C: Completion> ImageQueue<C> {
         let direct_ok = !self.shared.io.direct_io()
             || ops
                 .iter()
-                .all(|op| iov::aligned(&op.iovs, op.offset, crate::engine::raw::DIRECT_ALIGN));
+                .all(|op| iov::aligned(&op.iovs, op.offset, DIRECT_ALIGN));
         match self.ring.as_mut().filter(|_| direct_ok) {
             Some(ring) => ring.start(ops, f, &mut finished),
             None => {

@@ -136,7 +136,8 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
         }
         let redo = st.range.take_ready();
         drop(st);
-        let batch = crate::engine::CompletionBatch::enter();
+        // One batch for the run (Completion::batch): each queue is notified once.
+        let batch = done_now.first().map(|(d, _)| d.batch());
         for (d, r) in done_now {
             d.finish(r);
         }

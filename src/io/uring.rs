@@ -11,7 +11,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 
 use super::iov;
-use crate::io::RingObserver;
+use super::RingObserver;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How a request's operations ended: the first error, with the file offset it happened at.
@@ -81,9 +81,9 @@ pub struct Ring<T> {
     observer: Option<Arc<dyn RingObserver>>,
 }
 
-// SAFETY: the raw iovec pointers in `slots` point into guest memory that the request owns until
-// its completion (kept alive by the tag's GuestBuffers); the ring is used by one thread at a time
-// (the queue's mutex).
+// SAFETY: the raw iovec pointers in `slots` point into buffers that the request owns until its
+// completion (the caller keeps them alive with the tag: the engine's guest buffers); the ring is
+// used by one thread at a time (the queue's mutex).
 unsafe impl<T: Send> Send for Ring<T> {}
 
 const ENTRIES: u32 = 256;
@@ -116,12 +116,10 @@ impl<T> Ring<T> {
         self.efd.as_raw_fd()
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
     /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
-    /// later [`Ring::reap`]) when they all finished, with the first error.
+    /// later [`Ring::reap`]) when they all finished, with the first error. The buffers `ops`
+    /// describe must stay alive, and untouched by anyone else, until then: the caller keeps them
+    /// in `tag`.
     pub fn start(&mut self, ops: Vec<Op>, tag: T, done: &mut Finished<T>) {
         let ops = split_long(ops);
         if ops.is_empty() {
@@ -151,7 +149,7 @@ impl<T> Ring<T> {
                         .filter(|v| v.iov_len > 0)
                         // SAFETY: the iovecs describe buffers the kernel is about to read for
                         // this write; they stay alive until its completion is reaped (the
-                        // request's GuestBuffers, or static zero pages), and nothing writes
+                        // request's buffers, held by its tag, or static zero pages), and nothing writes
                         // them meanwhile.
                         .map(|v| unsafe {
                             std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)

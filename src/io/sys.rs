@@ -1,5 +1,5 @@
-//! Thin, checked wrappers over the positioned and block-device syscalls the engines use.
-//! Every `unsafe` block of the engines lives here.
+//! Thin, checked wrappers over the positioned and block-device syscalls: vectored I/O, fallocate,
+//! the block-device ioctls and flock. The other layers' syscalls go through these.
 
 use std::fs::File;
 use std::io;
