@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::file::DiskFile;
+use super::pool::Pool;
 use super::{Image, ImageError, RecoveryInfo};
 use crate::ext4::dir;
 use crate::ext4::extent::{self, Extent};
@@ -535,25 +537,29 @@ impl Image {
             Some(start_writing(&*io, &mut sb, &mut alloc, &map, &mut jsb)?)
         };
         Ok(Image {
-            io,
-            seed,
-            disk_ino,
-            disk,
-            disk_iseed,
-            itable: (itable_blk, itable),
-            tree,
-            alloc,
-            journal,
-            journal_sb: jsb,
-            log_map: map,
-            disk_blocks,
-            read_only: opts.read_only,
-            recovery,
-            overlay,
-            inode_dirty: false,
-            revokes: Default::default(),
-            aborted: None,
-            sb,
+            pool: Pool {
+                io,
+                seed,
+                alloc,
+                journal,
+                journal_sb: jsb,
+                log_map: map,
+                read_only: opts.read_only,
+                recovery,
+                overlay,
+                revokes: Default::default(),
+                aborted: None,
+                sb,
+            },
+            disk: DiskFile {
+                ino: disk_ino,
+                inode: disk,
+                iseed: disk_iseed,
+                itable: (itable_blk, itable),
+                tree,
+                blocks: disk_blocks,
+                inode_dirty: false,
+            },
         })
     }
 }

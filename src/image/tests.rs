@@ -356,7 +356,7 @@ fn group_metadata_overlapping_itself_is_refused() {
 fn the_allocator_refuses_bad_frees_without_changing_anything() {
     let (bytes, layout) = with_extents(20);
     let mut img = open(bytes, false).unwrap();
-    let before = img.alloc.clone();
+    let before = img.pool.alloc.clone();
     let used = img.tree().iter().next().unwrap().pblk;
     let n = layout.blocks_count;
     for (s, l) in [
@@ -368,7 +368,7 @@ fn the_allocator_refuses_bad_frees_without_changing_anything() {
     ] {
         assert!(
             matches!(
-                img.alloc.free(s, l),
+                img.pool.alloc.free(s, l),
                 Err(crate::mapping::MapError::Invalid { .. })
             ),
             "{s}+{l}"
@@ -376,24 +376,24 @@ fn the_allocator_refuses_bad_frees_without_changing_anything() {
     }
     // A free block freed (a double free).
     assert!(matches!(
-        img.alloc.free(n - 1, 1),
+        img.pool.alloc.free(n - 1, 1),
         Err(crate::mapping::MapError::Inconsistent { used: false, .. })
     ));
     // Half used, half free: refused whole.
-    assert!(img.alloc.free(used, 2).is_err());
-    assert!(img.alloc == before, "a refused free changed the allocator");
+    assert!(img.pool.alloc.free(used, 2).is_err());
+    assert!(img.pool.alloc == before, "a refused free changed the allocator");
     // The zone is never handed out, even where a bitmap marks it free: here the backup
     // superblock of group 1, inside the data area.
     let (bytes, _) = fresh(40_000);
     let mut img = open(bytes, false).unwrap();
     let backup = 32768;
-    assert!(img.alloc.zone().owner(backup).is_some());
-    let mut bm = img.alloc.bitmap(1);
+    assert!(img.pool.alloc.zone().owner(backup).is_some());
+    let mut bm = img.pool.alloc.bitmap(1);
     crate::ext4::bitmap::clear(&mut bm, 0);
     crate::ext4::bitmap::clear(&mut bm, 1);
-    img.alloc.replace_bitmap(1, bm);
+    img.pool.alloc.replace_bitmap(1, bm);
     let mut got = 0;
-    while let Ok((s, l)) = img.alloc.alloc(backup - 10, 4096) {
+    while let Ok((s, l)) = img.pool.alloc.alloc(backup - 10, 4096) {
         assert!(
             s + l <= backup || s >= backup + 2,
             "backup superblock allocated"
@@ -414,18 +414,18 @@ struct Snapshot {
 
 fn snapshot(img: &Image) -> Snapshot {
     Snapshot {
-        tree: img.tree.clone(),
-        alloc: img.alloc.clone(),
-        inode_dirty: img.inode_dirty,
-        revokes: img.revokes.clone(),
+        tree: img.disk.tree.clone(),
+        alloc: img.pool.alloc.clone(),
+        inode_dirty: img.disk.inode_dirty,
+        revokes: img.pool.revokes.clone(),
     }
 }
 
 /// Leaves `keep` free blocks: the rest are taken straight from the allocator (leaked).
 fn eat_free_blocks(img: &mut Image, keep: u64) {
-    while img.alloc.free_blocks() > keep {
-        let want = (img.alloc.free_blocks() - keep).min(32768);
-        if img.alloc.alloc(0, want).is_err() {
+    while img.pool.alloc.free_blocks() > keep {
+        let want = (img.pool.alloc.free_blocks() - keep).min(32768);
+        if img.pool.alloc.alloc(0, want).is_err() {
             break;
         }
     }
