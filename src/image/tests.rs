@@ -381,7 +381,10 @@ fn the_allocator_refuses_bad_frees_without_changing_anything() {
     ));
     // Half used, half free: refused whole.
     assert!(img.pool.alloc.free(used, 2).is_err());
-    assert!(img.pool.alloc == before, "a refused free changed the allocator");
+    assert!(
+        img.pool.alloc == before,
+        "a refused free changed the allocator"
+    );
     // The zone is never handed out, even where a bitmap marks it free: here the backup
     // superblock of group 1, inside the data area.
     let (bytes, _) = fresh(40_000);

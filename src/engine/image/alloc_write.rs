@@ -195,22 +195,11 @@ impl Shared {
         // Blocks of the unit outside the request that this write allocated: zeroes go there in
         // the same host write, and they are converted with the request's blocks. Other writes
         // touching them wait (in progress) until then, and then find them written.
-        let mut fill = Vec::new();
-        for e in &new {
-            for (lo, hi) in [(c0, b0), (b1, c1)] {
-                let (s, t) = (u64::from(e.lblk).max(lo), e.end().min(hi));
-                if s < t {
-                    let x = Extent {
-                        lblk: s as u32,
-                        len: (t - s) as u32,
-                        pblk: e.pblk + (s - u64::from(e.lblk)),
-                        unwritten: true,
-                    };
-                    to_convert.push((s, t - s, x.pblk));
-                    fill.push(x);
-                }
-            }
-        }
+        let fill = unit_fill(&new, [(c0, b0), (b1, c1)]);
+        to_convert.extend(
+            fill.iter()
+                .map(|x| (u64::from(x.lblk), u64::from(x.len), x.pblk)),
+        );
         st.range.mark(&to_convert);
         self.meta_seq.fetch_add(1, Ordering::AcqRel);
         let filled: u64 = fill.iter().map(|e| u64::from(e.len)).sum();
@@ -285,4 +274,24 @@ impl Shared {
         let (rest, _bufs) = a.into_done();
         self.end_alloc(rest, result);
     }
+}
+
+/// The pieces of the new extents `new` inside `outside` — the parts of the allocation unit
+/// around the request — which the write fills with zeroes.
+fn unit_fill(new: &[Extent], outside: [(u64, u64); 2]) -> Vec<Extent> {
+    let mut fill = Vec::new();
+    for e in new {
+        for (lo, hi) in outside {
+            let (s, t) = (u64::from(e.lblk).max(lo), e.end().min(hi));
+            if s < t {
+                fill.push(Extent {
+                    lblk: s as u32,
+                    len: (t - s) as u32,
+                    pblk: e.pblk + (s - u64::from(e.lblk)),
+                    unwritten: true,
+                });
+            }
+        }
+    }
+    fill
 }
