@@ -28,6 +28,10 @@ use crate::io::backing::{Backing, OpenError};
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The process umask while the socket is bound: the socket is created mode 0600, so only the
+/// daemon's own user can connect to it and reach the disk.
+const SOCKET_UMASK: libc::mode_t = 0o177;
+
 /// What `serve` needs, already validated by the CLI.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -108,7 +112,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     }
     // SAFETY: umask only changes this process's file-creation mask; the only other thread that
     // may exist now (the image engine's worker) creates no files, so nothing else is affected.
-    let old = unsafe { libc::umask(0o177) };
+    let old = unsafe { libc::umask(SOCKET_UMASK) };
     let res = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };

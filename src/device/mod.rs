@@ -42,6 +42,15 @@ pub const SIZE_MAX: u32 = 1 << 20;
 /// Discard and write-zeroes segments per request (Linux uses at most 256).
 pub const MAX_DWZ_SEGMENTS: u32 = 256;
 
+/// Longest GET_VRING_BASE (`stop_vring`) waits for the ring's requests in flight. The frontend
+/// expects none after it, so the wait covers any request a healthy backing finishes (a commit
+/// behind slow barriers included); it is bounded so that a stuck backing cannot hold the
+/// vhost-user message thread forever.
+const STOP_VRING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a wait for requests in flight (drain, `stop_vring`) looks again: completions come
+/// from other threads with no event to wait on here, and 1 ms is short beside a request's I/O.
+const INFLIGHT_POLL: Duration = Duration::from_millis(1);
+
 /// Device settings from the command line.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {
@@ -194,7 +203,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             for q in &self.inner.queues {
                 lock(q).process_completions();
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(INFLIGHT_POLL);
         }
         true
     }
@@ -442,9 +451,9 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
         let Some(q) = self.inner.shared.get(queue_index as usize) else {
             return Ok(());
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + STOP_VRING_TIMEOUT;
         while q.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(INFLIGHT_POLL);
         }
         Ok(())
     }

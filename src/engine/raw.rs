@@ -18,6 +18,10 @@ use crate::io::sys;
 use crate::io::uring::{Finished, Op, Ring};
 use crate::units::{Bytes, SECTOR_SIZE};
 
+/// Physical block size advertised for a regular file, which has none of its own: 4 KiB, the
+/// page size and the block size of the host filesystems, so a guest aligns its I/O to it.
+const FILE_PHYSICAL_BLOCK_SIZE: u32 = 4096;
+
 struct Inner {
     backing: Backing,
     /// O_DIRECT descriptor for aligned reads and writes (`--cache none`).
@@ -50,7 +54,7 @@ impl RawEngine {
         let physical_block_size = if backing.is_block_device {
             sys::blk_physical_block_size(&backing.file).unwrap_or(logical_block_size)
         } else {
-            4096
+            FILE_PHYSICAL_BLOCK_SIZE
         }
         .max(logical_block_size);
         let info = EngineInfo {

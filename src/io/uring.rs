@@ -86,9 +86,15 @@ pub struct Ring<T> {
 // used by one thread at a time (the queue's mutex).
 unsafe impl<T: Send> Send for Ring<T> {}
 
+/// Submission queue entries per ring: a batch of a default-sized virtqueue (256 requests) fits
+/// at one operation each; more are handed to the kernel as the queue fills.
 const ENTRIES: u32 = 256;
 /// The completion queue's size (the kernel makes it twice the submission queue's).
 const CQ_ENTRIES: usize = 2 * ENTRIES as usize;
+/// Failed rounds of making room in the submission queue before the ring is taken for unusable
+/// and the rest of the request fails. A working ring makes room within a round or two (each
+/// waits for a completion); the bound only keeps a broken ring from spinning the queue thread.
+const MAX_SUBMIT_TRIES: usize = 100;
 
 impl<T> Ring<T> {
     pub fn new(fd: RawFd) -> io::Result<Ring<T>> {
@@ -210,7 +216,7 @@ impl<T> Ring<T> {
                 self.reap_into(done);
                 tries += 1;
                 if let Err(e) = r {
-                    if tries > 100 {
+                    if tries > MAX_SUBMIT_TRIES {
                         // The ring is unusable: fail what was not submitted.
                         log::error!("io_uring submission failed: {e}");
                         if let Some(slot) = self.slots[idx].as_mut() {
