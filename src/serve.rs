@@ -67,13 +67,21 @@ pub enum ServeError {
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("{0}: not an extblk image ({1}); to serve a raw disk use --format raw")]
-    NotAnImage(PathBuf, String),
+    NotAnImage(PathBuf, #[source] FormatError),
     #[error("{0}: {1}")]
-    Image(PathBuf, String),
+    Image(PathBuf, #[source] ImageError),
+    /// A `testing` build's I/O layer (EXTBLK_RECORD, EXTBLK_FAULT) could not be set up.
+    #[cfg(feature = "testing")]
+    #[error("{0}: {1}")]
+    TestLayer(PathBuf, String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// vhost-user-backend's error holds a thread's panic payload (`Send`, not `Sync`), which
+    /// an error crossing to the CLI cannot carry: its message is kept.
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    #[error("vhost-user: cannot watch the engine's completions: {0}")]
+    Listener(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
 }
@@ -218,18 +226,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         alloc_unit: opts.alloc_unit,
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
-        ImageError::Format(f @ FormatError::BadMagic(_)) => {
-            ServeError::NotAnImage(opts.image.clone(), f.to_string())
+        ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {
+            ServeError::NotAnImage(opts.image.clone(), f)
         }
-        ImageError::Format(FormatError::Corrupt { what, detail })
-            if what == "image" && detail == "no /disk file" =>
-        {
-            ServeError::NotAnImage(
-                opts.image.clone(),
-                "no /disk file in its root directory".into(),
-            )
-        }
-        other => ServeError::Image(opts.image.clone(), other.to_string()),
+        other => ServeError::Image(opts.image.clone(), other),
     })?;
     run(engine, opts, "extblk image", sigset)
 }
@@ -247,7 +247,7 @@ fn test_layers(
     if let Ok(path) = std::env::var("EXTBLK_RECORD") {
         log::warn!("EXTBLK_RECORD set: recording the backing's I/O to {path}");
         let rec = crate::io::record::RecordingIo::to_file(io, Path::new(&path))
-            .map_err(|e| ServeError::Image(opts.image.clone(), e.to_string()))?
+            .map_err(|e| ServeError::TestLayer(opts.image.clone(), e.to_string()))?
             // The queues keep their io_uring, observed: the daemon's real I/O path is recorded.
             .with_ring();
         io = Arc::new(rec);
@@ -260,7 +260,7 @@ fn test_layers(
     }
     if let Ok(spec) = std::env::var("EXTBLK_FAULT") {
         let spec = crate::io::fault::FaultSpec::parse(&spec)
-            .map_err(|e| ServeError::Image(opts.image.clone(), e))?;
+            .map_err(|e| ServeError::TestLayer(opts.image.clone(), e))?;
         log::warn!("EXTBLK_FAULT set: injecting {spec:?}");
         io = Arc::new(crate::io::fault::FaultIo::new(io, spec));
     }
@@ -319,7 +319,7 @@ fn run<E: BlockEngine>(
     }
     log::info!(
         "exiting: {} {}",
-        device.counters().summary(),
+        device.counters().snapshot(),
         device.engine().counters()
     );
     result
@@ -336,7 +336,7 @@ fn spawn_signal_thread<E: BlockEngine>(
             match wait_signal(&set) {
                 libc::SIGUSR1 => log::info!(
                     "counters: {} {}",
-                    device.counters().summary(),
+                    device.counters().snapshot(),
                     device.engine().counters()
                 ),
                 libc::SIGINT | libc::SIGTERM => {
@@ -389,7 +389,7 @@ fn accept_loop<E: BlockEngine>(
             if let Some(handler) = handlers.get(q) {
                 handler
                     .register_listener(fd, EventSet::IN, device.completion_event_id())
-                    .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+                    .map_err(ServeError::Listener)?;
             }
         }
         daemon

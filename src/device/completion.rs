@@ -5,7 +5,7 @@
 //! or at the end of that thread's [`CompletionBatch`](super::batch::CompletionBatch).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -19,42 +19,25 @@ pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringRwLock<GuestMemAtomic>;
 
-/// Request counters, printed at exit (and by later issues on SIGUSR1).
-#[derive(Default, Debug)]
-pub struct Counters {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub get_id: AtomicU64,
-    pub errors: AtomicU64,
-    pub unsupported: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub completed_on_queue_thread: AtomicU64,
-    pub completed_elsewhere: AtomicU64,
-}
-
-impl Counters {
-    pub fn summary(&self) -> String {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            "reads={} writes={} flushes={} discards={} write_zeroes={} get_id={} errors={} unsupported={} \
-             bytes_read={} bytes_written={} completed_on_queue_thread={} completed_elsewhere={}",
-            g(&self.reads),
-            g(&self.writes),
-            g(&self.flushes),
-            g(&self.discards),
-            g(&self.write_zeroes),
-            g(&self.get_id),
-            g(&self.errors),
-            g(&self.unsupported),
-            g(&self.bytes_read),
-            g(&self.bytes_written),
-            g(&self.completed_on_queue_thread),
-            g(&self.completed_elsewhere),
-        )
+crate::counters::counters! {
+    /// Request counters, logged at exit and on SIGUSR1.
+    pub struct Counters => DeviceCounters {
+        reads,
+        writes,
+        flushes,
+        discards,
+        write_zeroes,
+        get_id,
+        /// Requests completed with an I/O error status.
+        errors,
+        /// Requests completed with UNSUPP (unknown types, bad requests).
+        unsupported,
+        bytes_read,
+        bytes_written,
+        /// Completions made on the request's own queue thread (notification batched).
+        completed_on_queue_thread,
+        /// Completions made on another thread (the engine's worker or committer).
+        completed_elsewhere,
     }
 }
 

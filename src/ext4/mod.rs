@@ -48,6 +48,9 @@ pub enum FormatError {
     Geometry(String),
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// The root directory has no `/disk` entry: an ext4 filesystem, but not an extblk image.
+    #[error("no /disk file in its root directory")]
+    NoDiskFile,
     /// A structure points at blocks it must not use: past the end of the filesystem, or
     /// belonging to its metadata, the journal, a directory or another extent (ext4's
     /// `block_validity`).

@@ -599,10 +599,7 @@ fn find_disk(
             }
         }
     }
-    let disk_ino = disk_ino.ok_or(FormatError::Corrupt {
-        what: "image".into(),
-        detail: "no /disk file".into(),
-    })?;
+    let disk_ino = disk_ino.ok_or(FormatError::NoDiskFile)?;
     if disk_ino == 0 || disk_ino > sb.inodes_count {
         return Err(corrupt("/disk", format!("inode number {disk_ino}")).into());
     }
