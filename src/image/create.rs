@@ -205,6 +205,9 @@ fn write_inodes(
 ) -> Result<(), ImageError> {
     let bs = BLOCK_SIZE_U64;
     let jsize = layout.journal_blocks * bs;
+    // Link counts: `/` is named by its own `.` and `..` and by lost+found's `..`; lost+found
+    // by its `.` and its entry in `/`; `/disk` by its entry; the journal, which no directory
+    // names, has 1 as mke2fs gives it.
     let inodes = [
         (
             ROOT_INO,

@@ -251,6 +251,17 @@ pub fn needs_escape(data: &[u8]) -> bool {
     be32(data, 0) == MAGIC
 }
 
+/// Escapes a block copy for the log: its leading magic is zeroed (its tag says so), so replay
+/// never takes the copy for a journal block.
+pub fn escape(data: &mut [u8]) {
+    put_be32(data, 0, 0);
+}
+
+/// Restores the leading magic of an escaped block copy.
+pub fn unescape(data: &mut [u8]) {
+    put_be32(data, 0, MAGIC);
+}
+
 pub fn encode_descriptor(tid: u32, tags: &[Tag], jseed: u32) -> Vec<u8> {
     assert!(!tags.is_empty() && tags.len() <= MAX_TAGS);
     let mut b = vec![0u8; BLOCK_SIZE];

@@ -284,7 +284,7 @@ impl Journal {
                 let escaped = format::needs_escape(data);
                 let mut c = (*data).clone();
                 if escaped {
-                    c[..4].fill(0);
+                    format::escape(&mut c);
                 }
                 tags.push(Tag {
                     blocknr: blk,
@@ -347,7 +347,7 @@ impl Journal {
         for (&blk, copy) in &self.checkpoint {
             io.read_at(&mut buf, self.map.byte_offset(copy.pos))?;
             if copy.escaped {
-                buf[..4].copy_from_slice(&format::MAGIC.to_be_bytes());
+                format::unescape(&mut buf);
             }
             io.write_at(&buf, blk * BLOCK_SIZE_U64)?;
         }

@@ -209,7 +209,7 @@ fn resolve(
             }
             let mut data = buf.clone();
             if tag.escaped {
-                data[..4].copy_from_slice(&format::MAGIC.to_be_bytes());
+                format::unescape(&mut data);
             }
             out.blocks.insert(tag.blocknr, data);
         }

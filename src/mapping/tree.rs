@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use super::MapError;
-use crate::ext4::extent::{Entries, Extent, Index, Node, BLOCK_MAX, ROOT_MAX};
+use crate::ext4::extent::{Entries, Extent, Index, Node, BLOCK_MAX, MAX_WRITTEN_LEN, ROOT_MAX};
 use crate::ext4::{FormatError, MAX_FILE_BLOCKS};
 
 const FANOUT: usize = BLOCK_MAX as usize;
@@ -53,10 +53,18 @@ struct Stored {
     pblk_lo: u32,
 }
 
+/// A [`Stored`] length above this is an unwritten extent of the excess, as ext4's `ee_len`
+/// above `EXT_INIT_MAX_LEN` (the longest written extent).
+const UNWRITTEN_LEN_OFFSET: u32 = MAX_WRITTEN_LEN;
+
 impl From<Extent> for Stored {
     fn from(e: Extent) -> Stored {
         debug_assert!(e.len >= 1 && e.len <= Extent::max_len(e.unwritten) && e.pblk < 1 << 48);
-        let len = if e.unwritten { e.len + 32768 } else { e.len };
+        let len = if e.unwritten {
+            e.len + UNWRITTEN_LEN_OFFSET
+        } else {
+            e.len
+        };
         Stored {
             lblk: e.lblk,
             len: len as u16,
@@ -68,10 +76,10 @@ impl From<Extent> for Stored {
 
 impl From<Stored> for Extent {
     fn from(s: Stored) -> Extent {
-        let unwritten = s.len > 32768;
+        let unwritten = u32::from(s.len) > UNWRITTEN_LEN_OFFSET;
         Extent {
             lblk: s.lblk,
-            len: u32::from(s.len) - if unwritten { 32768 } else { 0 },
+            len: u32::from(s.len) - if unwritten { UNWRITTEN_LEN_OFFSET } else { 0 },
             pblk: u64::from(s.pblk_hi) << 32 | u64::from(s.pblk_lo),
             unwritten,
         }
