@@ -387,9 +387,9 @@ fuzz_target!(|data: &[u8]| {
         // What the input did (to judge the seeds): the device's and the engine's counters.
         eprintln!(
             "{avail_idx} chains; device: {}",
-            device.counters().summary()
+            device.counters().snapshot()
         );
-        eprintln!("engine: {}", device.engine().stats().summary());
+        eprintln!("engine: {}", device.engine().stats().snapshot());
     }
     device.engine().close().expect("close");
     drop(device);
