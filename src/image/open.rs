@@ -411,33 +411,7 @@ impl Image {
             };
             let descs = read_descs(&r, &sb)?;
             let mut zone = group_zone(&sb, &descs)?;
-            let (jinode, _, _) = r.inode(&sb, &descs, sb.journal_inum)?;
-            let jtree = r.tree(
-                &jinode,
-                inode_seed(sb.csum_seed(), sb.journal_inum, jinode.generation),
-                "journal inode",
-                &zone,
-            )?;
-            // Before anything is replayed or logged: a journal over group metadata would
-            // overwrite it with every commit.
-            claim_tree(&mut zone, &jtree, "journal inode", Owner::Journal)?;
-            let map = LogMap::new(jtree.iter().collect::<Vec<Extent>>());
-            if !map.is_contiguous()
-                || map.blocks() * BLOCK_SIZE_U64 != jinode.size
-                || map.blocks() < MIN_JOURNAL_BLOCKS
-            {
-                return Err(
-                    corrupt("journal inode", "its blocks do not map the whole journal").into(),
-                );
-            }
-            let mut jb = vec![0u8; BLOCK_SIZE];
-            io.read_at(&mut jb, map.byte_offset(0))?;
-            let mut jsb = JournalSuperblock::decode(&jb)?;
-            if u64::from(jsb.maxlen) > map.blocks() {
-                return Err(
-                    corrupt("journal superblock", "s_maxlen exceeds the journal inode").into(),
-                );
-            }
+            let (map, mut jsb) = load_journal(&r, &sb, &descs, &mut zone)?;
             if jsb.start != 0 && overlay.is_empty() {
                 let out = replay::replay(&*io, &map, &jsb)?;
                 recovery = RecoveryInfo {
@@ -463,14 +437,7 @@ impl Image {
                         continue;
                     }
                 } else {
-                    for (blk, data) in &out.blocks {
-                        io.write_at(data, blk * BLOCK_SIZE_U64)?;
-                    }
-                    io.flush()?;
-                    jsb.start = 0;
-                    jsb.sequence = out.end_tid.wrapping_add(1);
-                    io.write_at(&jsb.encode(), map.byte_offset(0))?;
-                    io.flush()?;
+                    apply_replay(&*io, &map, &mut jsb, &out)?;
                     continue;
                 }
             }
@@ -562,6 +529,58 @@ impl Image {
             },
         })
     }
+}
+
+/// The journal: its inode's blocks (claimed in the system zone before anything is replayed or
+/// logged, since a journal over group metadata would overwrite it with every commit), checked
+/// to map the whole log in one run, and its superblock.
+fn load_journal(
+    r: &Reader,
+    sb: &Superblock,
+    descs: &[GroupDesc],
+    zone: &mut SystemZone,
+) -> Result<(LogMap, JournalSuperblock), ImageError> {
+    let (jinode, _, _) = r.inode(sb, descs, sb.journal_inum)?;
+    let jtree = r.tree(
+        &jinode,
+        inode_seed(sb.csum_seed(), sb.journal_inum, jinode.generation),
+        "journal inode",
+        zone,
+    )?;
+    claim_tree(zone, &jtree, "journal inode", Owner::Journal)?;
+    let map = LogMap::new(jtree.iter().collect::<Vec<Extent>>());
+    if !map.is_contiguous()
+        || map.blocks() * BLOCK_SIZE_U64 != jinode.size
+        || map.blocks() < MIN_JOURNAL_BLOCKS
+    {
+        return Err(corrupt("journal inode", "its blocks do not map the whole journal").into());
+    }
+    let mut jb = vec![0u8; BLOCK_SIZE];
+    r.io.read_at(&mut jb, map.byte_offset(0))?;
+    let jsb = JournalSuperblock::decode(&jb)?;
+    if u64::from(jsb.maxlen) > map.blocks() {
+        return Err(corrupt("journal superblock", "s_maxlen exceeds the journal inode").into());
+    }
+    Ok((map, jsb))
+}
+
+/// A read-write open's recovery: the replayed blocks written home and made durable, then the
+/// journal marked empty (`s_start` 0, the sequence after the last replayed transaction).
+fn apply_replay(
+    io: &dyn BlockIo,
+    map: &LogMap,
+    jsb: &mut JournalSuperblock,
+    out: &replay::ReplayOutcome,
+) -> Result<(), ImageError> {
+    for (blk, data) in &out.blocks {
+        io.write_at(data, blk * BLOCK_SIZE_U64)?;
+    }
+    io.flush()?;
+    jsb.start = 0;
+    jsb.sequence = out.end_tid.wrapping_add(1);
+    io.write_at(&jsb.encode(), map.byte_offset(0))?;
+    io.flush()?;
+    Ok(())
 }
 
 /// `/disk`'s inode number, through the root directory. The blocks of `/` and of lost+found
