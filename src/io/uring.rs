@@ -122,6 +122,51 @@ impl<T> Ring<T> {
         self.efd.as_raw_fd()
     }
 
+    /// Tells the observer of each write about to be submitted; its tokens, one per operation
+    /// (none without an observer).
+    fn observe_submitted(&self, ops: &[Op]) -> Vec<u64> {
+        let Some(obs) = &self.observer else {
+            return Vec::new();
+        };
+        ops.iter()
+            .map(|op| {
+                if !op.write {
+                    return 0;
+                }
+                let bufs: Vec<&[u8]> = op
+                    .iovs
+                    .iter()
+                    .filter(|v| v.iov_len > 0)
+                    // SAFETY: the iovecs describe buffers the kernel is about to read for this
+                    // write; they stay alive until its completion is reaped (the request's
+                    // buffers, held by its tag, or static zero pages), and nothing writes them
+                    // meanwhile.
+                    .map(|v| unsafe {
+                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                    })
+                    .collect();
+                obs.write_submitted(op.offset, &bufs)
+            })
+            .collect()
+    }
+
+    /// The submission entry of one operation, with user data `ud`.
+    fn entry(&self, ud: u64, op: &Op) -> io_uring::squeue::Entry {
+        let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
+        if op.write {
+            opcode::Writev::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
+                .offset(op.offset)
+                .rw_flags(flags)
+                .build()
+                .user_data(ud)
+        } else {
+            opcode::Readv::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
+                .offset(op.offset)
+                .build()
+                .user_data(ud)
+        }
+    }
+
     /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
     /// later [`Ring::reap`]) when they all finished, with the first error. The buffers `ops`
     /// describe must stay alive, and untouched by anyone else, until then: the caller keeps them
@@ -142,49 +187,11 @@ impl<T> Ring<T> {
         let n = ops.len();
         // Before any entry is pushed: the ring may hand entries to the kernel below (a full
         // submission queue), and the observer must have logged a write before it can start.
-        let tokens = match &self.observer {
-            Some(obs) => ops
-                .iter()
-                .map(|op| {
-                    if !op.write {
-                        return 0;
-                    }
-                    let bufs: Vec<&[u8]> = op
-                        .iovs
-                        .iter()
-                        .filter(|v| v.iov_len > 0)
-                        // SAFETY: the iovecs describe buffers the kernel is about to read for
-                        // this write; they stay alive until its completion is reaped (the
-                        // request's buffers, held by its tag, or static zero pages), and nothing writes
-                        // them meanwhile.
-                        .map(|v| unsafe {
-                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                        })
-                        .collect();
-                    obs.write_submitted(op.offset, &bufs)
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let tokens = self.observe_submitted(&ops);
         let entries: Vec<io_uring::squeue::Entry> = ops
             .iter()
             .enumerate()
-            .map(|(sub, op)| {
-                let ud = ((idx as u64) << 32) | sub as u64;
-                let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
-                if op.write {
-                    opcode::Writev::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
-                        .offset(op.offset)
-                        .rw_flags(flags)
-                        .build()
-                        .user_data(ud)
-                } else {
-                    opcode::Readv::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
-                        .offset(op.offset)
-                        .build()
-                        .user_data(ud)
-                }
-            })
+            .map(|(sub, op)| self.entry(((idx as u64) << 32) | sub as u64, op))
             .collect();
         // The iovec arrays move into the slot; their heap addresses (used by the entries) stay.
         self.slots[idx] = Some(Slot {
