@@ -1,7 +1,8 @@
 //! extblk: a vhost-user-blk backend daemon.
 //!
-//! Data flows one way, device → engine → backing; completions flow back on whichever thread
-//! can finish them. See `docs/architecture.md`.
+//! Layers point down only: device → engine → image → (mapping, jbd2) → ext4 → io. Data flows
+//! that way; completions flow back on whichever thread can finish them. See
+//! `docs/architecture.md`.
 
 /// `broken!(Name)`: is the test switch `testing::Broken::Name` on? With the `testing`
 /// feature it reads the switch; without it the macro is the constant `false` and names nothing,
