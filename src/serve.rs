@@ -66,10 +66,12 @@ pub enum ServeError {
     Bind(PathBuf, io::Error),
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error("{0}: not an extblk image ({1}); to serve a raw disk use --format raw")]
-    NotAnImage(PathBuf, #[source] FormatError),
+    // The inner errors are part of the message, not a `source`: the CLI prints the chain, and
+    // would print them twice.
+    #[error("{0}: not an extblk image ({reason}); to serve a raw disk use --format raw", reason = not_an_image(.1))]
+    NotAnImage(PathBuf, FormatError),
     #[error("{0}: {1}")]
-    Image(PathBuf, #[source] ImageError),
+    Image(PathBuf, ImageError),
     /// A `testing` build's I/O layer (EXTBLK_RECORD, EXTBLK_FAULT) could not be set up.
     #[cfg(feature = "testing")]
     #[error("{0}: {1}")]
@@ -84,6 +86,14 @@ pub enum ServeError {
     Listener(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
+}
+
+/// Why a file is not an image, in the words a user who passed the wrong file needs.
+fn not_an_image(e: &FormatError) -> String {
+    match e {
+        FormatError::NoDiskFile => "no /disk file in its root directory".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The serial a guest sees by default: the image's file name, cut to 20 bytes.

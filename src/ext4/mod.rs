@@ -49,7 +49,7 @@ pub enum FormatError {
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
     /// The root directory has no `/disk` entry: an ext4 filesystem, but not an extblk image.
-    #[error("no /disk file in its root directory")]
+    #[error("corrupt image: no /disk file")]
     NoDiskFile,
     /// A structure points at blocks it must not use: past the end of the filesystem, or
     /// belonging to its metadata, the journal, a directory or another extent (ext4's
