@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::device::relay::{self, PrivateSocket};
 use crate::device::request::ID_BYTES;
 use crate::device::{BlockDevice, DeviceOptions};
 use crate::engine::image::ImageEngine;
@@ -84,6 +84,8 @@ pub enum ServeError {
     VhostUser(String),
     #[error("vhost-user: cannot watch the engine's completions: {0}")]
     Listener(io::Error),
+    #[error("vhost-user: the relay's private socket: {0}")]
+    Relay(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
 }
@@ -316,7 +318,7 @@ fn run<E: BlockEngine>(
     });
     spawn_signal_thread(sigset, control.clone(), device.clone()).map_err(ServeError::Signals)?;
 
-    let result = accept_loop(&listener, &device, &control, opts);
+    let result = accept_loop(&listener, &device, &control);
     let _ = std::fs::remove_file(&opts.socket);
 
     device.stop_accepting();
@@ -378,17 +380,27 @@ fn accept_loop<E: BlockEngine>(
     listener: &UnixListener,
     device: &BlockDevice<E>,
     control: &Control,
-    opts: &ServeOptions,
 ) -> Result<(), ServeError> {
-    let mut vlistener = Listener::from(
-        listener
-            .try_clone()
-            .map_err(|e| ServeError::Bind(opts.socket.clone(), e))?,
-    );
+    // Frontends talk to the relay (device::relay), which answers what vhost-user-backend
+    // cannot (inflight tracking) and passes the rest to the daemon over this private socket.
+    let private = PrivateSocket::new().map_err(ServeError::Relay)?;
+    let mut vlistener = private.listener().map_err(ServeError::Relay)?;
     while !control.stopping.load(Ordering::Acquire) {
         if !wait_connection(listener, &control.stop_event).map_err(ServeError::Signals)? {
             break;
         }
+        let frontend = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                log::warn!("cannot accept a frontend: {e}");
+                continue;
+            }
+        };
+        // Blocking: the relay reads whole messages.
+        frontend.set_nonblocking(false).map_err(ServeError::Relay)?;
+        device.connection_started();
+        let backend = private.connect().map_err(ServeError::Relay)?;
         // Each connection gets a fresh vhost-user handler (fresh vrings and vring threads), the
         // way a frontend that reconnects expects; the device and its engine persist.
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
@@ -405,6 +417,13 @@ fn accept_loop<E: BlockEngine>(
         daemon
             .start(&mut vlistener)
             .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+        let relay = {
+            let device = device.clone();
+            std::thread::Builder::new()
+                .name("vhost-user-relay".into())
+                .spawn(move || relay::run(frontend, backend, &device))
+                .map_err(ServeError::Relay)?
+        };
         log::info!("frontend connected");
         *control.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         if control.stopping.load(Ordering::Acquire) {
@@ -419,6 +438,8 @@ fn accept_loop<E: BlockEngine>(
             Err(e) => log::warn!("frontend connection ended: {e}"),
         }
         *control.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // The daemon's side is closed now, which ends the relay (and the frontend's socket).
+        let _ = relay.join();
         // Dropping the daemon stops and joins its vring threads; requests they started finish.
         drop(daemon);
         if !device.drain(DRAIN_TIMEOUT) {

@@ -32,3 +32,18 @@ pub fn set_broken(b: Broken) {
 pub(crate) fn broken(b: Broken) -> bool {
     MODE.load(std::sync::atomic::Ordering::Relaxed) == b as u8
 }
+
+/// `EXTBLK_HOLD_FROM=<byte offset>` (read once): a WRITE at or past that offset is carried out
+/// but its completion is never published to the used ring, so a test can kill the daemon
+/// with requests in flight and check that the restarted daemon resubmits exactly those from
+/// the inflight region.
+pub(crate) fn holds_write(offset: u64) -> bool {
+    static HOLD_FROM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    HOLD_FROM
+        .get_or_init(|| {
+            std::env::var("EXTBLK_HOLD_FROM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .is_some_and(|from| offset >= from)
+}

@@ -5,13 +5,15 @@
 //! or at the end of that thread's [`CompletionBatch`](super::batch::CompletionBatch).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{Error as QueueError, QueueT};
 use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::batch::{defer_wake, CompletionBatch};
+use super::inflight::InflightRegion;
 use super::request::Status;
 use crate::engine::{Batch, Completion, EngineError};
 
@@ -47,6 +49,11 @@ pub struct QueueShared {
     pub inflight: AtomicUsize,
     pending_signal: AtomicBool,
     pub counters: Arc<Counters>,
+    /// The queue has been started on the current connection (its used index taken from the
+    /// ring, its inflight heads resubmitted): cleared when a connection begins.
+    pub started: AtomicBool,
+    /// The inflight counter the next popped head takes (the region's order of pops).
+    pub next_counter: AtomicU64,
 }
 
 impl QueueShared {
@@ -56,6 +63,8 @@ impl QueueShared {
             inflight: AtomicUsize::new(0),
             pending_signal: AtomicBool::new(false),
             counters,
+            started: AtomicBool::new(false),
+            next_counter: AtomicU64::new(1),
         }
     }
 
@@ -106,6 +115,28 @@ fn signal(vring: &Vring) {
     }
 }
 
+/// Publishes `head`'s used entry: every used-ring write of the device goes through here. Under
+/// the vring lock, so the inflight region's `last_batch_head`, the used ring and the region's
+/// `used_idx` change together for one head at a time, whichever thread completes it.
+pub fn publish_used(
+    vring: &Vring,
+    region: Option<&InflightRegion>,
+    queue: usize,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueError> {
+    let mut st = vring.get_mut();
+    let qr = region.and_then(|r| r.queue(queue));
+    if let Some(qr) = &qr {
+        qr.begin_publish(head);
+    }
+    st.add_used(head, len)?;
+    if let Some(qr) = &qr {
+        qr.end_publish(head, st.get_queue().next_used());
+    }
+    Ok(())
+}
+
 /// The device's continuation for one request.
 pub struct VirtioCompletion {
     pub vring: Vring,
@@ -115,6 +146,11 @@ pub struct VirtioCompletion {
     pub written: u32,
     pub mem: Arc<GuestMem>,
     pub queue: Arc<QueueShared>,
+    /// The connection's inflight region, if the frontend gave one.
+    pub inflight: Option<Arc<InflightRegion>>,
+    /// A test build's held request (`EXTBLK_HOLD_FROM`): carried out, never published.
+    #[cfg(feature = "testing")]
+    pub held: bool,
 }
 
 impl VirtioCompletion {
@@ -128,7 +164,15 @@ impl VirtioCompletion {
         if let Err(e) = self.mem.write_obj(status as u8, self.status) {
             log::warn!("cannot write the status byte: {e}");
         }
-        if let Err(e) = self.vring.add_used(self.head, len) {
+        #[cfg(feature = "testing")]
+        if self.held {
+            // Never published, never counted as done: the test kills the daemon with it in
+            // flight, and the restarted daemon must resubmit it from the inflight region.
+            std::mem::forget(self);
+            return;
+        }
+        let region = self.inflight.as_deref();
+        if let Err(e) = publish_used(&self.vring, region, self.queue.index, self.head, len) {
             log::warn!("cannot add used entry {}: {e}", self.head);
         }
         let on_queue_thread = BATCHING.with(|b| b.get()) == self.queue.key();

@@ -6,8 +6,11 @@
 //! never touches a file: storage is the engine's business.
 
 pub mod batch;
+pub mod chain;
 pub mod completion;
 pub mod config;
+pub mod inflight;
+pub mod relay;
 pub mod request;
 
 #[cfg(test)]
@@ -32,9 +35,11 @@ use vmm_sys_util::event::{
 use crate::engine::{BlockEngine, EngineError, EngineInfo, EngineOp, EngineQueue};
 use crate::units::SECTOR_SIZE;
 use completion::{
-    BatchScope, Counters, GuestMem, GuestMemAtomic, QueueShared, VirtioCompletion, Vring,
+    publish_used, BatchScope, Counters, GuestMem, GuestMemAtomic, QueueShared, VirtioCompletion,
+    Vring,
 };
 use config::{BlkConfig, WRITEBACK_OFFSET};
+use inflight::{InflightError, InflightRegion};
 use request::{Limits, Parsed, Request, Status, ID_BYTES};
 
 /// Largest data segment a guest may send, advertised as size_max.
@@ -78,6 +83,8 @@ struct Inner<E: BlockEngine> {
     queues: Vec<Mutex<E::Queue<VirtioCompletion>>>,
     shared: Vec<Arc<QueueShared>>,
     counters: Arc<Counters>,
+    /// The current connection's inflight region (SET_INFLIGHT_FD), if the frontend keeps one.
+    inflight: RwLock<Option<Arc<InflightRegion>>>,
 }
 
 /// The vhost-user-blk backend. Clones share one device.
@@ -137,6 +144,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                 queues,
                 shared,
                 counters,
+                inflight: RwLock::new(None),
             }),
         })
     }
@@ -223,6 +231,44 @@ impl<E: BlockEngine> BlockDevice<E> {
         u64::from(self.inner.opts.num_queues) + 1
     }
 
+    /// A frontend connects: every queue starts afresh on it (its used index read from the
+    /// ring, inflight heads resubmitted if the frontend brings a region), and the previous
+    /// connection's region is dropped.
+    pub fn connection_started(&self) {
+        *self
+            .inner
+            .inflight
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        for q in &self.inner.shared {
+            q.started.store(false, Ordering::Release);
+        }
+    }
+
+    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.inner
+            .inflight
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn check_inflight_geometry(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(), InflightError> {
+        let o = &self.inner.opts;
+        if num_queues == 0
+            || num_queues > o.num_queues
+            || queue_size == 0
+            || queue_size > o.queue_size
+        {
+            return Err(InflightError::Geometry(num_queues, queue_size));
+        }
+        Ok(())
+    }
+
     /// The current guest memory and the generation it belongs to.
     fn memory(&self) -> Option<(u64, Arc<GuestMem>)> {
         let generation = self.inner.mem_generation.load(Ordering::Acquire);
@@ -242,6 +288,9 @@ impl<E: BlockEngine> BlockDevice<E> {
         };
         let shared = &self.inner.shared[q];
         let _batch = BatchScope::enter(shared, vring);
+        if !shared.started.swap(true, Ordering::AcqRel) {
+            self.start_queue(q, vring, &mem.1);
+        }
         if self.inner.event_idx.load(Ordering::Acquire) {
             loop {
                 if let Err(e) = vring.disable_notification() {
@@ -271,16 +320,86 @@ impl<E: BlockEngine> BlockDevice<E> {
                 }
             }
             let mem = &snapshot.1;
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+            let region = self.inflight_region();
+            let chain = {
+                let mut st = vring.get_mut();
+                let chain = st.get_queue_mut().pop_descriptor_chain(&**mem);
+                // Marked under the same lock as the pop: a head is either still on the avail
+                // ring or recorded as in flight.
+                if let (Some(c), Some(qr)) = (&chain, region.as_deref().and_then(|r| r.queue(q))) {
+                    let n = self.inner.shared[q]
+                        .next_counter
+                        .fetch_add(1, Ordering::Relaxed);
+                    qr.mark(c.head_index(), n);
+                }
+                chain
+            };
             let Some(chain) = chain else { break };
             let parsed = request::parse(chain, mem, &self.inner.limits);
-            self.dispatch(q, vring, mem, parsed);
+            self.dispatch(q, vring, mem, parsed, region);
         }
         // One io_uring_enter for the whole batch.
         lock(&self.inner.queues[q]).submit_batch();
     }
 
-    fn dispatch(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>, parsed: Parsed) {
+    /// The first processing of queue `q` on a connection: the ring's used index as the guest
+    /// memory holds it (vhost-user-backend starts counting at 0, which is wrong for a ring a
+    /// previous daemon served), and the requests the inflight region says were in flight,
+    /// resubmitted oldest first before anything new is taken (the avail position moves past
+    /// them: used index + their number).
+    fn start_queue(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>) {
+        let region = self.inflight_region();
+        let (heads, desc_table, size) = {
+            let mut st = vring.get_mut();
+            let queue = st.get_queue_mut();
+            let used = match queue.used_idx(&**mem, Ordering::Acquire) {
+                Ok(u) => u.0,
+                Err(e) => {
+                    log::warn!("queue {q}: cannot read the used index: {e}");
+                    return;
+                }
+            };
+            queue.set_next_used(used);
+            let Some(qr) = region.as_deref().and_then(|r| r.queue(q)) else {
+                return;
+            };
+            let size = queue.size();
+            let restore = qr.restore(size, used);
+            self.inner.shared[q]
+                .next_counter
+                .store(restore.next_counter, Ordering::Relaxed);
+            let n = restore.heads.len() as u16;
+            queue.set_next_avail(used.wrapping_add(n));
+            (restore.heads, queue.desc_table(), size)
+        };
+        if !heads.is_empty() {
+            log::info!(
+                "queue {q}: resubmitting {} request(s) in flight at the last disconnect",
+                heads.len()
+            );
+        }
+        for head in heads {
+            let parsed = match chain::walk(&**mem, vm_memory::GuestAddress(desc_table), size, head)
+            {
+                Some(descs) => request::parse_descs(head, descs, mem, &self.inner.limits),
+                None => Parsed {
+                    head,
+                    status: None,
+                    request: Err(request::RequestError::NoStatus),
+                },
+            };
+            self.dispatch(q, vring, mem, parsed, region.clone());
+        }
+    }
+
+    fn dispatch(
+        &self,
+        q: usize,
+        vring: &Vring,
+        mem: &Arc<GuestMem>,
+        parsed: Parsed,
+        region: Option<Arc<InflightRegion>>,
+    ) {
         let shared = &self.inner.shared[q];
         let c = &self.inner.counters;
         let Some(status) = parsed.status else {
@@ -290,7 +409,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                 parsed.head
             );
             c.errors.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = vring.add_used(parsed.head, 0) {
+            if let Err(e) = publish_used(vring, region.as_deref(), q, parsed.head, 0) {
                 log::warn!("queue {q}: cannot add used entry: {e}");
             }
             shared.request_signal();
@@ -304,6 +423,9 @@ impl<E: BlockEngine> BlockDevice<E> {
             written: 0,
             mem: mem.clone(),
             queue: shared.clone(),
+            inflight: region,
+            #[cfg(feature = "testing")]
+            held: false,
         };
         let req = match parsed.request {
             Ok(req) => req,
@@ -329,6 +451,10 @@ impl<E: BlockEngine> BlockDevice<E> {
                 EngineOp::Read { offset, bufs }
             }
             Request::Write { offset, bufs } => {
+                #[cfg(feature = "testing")]
+                {
+                    done.held = crate::testing::holds_write(offset.0);
+                }
                 c.writes.fetch_add(1, Ordering::Relaxed);
                 c.bytes_written
                     .fetch_add(bufs.len() as u64, Ordering::Relaxed);
@@ -406,6 +532,9 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
             | VhostUserProtocolFeatures::REPLY_ACK
             // libblkio needs it; QEMU uses it for memory hotplug.
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // GET/SET_INFLIGHT_FD never reach vhost-user-backend (which refuses them): the
+            // relay in front of it answers them (`relay.rs`).
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -481,6 +610,32 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
             }
         }
         // Errors caused by a guest never stop the queue thread: they were answered in-band.
+        Ok(())
+    }
+}
+
+impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
+    fn get_inflight_fd(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<InflightRegion, InflightError> {
+        self.check_inflight_geometry(num_queues, queue_size)?;
+        InflightRegion::create(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(&self, region: InflightRegion) -> Result<(), InflightError> {
+        self.check_inflight_geometry(region.num_queues(), region.queue_size())?;
+        for q in 0..usize::from(region.num_queues()) {
+            if let Some(qr) = region.queue(q) {
+                qr.set_desc_num(region.queue_size());
+            }
+        }
+        *self
+            .inner
+            .inflight
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes as _, GuestAddress, GuestMemory, Permissions};
 
+use super::chain::Desc;
 use crate::engine::{GuestBuffers, ZeroRange};
 use crate::units::{ByteRange, Bytes, Sectors, SECTOR_SIZE};
 
@@ -276,22 +277,41 @@ where
     D: Deref<Target = M>,
 {
     let head = chain.head_index();
+    let descs = chain.map(|d| Desc {
+        addr: d.addr(),
+        len: d.len(),
+        write_only: d.is_write_only(),
+    });
+    parse_descs(head, descs, mem, limits)
+}
+
+/// [`parse`] over descriptors however they were found (popped off the avail ring, or walked
+/// from a head the inflight region kept: `chain::walk`).
+pub fn parse_descs<M>(
+    head: u16,
+    descs: impl IntoIterator<Item = Desc>,
+    mem: &Arc<M>,
+    limits: &Limits,
+) -> Parsed
+where
+    M: GuestMemory + Send + Sync + 'static,
+{
     // Header + seg_max data descriptors + status; anything longer is refused before we collect it.
     let max_descriptors = limits.seg_max as usize + 2;
     let mut readable = Vec::new();
     let mut writable = Vec::new();
     let mut order_error = false;
     let mut count = 0usize;
-    for desc in chain {
+    for desc in descs {
         count += 1;
         if count > max_descriptors {
             continue;
         }
         let r = GuestRange {
-            addr: desc.addr(),
-            len: desc.len(),
+            addr: desc.addr,
+            len: desc.len,
         };
-        if desc.is_write_only() {
+        if desc.write_only {
             writable.push(r);
         } else {
             if !writable.is_empty() {
