@@ -15,6 +15,13 @@
 #           again; QEMU (chardev reconnect=1) reconnects and the guest verifies every file
 #   raw     a raw file (--format raw): fio writes 64M with crc32c headers straight to /dev/vda, the
 #           guest pauses, then verifies everything again
+#   killed  fio randwrite 4k QD32 direct with crc32c verify straight to /dev/vda (2 queues) while the
+#           host SIGKILLs the daemon three times, 6 s apart, restarting it 1 s after each kill; QEMU
+#           reconnects (reconnect=1) and the guest carries on: fio must end with err=0 and its
+#           verify pass, the guest log show no I/O error, the daemon log show requests resubmitted
+#           from the inflight region (the race happened)
+#   killed-control  the same run through tests/vhost-no-inflight.py, a proxy that hides the
+#           INFLIGHT_SHMFD protocol feature from QEMU: it must fail (proves `killed` can fail)
 #
 # EXTBLK_E2E_CORRUPT=1 proves the checks can fail: while the `raw` guest is paused between its
 # write and verify passes, the host overwrites a few bytes of the raw file behind its back (the
@@ -23,7 +30,8 @@
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
 # "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
-# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw" (subset), RUST_LOG.
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-control" (subset),
+# EXTBLK_E2E_KILL_SIZE (fio --size of `killed`, default 1G), RUST_LOG.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -286,6 +294,24 @@ fio $opts --verify_only | grep -E 'err=|READ:|verify|crc'
 echo "raw verify ok"
 EOF
 
+cat > "$T/killed.sh" <<'EOF'
+# fio random writes with crc32c verify straight to the disk; the host kills the daemon meanwhile
+set -uo pipefail
+size=$1
+dmesg -C 2>/dev/null || true
+echo FIO-START
+fio --name=killed --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=32 --direct=1 \
+    --ioengine=libaio --size="$size" --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --randseed=7 > /tmp/fio.out 2>&1
+rc=$?
+grep -E 'err=|WRITE:|READ:|verify|crc' /tmp/fio.out | head -20
+echo "fio exit $rc"
+if dmesg | grep -iE 'I/O error|blk_update_request|not a head|virtqueue.*broken'; then
+  echo "the guest kernel logged I/O errors"; rc=1
+fi
+[ "$rc" -eq 0 ] && grep -q 'err= 0' /tmp/fio.out
+EOF
+
 # ---------------------------------------------------------------- tests
 fs_test() {  # ext4|xfs
   local fs=$1 img=$T/$1.img before after sock=$T/$1.sock
@@ -411,10 +437,72 @@ test_raw() {
   stop_daemon
 }
 
-TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw}
+# killed_run NAME TIMEOUT [proxy]: the `killed` workload, the guest's exit status in KILLED_RC.
+# With `proxy`, QEMU talks to tests/vhost-no-inflight.py in front of the daemon.
+killed_run() {
+  local name=$1 tmo=$2 proxy=${3:-} img=$T/$1.img sock=$T/$1.sock qsock gpid i k ppid=""
+  "$BIN" create --size 2G "$img" > /dev/null || return 1
+  start_daemon "$name" "$img" || return 1
+  qsock=$sock
+  if [ -n "$proxy" ]; then
+    qsock=$T/$name-proxy.sock
+    python3 "$ROOT/tests/vhost-no-inflight.py" "$qsock" "$sock" 2>> "$T/$name-proxy.log" &
+    ppid=$!; BGPIDS+=("$ppid")
+    for i in $(seq 50); do [ -S "$qsock" ] && break; sleep 0.1; done
+  fi
+  "$RUN_GUEST" --timeout "$tmo" --queues 2 --reconnect 1 --xfer "$T/xfer" --log "$T/$name.serial" \
+    --disk "$qsock" --script "$T/killed.sh" "${EXTBLK_E2E_KILL_SIZE:-1G}" > "$T/$name.out" 2>&1 &
+  gpid=$!
+  BGPIDS+=("$gpid")
+  for i in $(seq 3000); do
+    grep -q '^FIO-START' "$T/$name.out" && break
+    kill -0 "$gpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q '^FIO-START' "$T/$name.out"; then
+    echo "  fio never started"; sed 's/^/    | /' "$T/$name.out" | tail
+    kill -TERM "$gpid"; wait "$gpid"; return 1
+  fi
+  for k in 1 2 3; do
+    sleep 6
+    kill -KILL "$DPID"; wait "$DPID" 2>/dev/null; DPID=""
+    echo "  host: SIGKILLed the daemon ($k of 3); restarting it in 1 s"
+    sleep 1
+    start_daemon "$name" "$img" || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
+  done
+  wait "$gpid"; KILLED_RC=$?
+  sed 's/^/    | /' "$T/$name.out"
+  [ -z "$ppid" ] || { kill -TERM "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
+  return 0
+}
+
+test_killed() {
+  local n
+  killed_run killed 1200 || return 1
+  [ "$KILLED_RC" -eq 0 ] || { echo "  guest exited $KILLED_RC"; return 1; }
+  n=$(grep -o 'resubmitting [0-9]* request' "$T/killed.log" | awk '{s+=$2} END {print s+0}')
+  echo "  host: $n request(s) resubmitted from the inflight region over the three restarts"
+  # The race this test is about: requests were in flight at a kill.
+  [ "$n" -gt 0 ] || { echo "  no request was in flight at any kill: the test proved nothing"; return 1; }
+  stop_daemon || return 1
+  host_checks "$T/killed.img"
+}
+
+test_killed-control() {
+  killed_run killed-control 600 proxy || return 1
+  stop_daemon
+  if [ "$KILLED_RC" -eq 0 ]; then
+    echo "  fio passed without inflight tracking: the killed test cannot tell it apart"
+    return 1
+  fi
+  echo "  without inflight tracking the run fails (guest exit $KILLED_RC), as it must"
+}
+
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed killed-control}
 for t in $TESTS; do
   run_test "$t" "test_$t"
 done
+
 echo "guest.sh: total $(( $(date +%s) - T0 ))s"
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]
