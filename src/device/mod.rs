@@ -312,6 +312,8 @@ impl<E: BlockEngine> BlockDevice<E> {
     }
 
     fn drain_avail(&self, q: usize, vring: &Vring, snapshot: &mut (u64, Arc<GuestMem>)) {
+        // Fixed for the connection once its queues run (SET_INFLIGHT_FD comes before).
+        let region = self.inflight_region();
         while self.inner.accepting.load(Ordering::Acquire) {
             if self.inner.mem_generation.load(Ordering::Acquire) != snapshot.0 {
                 match self.memory() {
@@ -320,7 +322,6 @@ impl<E: BlockEngine> BlockDevice<E> {
                 }
             }
             let mem = &snapshot.1;
-            let region = self.inflight_region();
             let chain = {
                 let mut st = vring.get_mut();
                 let chain = st.get_queue_mut().pop_descriptor_chain(&**mem);
@@ -336,7 +337,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             };
             let Some(chain) = chain else { break };
             let parsed = request::parse(chain, mem, &self.inner.limits);
-            self.dispatch(q, vring, mem, parsed, region);
+            self.dispatch(q, vring, mem, parsed, region.clone());
         }
         // One io_uring_enter for the whole batch.
         lock(&self.inner.queues[q]).submit_batch();
