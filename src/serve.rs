@@ -171,35 +171,9 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 
 /// Waits until the listener has a connection or `stop` fires. Returns true for a connection.
 fn wait_connection(listener: &UnixListener, stop: &EventFd) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        if fds[0].revents != 0 {
-            return Ok(true);
-        }
-    }
+    let [connection, stopping] =
+        crate::io::sys::poll_readable([listener.as_raw_fd(), stop.as_raw_fd()])?;
+    Ok(connection && !stopping)
 }
 
 /// State the signal thread shares with the accept loop.

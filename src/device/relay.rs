@@ -269,29 +269,10 @@ fn relay(
     backend: &UnixStream,
     handler: &dyn InflightHandler,
 ) -> Result<(), RelayError> {
-    let mut fds = [
-        libc::pollfd {
-            fd: frontend.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: backend.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
-        if fds[0].revents != 0 {
+        let [from_front, from_back] =
+            crate::io::sys::poll_readable([frontend.as_raw_fd(), backend.as_raw_fd()])?;
+        if from_front {
             let Some(m) = recv_msg(frontend)? else {
                 return Ok(());
             };
@@ -308,7 +289,7 @@ fn relay(
                 }
             }
         }
-        if fds[1].revents != 0 {
+        if from_back {
             let Some(m) = recv_msg(backend)? else {
                 return Ok(());
             };

@@ -202,6 +202,26 @@ pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     }
 }
 
+/// Waits until one of `fds` is readable (or hung up), retrying on EINTR; returns which are.
+pub fn poll_readable<const N: usize>(fds: [std::os::fd::RawFd; N]) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `p` is a valid array of N pollfd for the duration of the call.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) };
+        if r >= 0 {
+            return Ok(p.map(|x| x.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
