@@ -249,3 +249,348 @@ fn qemu_sequence_two_queues_writes_read_back_on_the_other_queue() {
         assert!(b == *data, "the image file differs at sector {sector}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 2. Held completions across a crash.
+
+/// Which frontend reconnects after the crash.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flavor {
+    /// SET_VRING_BASE with the used index (virtio_queue_restore_last_avail_idx: the failed
+    /// GET_VRING_BASE of the dead connection).
+    Qemu,
+    /// SET_VRING_BASE with the avail index from guest memory (setup_vhost_user without IN_ORDER).
+    CloudHypervisor,
+}
+
+const HOLD_FROM: u64 = 8 << 20;
+
+fn connect_flavor(sock: &Path, flavor: Flavor) -> Session {
+    match flavor {
+        Flavor::Qemu => Session::qemu_connect(sock, 1, true),
+        Flavor::CloudHypervisor => Session::ch_connect(sock, 1),
+    }
+}
+
+/// Posts writes of which some land at or past EXTBLK_HOLD_FROM (carried out, never completed),
+/// waits for the others, SIGKILLs the daemon, restarts it on the same image without the switch,
+/// reconnects as `flavor` with the same inflight memfd, guest memory and rings, and checks that
+/// exactly the held heads come back, each once, and that every write reads back.
+fn held_completions_across_a_crash(name: &str, format: Format, flavor: Flavor) {
+    let s = Scratch::new(name);
+    let img = match format {
+        Format::Raw => raw_image(&s),
+        Format::Extblk => extblk_image(&s),
+    };
+    let sock = s.path("sock");
+    let hold = [("EXTBLK_HOLD_FROM", HOLD_FROM.to_string())];
+    let d = start(&img, &sock, format, 1, &hold);
+    let mut g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+    let mut sess = connect_flavor(&sock, flavor);
+    if !sess.has_inflight() {
+        skip_or_fail(&format!(
+            "{name}: the daemon does not advertise INFLIGHT_SHMFD (protocol features {:?}): \
+             inflight I/O tracking of issue 15 is not in this build",
+            sess.backend_protocol
+        ));
+        return;
+    }
+    let region = match flavor {
+        Flavor::Qemu => sess.qemu_start(&g, None, &[0]),
+        Flavor::CloudHypervisor => sess.ch_setup(&g, None),
+    }
+    .expect("inflight negotiated: a region");
+
+    // 24 writes, one in three held, interleaved in ring order.
+    let mut held = Vec::new();
+    let mut done = Vec::new();
+    let mut all: Vec<(Req, Vec<u8>)> = Vec::new();
+    for i in 0..24u64 {
+        let is_held = i % 3 == 1;
+        let sector = (if is_held { HOLD_FROM / SECTOR } else { 0 }) + i * 128;
+        let data = pattern(1000 + i, 4096);
+        let r = g.post_write(0, sector, &data);
+        if is_held {
+            held.push(r.clone())
+        } else {
+            done.push(r.clone())
+        }
+        all.push((r, data));
+    }
+    g.kick(0);
+    complete(&mut g, &done, "the WRITEs below EXTBLK_HOLD_FROM");
+    let extra = g.settle(0, QUIET);
+    assert!(
+        extra.is_empty(),
+        "EXTBLK_HOLD_FROM={HOLD_FROM} did not hold the writes past it: {extra:?}"
+    );
+    let held_heads: BTreeSet<u16> = held.iter().map(|r| r.head).collect();
+    let marked: BTreeSet<u16> = region.marked(0).into_iter().collect();
+    assert_eq!(
+        marked, held_heads,
+        "the inflight region marks exactly the requests still in flight"
+    );
+    let used_before = g.used_idx(0);
+    assert_eq!(used_before, 16);
+
+    // The crash, and a restart on the same image.
+    let log = d.kill();
+    assert!(!log.contains("panicked"), "{log}");
+    let mut d = start(&img, &sock, format, 1, &[]);
+    let (mut sess, region) = match flavor {
+        Flavor::Qemu => {
+            let mut n = Session::qemu_connect(&sock, 1, true);
+            let base = g.used_idx(0);
+            let r = n.qemu_start(&g, Some(region), &[base]);
+            (n, r)
+        }
+        Flavor::CloudHypervisor => {
+            let mut n = Session::ch_reconnect(&sock, &sess);
+            let r = n.ch_setup(&g, Some(region));
+            (n, r)
+        }
+    };
+    let region = region.expect("the reconnect sends the kept region");
+
+    // No kick: neither frontend sends one after a reconnect, so the daemon must resubmit the
+    // heads still marked by itself.
+    let back = g.wait_used(
+        0,
+        held.len(),
+        WAIT,
+        "the held WRITEs, resubmitted by the restarted daemon on its own",
+    );
+    let back_ids: Vec<u16> = back.iter().map(|u| u.id).collect();
+    let back_set: BTreeSet<u16> = back_ids.iter().copied().collect();
+    assert!(
+        back_ids.len() == held_heads.len() && back_set == held_heads,
+        "after the reconnect the used ring got heads {back_ids:?}; expected exactly the held \
+         {held_heads:?}, each once"
+    );
+    let extra = g.settle(0, QUIET);
+    assert!(
+        extra.is_empty(),
+        "heads used again after the resubmission (a head twice, or one that had completed): \
+         {extra:?}"
+    );
+    for r in &held {
+        assert_eq!(
+            g.status(r),
+            VIRTIO_BLK_S_OK,
+            "status of held head {}",
+            r.head
+        );
+    }
+    assert!(
+        region.marked(0).is_empty(),
+        "heads {:?} still marked in flight after their resubmission completed",
+        region.marked(0)
+    );
+    d.assert_alive("the resubmission");
+
+    // A write posted after the reconnect is taken after the resubmitted ones, once.
+    let data = pattern(77, 4096);
+    let w = g.post_write(0, 3 << 11, &data);
+    g.kick(0);
+    complete(
+        &mut g,
+        std::slice::from_ref(&w),
+        "a WRITE posted after the reconnect",
+    );
+    all.push((w, data));
+    assert!(
+        g.settle(0, QUIET).is_empty(),
+        "a second used entry for the new WRITE"
+    );
+
+    // Every acknowledged write reads back.
+    for (r, data) in &all {
+        let got = read_back(&mut g, 0, r.sector, data.len());
+        assert!(
+            got == *data,
+            "sector {} (head {}, {}) does not read back what was acknowledged",
+            r.sector,
+            r.head,
+            if held_heads.contains(&r.head) {
+                "held, resubmitted"
+            } else {
+                "completed before the crash"
+            }
+        );
+    }
+    let bases = sess.get_bases();
+    assert_eq!(
+        bases[0], g.rings[0].avail_idx,
+        "GET_VRING_BASE after the reconnect"
+    );
+    drop(sess);
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit status {status:?}:\n{log}");
+    assert_eq!(exit_counter(&log, "errors"), 0, "{log}");
+}
+
+#[test]
+fn qemu_reconnect_resubmits_exactly_the_held_writes_raw() {
+    held_completions_across_a_crash("fe-held-qemu-raw", Format::Raw, Flavor::Qemu);
+}
+
+#[test]
+fn qemu_reconnect_resubmits_exactly_the_held_writes_extblk_image() {
+    held_completions_across_a_crash("fe-held-qemu-img", Format::Extblk, Flavor::Qemu);
+}
+
+#[test]
+fn cloud_hypervisor_reconnect_resubmits_exactly_the_held_writes() {
+    held_completions_across_a_crash("fe-held-ch-raw", Format::Raw, Flavor::CloudHypervisor);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Fresh and malformed inflight regions.
+
+/// Connects as QEMU and negotiates features; None (after skip_or_fail) without INFLIGHT_SHMFD.
+fn inflight_session(sock: &Path, what: &str) -> Option<Session> {
+    let mut sess = Session::qemu_connect(sock, 1, true);
+    if !sess.has_inflight() {
+        skip_or_fail(&format!(
+            "{what}: the daemon does not advertise INFLIGHT_SHMFD (protocol features {:?})",
+            sess.backend_protocol
+        ));
+        return None;
+    }
+    let acked = sess.acked;
+    sess.fe().set_features(acked).unwrap();
+    Some(sess)
+}
+
+#[test]
+fn a_fresh_inflight_region_resubmits_nothing_even_with_stale_marks() {
+    let s = Scratch::new("fe-fresh");
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let mut d = start(&img, &sock, Format::Raw, 1, &[]);
+    let Some(mut sess) = inflight_session(&sock, "fresh region") else {
+        return;
+    };
+    let mut g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+    let region = sess.get_inflight(QUEUE_SIZE);
+    // A WRITE the driver had prepared, marked in flight in a region whose version is 0 (never
+    // used by a backend): version 0 means fresh, and a fresh region resubmits nothing.
+    let stale = g.prepare_write(0, 4096, &pattern(5, 4096));
+    region.set_desc(0, stale.head, 1, 1);
+    let region = sess.qemu_start(&g, Some(region), &[0]).unwrap();
+    let got = g.settle(0, QUIET);
+    assert!(
+        got.is_empty(),
+        "a version-0 region had head {} resubmitted: {got:?}",
+        stale.head
+    );
+    assert_eq!(
+        g.status(&stale),
+        STATUS_UNWRITTEN,
+        "the stale request was run"
+    );
+    assert!(
+        read_back(&mut g, 0, 4096, 4096).iter().all(|&b| b == 0),
+        "the stale WRITE reached the disk"
+    );
+    // The region is in use now: a new request is marked and cleared like any other.
+    let data = pattern(6, 4096);
+    let w = g.post_write(0, 8192, &data);
+    g.kick(0);
+    complete(
+        &mut g,
+        std::slice::from_ref(&w),
+        "a WRITE after the fresh region",
+    );
+    assert!(
+        !region.marked(0).contains(&w.head),
+        "head {} still marked after its completion",
+        w.head
+    );
+    assert_eq!(region.used_idx(0), g.used_idx(0), "the region's used_idx");
+    assert!(read_back(&mut g, 0, 8192, 4096) == data);
+    drop(sess);
+    d.assert_alive("a fresh region");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// SET_INFLIGHT_FD of `info` over `file` must be refused (an error reply, or the connection
+/// closed); then the daemon must be alive and serve a new connection.
+fn refused_region(
+    d: &mut Daemon,
+    sess: &mut Session,
+    file: &File,
+    info: VhostUserInflight,
+    what: &str,
+) {
+    let r = sess.fe().set_inflight_fd(&info, file.as_raw_fd());
+    assert!(
+        r.is_err(),
+        "SET_INFLIGHT_FD of {what} (mmap_size {}, offset {}, queue_size {}, fd of {} bytes) was accepted",
+        info.mmap_size,
+        info.mmap_offset,
+        info.queue_size,
+        file.metadata().unwrap().len()
+    );
+    // Whatever the daemon mapped must never be touched past the fd's end: give it a moment to
+    // fault if it would.
+    std::thread::sleep(Duration::from_millis(100));
+    d.assert_alive(what);
+}
+
+#[test]
+fn an_inflight_region_sized_for_a_smaller_queue_is_refused() {
+    let s = Scratch::new("fe-region-size");
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let mut d = start(&img, &sock, Format::Raw, 1, &[]);
+    let Some(mut sess) = inflight_session(&sock, "region size") else {
+        return;
+    };
+    // Sized for queues of 64, claimed for 128: descriptors 64.. would lie past its end.
+    let small = inflight_queue_bytes(QUEUE_SIZE / 2);
+    let file = memfd("extblk-test-inflight", small);
+    let info = VhostUserInflight {
+        mmap_size: small,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: QUEUE_SIZE,
+    };
+    refused_region(
+        &mut d,
+        &mut sess,
+        &file,
+        info,
+        "a region sized for 64 entries, claimed for 128",
+    );
+    drop(sess);
+    normal_session(&sock, 1, "after a wrongly sized inflight region");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn an_inflight_fd_shorter_than_offset_plus_size_is_refused() {
+    let s = Scratch::new("fe-region-short");
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let mut d = start(&img, &sock, Format::Raw, 1, &[]);
+    let size = inflight_queue_bytes(QUEUE_SIZE);
+    // (fd length, offset): half the region; the whole region but starting a page in.
+    for (len, offset) in [(size / 2, 0), (size, 4096)] {
+        let what = format!("an fd of {len} bytes for {size} bytes at offset {offset}");
+        let Some(mut sess) = inflight_session(&sock, &what) else {
+            return;
+        };
+        let file = memfd("extblk-test-inflight", len);
+        let info = VhostUserInflight {
+            mmap_size: size,
+            mmap_offset: offset,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        };
+        refused_region(&mut d, &mut sess, &file, info, &what);
+        drop(sess);
+        normal_session(&sock, 1, &format!("after {what}"));
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
