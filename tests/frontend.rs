@@ -594,3 +594,86 @@ fn an_inflight_fd_shorter_than_offset_plus_size_is_refused() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. cloud-hypervisor's message sequence and its reconnect.
+
+#[test]
+fn cloud_hypervisor_sequence_and_reconnect_keep_the_data() {
+    let s = Scratch::new("fe-ch");
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let d = start(&img, &sock, Format::Raw, 2, &[]);
+    let mut g = Guest::new(LAYOUT, 2, QUEUE_SIZE);
+    let mut sess = Session::ch_connect(&sock, 2);
+    assert_eq!(sess.capacity(), DISK);
+    let region = sess.ch_setup(&g, None);
+    assert_eq!(
+        region.is_some(),
+        sess.backend_protocol
+            .contains(vhost::vhost_user::message::VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        "cloud-hypervisor takes inflight tracking whenever the daemon offers it"
+    );
+    let mut model: Vec<(u64, Vec<u8>)> = Vec::new();
+    let round = |g: &mut Guest, model: &mut Vec<(u64, Vec<u8>)>, seed: u64, what: &str| {
+        for q in 0..2 {
+            let mut reqs = Vec::new();
+            for i in 0..8u64 {
+                // Half the sectors are rewritten each round, half are new.
+                let sector = (q as u64 * 8 + i) * 128 + if i % 2 == 0 { 0 } else { seed * 4096 };
+                let data = pattern(seed * 100 + q as u64 * 8 + i, 4096);
+                reqs.push(g.post_write(q, sector, &data));
+                model.retain(|(s, _)| *s != sector);
+                model.push((sector, data));
+            }
+            g.kick(q);
+            complete(g, &reqs, &format!("{what}: 8 WRITEs on queue {q}"));
+        }
+    };
+    round(&mut g, &mut model, 1, "before the reconnect");
+
+    // The daemon dies (nothing in flight); cloud-hypervisor sees EPOLLHUP and reconnects to the
+    // restarted daemon with the same guest memory, rings and inflight region.
+    let log = d.kill();
+    assert!(!log.contains("panicked"), "{log}");
+    let mut d = start(&img, &sock, Format::Raw, 2, &[]);
+    let mut sess = Session::ch_reconnect(&sock, &sess);
+    let region = sess.ch_setup(&g, region);
+    assert!(
+        g.settle(0, QUIET).is_empty() && g.settle(1, QUIET).is_empty(),
+        "nothing was in flight: nothing may be used again"
+    );
+    round(&mut g, &mut model, 2, "after the reconnect");
+    for (k, (sector, data)) in model.iter().enumerate() {
+        let got = read_back(&mut g, k % 2, *sector, data.len());
+        assert!(
+            got == *data,
+            "sector {sector} does not read back after cloud-hypervisor's reconnect"
+        );
+    }
+    if let Some(region) = &region {
+        for q in 0..2 {
+            assert!(
+                region.marked(q).is_empty(),
+                "queue {q}: marks left {:?}",
+                region.marked(q)
+            );
+        }
+    }
+    // cloud-hypervisor's reset_vhost_user: SET_VRING_ENABLE 0, then GET_VRING_BASE.
+    for q in 0..2 {
+        sess.fe().set_vring_enable(q, false).unwrap();
+        let base = sess.fe().get_vring_base(q).unwrap() as u16;
+        assert_eq!(base, g.rings[q].avail_idx, "queue {q}: GET_VRING_BASE");
+    }
+    drop(sess);
+    d.assert_alive("cloud-hypervisor's session");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(exit_counter(&log, "errors"), 0, "{log}");
+    assert_eq!(
+        exit_counter(&log, "writes"),
+        16,
+        "the restarted daemon's writes: {log}"
+    );
+    assert_quiet_log(&log);
+}
