@@ -677,3 +677,326 @@ fn cloud_hypervisor_sequence_and_reconnect_keep_the_data() {
     );
     assert_quiet_log(&log);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. Hostile rings.
+
+/// A raw daemon with one queue and a QEMU session on it (`event_idx` as the guest acks).
+fn hostile_setup(
+    name: &str,
+    event_idx: bool,
+    env: &[(&str, String)],
+) -> (Scratch, Daemon, Guest, Session) {
+    let s = Scratch::new(name);
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let d = start(&img, &sock, Format::Raw, 1, env);
+    let g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+    let mut sess = Session::qemu_connect(&sock, 1, event_idx);
+    sess.qemu_start(&g, None, &[0]);
+    (s, d, g, sess)
+}
+
+/// After the hostile part: the connection is closed, the daemon is alive, a new connection is
+/// served normally, and SIGTERM ends the daemon cleanly (nothing left hanging in a drain).
+fn after_hostile(s: &Scratch, mut d: Daemon, sess: Session, what: &str) {
+    drop(sess);
+    d.assert_alive(what);
+    normal_session(&s.path("sock"), 1, &format!("after {what}"));
+    d.assert_alive(what);
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit after {what}: {status:?}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The chain at `head` must be answered: a used entry for it, with length 0 (nothing could be
+/// written) or an IOERR/UNSUPP status at `status`.
+fn assert_answered(g: &mut Guest, head: u16, status: Option<u64>, what: &str) {
+    let used = g.wait_used(0, 1, WAIT, what);
+    assert_eq!(used[0].id, head, "{what}: used head");
+    let st = status.map(|a| g.read_u8(a));
+    assert!(
+        used[0].len == 0 || matches!(st, Some(VIRTIO_BLK_S_IOERR | VIRTIO_BLK_S_UNSUPP)),
+        "{what}: answered with used length {} and status {st:?}",
+        used[0].len
+    );
+    assert!(
+        g.settle(0, Duration::from_millis(100)).is_empty(),
+        "{what}: answered twice"
+    );
+}
+
+/// The queue still serves a normal WRITE and READ.
+fn assert_queue_works(g: &mut Guest, what: &str) {
+    let data = pattern(0x51, 4096);
+    let w = g.post_write(0, 777 * 8, &data);
+    g.kick(0);
+    complete(g, &[w], &format!("a normal WRITE after {what}"));
+    assert!(read_back(g, 0, 777 * 8, 4096) == data, "READ after {what}");
+}
+
+/// A header for a WRITE of sector 0, and a status byte, in guest memory.
+fn header_and_status(g: &mut Guest) -> (u64, u64) {
+    let hdr = g.alloc(16, false);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    g.write(hdr, &h);
+    let st = g.alloc(1, false);
+    g.write(st, &[STATUS_UNWRITTEN]);
+    (hdr, st)
+}
+
+/// An address no guest region covers.
+const WILD: u64 = 0xdead_0000_0000;
+
+#[test]
+fn descriptor_loops_are_answered_and_the_queue_goes_on() {
+    let (s, d, mut g, sess) = hostile_setup("fe-loop", true, &[]);
+    // Header and status descriptors pointing at each other: the chain never ends by itself.
+    let (hdr, st) = header_and_status(&mut g);
+    let x = g.reserve_desc(0, 2);
+    g.set_desc(0, x[0], hdr, 16, VIRTQ_DESC_F_NEXT, x[1]);
+    g.set_desc(0, x[1], st, 1, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, x[0]);
+    g.push_avail(0, x[0]);
+    g.kick(0);
+    assert_answered(&mut g, x[0], Some(st), "a two-descriptor loop");
+    // A descriptor that is its own next.
+    let (hdr, _) = header_and_status(&mut g);
+    let y = g.reserve_desc(0, 1);
+    g.set_desc(0, y[0], hdr, 16, VIRTQ_DESC_F_NEXT, y[0]);
+    g.push_avail(0, y[0]);
+    g.kick(0);
+    assert_answered(&mut g, y[0], None, "a descriptor chained to itself");
+    // A next index past the descriptor table.
+    let (hdr, _) = header_and_status(&mut g);
+    let z = g.reserve_desc(0, 1);
+    g.set_desc(0, z[0], hdr, 16, VIRTQ_DESC_F_NEXT, 0xffff);
+    g.push_avail(0, z[0]);
+    g.kick(0);
+    assert_answered(&mut g, z[0], None, "a next index past the table");
+    assert_queue_works(&mut g, "descriptor loops");
+    after_hostile(&s, d, sess, "descriptor loops");
+}
+
+#[test]
+fn indirect_tables_and_buffers_outside_guest_memory_are_answered() {
+    let (s, d, mut g, sess) = hostile_setup("fe-indirect", true, &[]);
+    let region0_end = LAYOUT[0].1;
+    // An indirect table in no guest region.
+    let a = g.reserve_desc(0, 1);
+    g.set_desc(0, a[0], WILD, 64, VIRTQ_DESC_F_INDIRECT, 0);
+    g.push_avail(0, a[0]);
+    g.kick(0);
+    assert_answered(&mut g, a[0], None, "an indirect table outside guest memory");
+    // A table whose first two entries are the last bytes of RAM and the rest past its end.
+    let (hdr, _) = header_and_status(&mut g);
+    let table = region0_end - 32;
+    g.write_desc_at(table, hdr, 16, VIRTQ_DESC_F_NEXT, 1);
+    g.write_desc_at(table + 16, hdr, 16, VIRTQ_DESC_F_NEXT, 2);
+    let b = g.reserve_desc(0, 1);
+    g.set_desc(0, b[0], table, 64, VIRTQ_DESC_F_INDIRECT, 0);
+    g.push_avail(0, b[0]);
+    g.kick(0);
+    assert_answered(
+        &mut g,
+        b[0],
+        None,
+        "an indirect table running off the end of RAM",
+    );
+    // An indirect table inside an indirect table, and one of a length no table has.
+    let (hdr, st) = header_and_status(&mut g);
+    let inner = g.alloc(48, false);
+    g.write_desc_at(inner, hdr, 16, VIRTQ_DESC_F_NEXT, 1);
+    g.write_desc_at(inner + 16, st, 1, VIRTQ_DESC_F_WRITE, 0);
+    let outer = g.alloc(16, false);
+    g.write_desc_at(outer, inner, 32, VIRTQ_DESC_F_INDIRECT, 0);
+    let c = g.reserve_desc(0, 2);
+    g.set_desc(0, c[0], outer, 16, VIRTQ_DESC_F_INDIRECT, 0);
+    g.set_desc(0, c[1], inner, 24, VIRTQ_DESC_F_INDIRECT, 0);
+    g.push_avail(0, c[0]);
+    g.push_avail(0, c[1]);
+    g.kick(0);
+    let used = g.wait_used(0, 2, WAIT, "a nested indirect table and a 24-byte one");
+    let mut ids: Vec<u16> = used.iter().map(|u| u.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![c[0], c[1]]);
+    for u in &used {
+        assert!(
+            u.len == 0 || g.read_u8(st) != VIRTIO_BLK_S_OK,
+            "a malformed indirect chain succeeded: {u:?}"
+        );
+    }
+    // A data buffer outside guest memory: IOERR.
+    let (hdr, st) = header_and_status(&mut g);
+    let e = g.reserve_desc(0, 3);
+    g.set_desc(0, e[0], hdr, 16, VIRTQ_DESC_F_NEXT, e[1]);
+    g.set_desc(0, e[1], WILD, 4096, VIRTQ_DESC_F_NEXT, e[2]);
+    g.set_desc(0, e[2], st, 1, VIRTQ_DESC_F_WRITE, 0);
+    g.push_avail(0, e[0]);
+    g.kick(0);
+    assert_answered(&mut g, e[0], Some(st), "a data buffer outside guest memory");
+    assert_eq!(
+        g.read_u8(st),
+        VIRTIO_BLK_S_IOERR,
+        "a data buffer outside guest memory"
+    );
+    assert_queue_works(&mut g, "wild indirect tables");
+    after_hostile(&s, d, sess, "wild indirect tables");
+}
+
+/// Posts, through one indirect descriptor, a WRITE of sector 0 as a chain of `n` descriptors:
+/// header, n - 2 data segments of 512 bytes, status. Returns the head, the status address and the
+/// data written.
+fn post_indirect_write(g: &mut Guest, n: usize, seed: u64) -> (u16, u64, Vec<u8>) {
+    let (hdr, st) = header_and_status(g);
+    let segs = n as u64 - 2;
+    let data = pattern(seed, 512 * segs as usize);
+    let buf = g.alloc(512 * segs, false);
+    g.write(buf, &data);
+    let table = g.alloc(16 * n as u64, false);
+    g.write_desc_at(table, hdr, 16, VIRTQ_DESC_F_NEXT, 1);
+    for i in 1..=segs {
+        let next = i as u16 + 1;
+        g.write_desc_at(
+            table + 16 * i,
+            buf + 512 * (i - 1),
+            512,
+            VIRTQ_DESC_F_NEXT,
+            next,
+        );
+    }
+    g.write_desc_at(table + 16 * (segs + 1), st, 1, VIRTQ_DESC_F_WRITE, 0);
+    let h = g.reserve_desc(0, 1)[0];
+    g.set_desc(0, h, table, 16 * n as u32, VIRTQ_DESC_F_INDIRECT, 0);
+    g.push_avail(0, h);
+    g.kick(0);
+    (h, st, data)
+}
+
+#[test]
+fn chains_longer_than_the_queue_are_served_up_to_seg_max_and_refused_past_it() {
+    let (s, d, mut g, mut sess) = hostile_setup("fe-long", true, &[]);
+    let cfg = sess.config();
+    let seg_max = u32::from_le_bytes(cfg[12..16].try_into().unwrap()) as usize;
+    // An indirect chain longer than this 128-entry ring but within the advertised seg_max: a
+    // Linux guest builds such chains (with indirect descriptors its requests are bounded by
+    // seg_max, not by the ring), so they must be served.
+    let n = usize::from(QUEUE_SIZE) + 8;
+    assert!(n <= seg_max + 2, "the daemon advertises seg_max {seg_max}");
+    let (h, st, data) = post_indirect_write(&mut g, n, 9);
+    let used = g.wait_used(0, 1, WAIT, "a WRITE chain of queue size + 8 descriptors");
+    assert_eq!((used[0].id, g.read_u8(st)), (h, VIRTIO_BLK_S_OK));
+    assert!(
+        read_back(&mut g, 0, 0, data.len()) == data,
+        "the long chain's data"
+    );
+    // One descriptor more than the device allows (seg_max data segments, header, status): it
+    // is answered (today with a used length of 0: the status descriptor is past the limit and
+    // never looked at) and not carried out.
+    let (h, st, _) = post_indirect_write(&mut g, seg_max + 3, 10);
+    assert_answered(&mut g, h, Some(st), "a chain of seg_max + 3 descriptors");
+    assert!(
+        read_back(&mut g, 0, 0, data.len()) == data,
+        "a chain past seg_max was carried out"
+    );
+    assert_queue_works(&mut g, "over-long chains");
+    after_hostile(&s, d, sess, "over-long chains");
+}
+
+/// The driver publishes an avail index far ahead of what it wrote (more than a ring's worth).
+fn avail_index_jump(event_idx: bool) {
+    let name = if event_idx { "fe-jump-ei" } else { "fe-jump" };
+    // virtio-queue logs an error each time it meets such a ring; a daemon that looped over it
+    // would fill the disk with that line, so it is kept out of this test's log.
+    let quiet = [("RUST_LOG", "debug,virtio_queue=off".to_string())];
+    let (s, d, mut g, sess) = hostile_setup(name, event_idx, &quiet);
+    let w = g.post_write(0, 0, &pattern(1, 4096));
+    g.kick(0);
+    complete(&mut g, &[w], "a WRITE before the jump");
+    let jump = g.rings[0].avail_idx.wrapping_add(QUEUE_SIZE + 100);
+    g.set_avail_idx(0, jump);
+    g.kick(0);
+    // Nothing sensible can be taken from such a ring; whatever the daemon does with this queue,
+    // it must not run heads that were never published.
+    let got = g.settle(0, QUIET);
+    assert!(got.len() <= usize::from(QUEUE_SIZE), "{got:?}");
+    // Stopping the queue means not spinning on it either.
+    let before = d.cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = d.cpu_time() - before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "the daemon used {spent:?} of CPU in the second after an avail index jump (EVENT_IDX \
+         {event_idx}): it is spinning on the queue"
+    );
+    after_hostile(
+        &s,
+        d,
+        sess,
+        &format!("an avail index jump (EVENT_IDX {event_idx})"),
+    );
+}
+
+#[test]
+fn an_avail_index_jump_stops_the_queue_not_the_daemon() {
+    avail_index_jump(false);
+}
+
+#[test]
+#[ignore = "daemon bug, left to the lead: with EVENT_IDX the queue thread spins on such a ring \
+            (process_vring goes on while enable_notification reports work that \
+            pop_descriptor_chain refuses) and the next connection is never served; remove this \
+            ignore with the fix"]
+fn an_avail_index_jump_with_event_idx_stops_the_queue_not_the_daemon() {
+    avail_index_jump(true);
+}
+
+#[test]
+fn a_used_ring_outside_guest_memory_is_refused_or_never_written() {
+    // (1) SET_VRING_ADDR with a used ring at an address of no region: refused, or at least
+    // never served.
+    let s = Scratch::new("fe-used-wild");
+    let (img, sock) = (raw_image(&s), s.path("sock"));
+    let mut d = start(&img, &sock, Format::Raw, 1, &[]);
+    {
+        let mut g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+        let mut sess = Session::qemu_connect(&sock, 1, true);
+        let over = AddrOverride {
+            used_va: Some(g.va_outside()),
+        };
+        match sess.try_qemu_start(&g, None, &[0], over) {
+            Err(e) => println!("used ring outside guest memory refused: {e}"),
+            Ok(_) => {
+                let _w = g.post_write(0, 0, &pattern(2, 4096));
+                g.kick(0);
+                std::thread::sleep(QUIET);
+            }
+        }
+        drop(sess);
+        d.assert_alive("a used ring outside guest memory");
+        normal_session(&sock, 1, "after a used ring outside guest memory");
+    }
+    // (2) A used ring whose index is the last word of RAM and whose elements lie past it.
+    {
+        let mut g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+        g.rings[0].used = LAYOUT[0].1 - 4;
+        let mut sess = Session::qemu_connect(&sock, 1, true);
+        match sess.try_qemu_start(&g, None, &[0], AddrOverride::default()) {
+            Err(e) => println!("used ring running off RAM refused: {e}"),
+            Ok(_) => {
+                let w = g.post_write(0, 0, &pattern(3, 4096));
+                g.kick(0);
+                let got = g.settle(0, QUIET);
+                assert!(
+                    got.is_empty(),
+                    "a used entry appeared where none can be written: {got:?}"
+                );
+                let _ = w;
+            }
+        }
+        drop(sess);
+        d.assert_alive("a used ring running off the end of RAM");
+        normal_session(&sock, 1, "after a used ring running off the end of RAM");
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
