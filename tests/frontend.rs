@@ -843,6 +843,64 @@ fn indirect_tables_and_buffers_outside_guest_memory_are_answered() {
     after_hostile(&s, d, sess, "wild indirect tables");
 }
 
+#[test]
+fn descriptors_at_the_top_of_the_address_space_are_answered() {
+    let (s, d, mut g, sess) = hostile_setup("fe-top", true, &[]);
+    // A data buffer that would wrap past 2^64: IOERR.
+    let (hdr, st) = header_and_status(&mut g);
+    let e = g.reserve_desc(0, 3);
+    g.set_desc(0, e[0], hdr, 16, VIRTQ_DESC_F_NEXT, e[1]);
+    g.set_desc(0, e[1], u64::MAX - 100, 4096, VIRTQ_DESC_F_NEXT, e[2]);
+    g.set_desc(0, e[2], st, 1, VIRTQ_DESC_F_WRITE, 0);
+    g.push_avail(0, e[0]);
+    g.kick(0);
+    assert_answered(&mut g, e[0], Some(st), "a data buffer wrapping past 2^64");
+    assert_eq!(
+        g.read_u8(st),
+        VIRTIO_BLK_S_IOERR,
+        "a data buffer wrapping past 2^64"
+    );
+    // A status descriptor whose last byte lies past 2^64: there is nowhere to put a status.
+    let (hdr, _) = header_and_status(&mut g);
+    let f = g.reserve_desc(0, 2);
+    g.set_desc(0, f[0], hdr, 16, VIRTQ_DESC_F_NEXT, f[1]);
+    g.set_desc(0, f[1], u64::MAX, 2, VIRTQ_DESC_F_WRITE, 0);
+    g.push_avail(0, f[0]);
+    g.kick(0);
+    assert_answered(&mut g, f[0], None, "a status descriptor wrapping past 2^64");
+    // A header in the last bytes of the address space, and an indirect table there.
+    let (_, st) = header_and_status(&mut g);
+    let h = g.reserve_desc(0, 3);
+    g.set_desc(0, h[0], u64::MAX - 3, 16, VIRTQ_DESC_F_NEXT, h[1]);
+    g.set_desc(0, h[1], st, 1, VIRTQ_DESC_F_WRITE, 0);
+    g.set_desc(0, h[2], u64::MAX - 15, 32, VIRTQ_DESC_F_INDIRECT, 0);
+    g.push_avail(0, h[0]);
+    g.push_avail(0, h[2]);
+    g.kick(0);
+    let used = g.wait_used(
+        0,
+        2,
+        WAIT,
+        "a header and an indirect table at the top of memory",
+    );
+    let header = used
+        .iter()
+        .find(|u| u.id == h[0])
+        .expect("the header's chain answered");
+    let table = used
+        .iter()
+        .find(|u| u.id == h[2])
+        .expect("the table's chain answered");
+    assert_eq!(
+        g.read_u8(st),
+        VIRTIO_BLK_S_IOERR,
+        "a header past the end of memory: {header:?}"
+    );
+    assert_eq!(table.len, 0, "an indirect table past the end of memory");
+    assert_queue_works(&mut g, "descriptors at the top of the address space");
+    after_hostile(&s, d, sess, "descriptors at the top of the address space");
+}
+
 /// Posts, through one indirect descriptor, a WRITE of sector 0 as a chain of `n` descriptors:
 /// header, n - 2 data segments of 512 bytes, status. Returns the head, the status address and the
 /// data written.
