@@ -321,9 +321,10 @@ where
         }
     }
 
-    // The status byte is the last writable byte. Without it nothing can be reported.
+    // The status byte is the last writable byte. Without it nothing can be reported; a
+    // descriptor whose last byte lies past 2^64 has none (its address would wrap).
     let status = match writable.last_mut() {
-        Some(last) if last.len > 0 => {
+        Some(last) if last.len > 0 && last.addr.checked_add(u64::from(last.len) - 1).is_some() => {
             last.len -= 1;
             let addr = last.addr.unchecked_add(u64::from(last.len));
             if last.len == 0 {
