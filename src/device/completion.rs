@@ -54,6 +54,8 @@ pub struct QueueShared {
     pub started: AtomicBool,
     /// The inflight counter the next popped head takes (the region's order of pops).
     pub next_counter: AtomicU64,
+    /// The guest broke the ring (an impossible avail index) on this connection: logged once.
+    pub broken: AtomicBool,
 }
 
 impl QueueShared {
@@ -65,6 +67,7 @@ impl QueueShared {
             counters,
             started: AtomicBool::new(false),
             next_counter: AtomicU64::new(1),
+            broken: AtomicBool::new(false),
         }
     }
 

@@ -17,6 +17,7 @@ pub mod request;
 mod tests;
 
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,6 +56,17 @@ const STOP_VRING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a wait for requests in flight (drain, `stop_vring`) looks again: completions come
 /// from other threads with no event to wait on here, and 1 ms is short beside a request's I/O.
 const INFLIGHT_POLL: Duration = Duration::from_millis(1);
+
+/// Why [`BlockDevice::drain_avail`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drained {
+    /// No chain left on the ring.
+    Empty,
+    /// The ring's avail index is impossible: nothing can be taken until a reset.
+    Broken,
+    /// The device stopped taking requests (shutdown).
+    Stopped,
+}
 
 /// Device settings from the command line.
 #[derive(Clone, Debug)]
@@ -242,6 +254,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             .unwrap_or_else(|e| e.into_inner()) = None;
         for q in &self.inner.shared {
             q.started.store(false, Ordering::Release);
+            q.broken.store(false, Ordering::Relaxed);
         }
     }
 
@@ -296,7 +309,12 @@ impl<E: BlockEngine> BlockDevice<E> {
                 if let Err(e) = vring.disable_notification() {
                     log::warn!("queue {q}: cannot disable notifications: {e}");
                 }
-                self.drain_avail(q, vring, &mut mem);
+                if self.drain_avail(q, vring, &mut mem) == Drained::Broken {
+                    // More "available" entries than the ring holds: nothing can be taken, and
+                    // enable_notification would report work for ever. The queue waits for the
+                    // frontend to reset it (a new connection).
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) if self.inner.accepting.load(Ordering::Acquire) => continue,
                     Ok(_) => break,
@@ -311,9 +329,11 @@ impl<E: BlockEngine> BlockDevice<E> {
         }
     }
 
-    fn drain_avail(&self, q: usize, vring: &Vring, snapshot: &mut (u64, Arc<GuestMem>)) {
+    /// Takes and dispatches every available chain; says why it stopped.
+    fn drain_avail(&self, q: usize, vring: &Vring, snapshot: &mut (u64, Arc<GuestMem>)) -> Drained {
         // Fixed for the connection once its queues run (SET_INFLIGHT_FD comes before).
         let region = self.inflight_region();
+        let mut end = Drained::Stopped;
         while self.inner.accepting.load(Ordering::Acquire) {
             if self.inner.mem_generation.load(Ordering::Acquire) != snapshot.0 {
                 match self.memory() {
@@ -324,7 +344,24 @@ impl<E: BlockEngine> BlockDevice<E> {
             let mem = &snapshot.1;
             let chain = {
                 let mut st = vring.get_mut();
-                let chain = st.get_queue_mut().pop_descriptor_chain(&**mem);
+                let queue = st.get_queue_mut();
+                let chain = queue.pop_descriptor_chain(&**mem);
+                if chain.is_none() {
+                    end = match queue.avail_idx(&**mem, Ordering::Acquire) {
+                        Ok(a) if (a - Wrapping(queue.next_avail())).0 > queue.size() => {
+                            if !self.inner.shared[q].broken.swap(true, Ordering::Relaxed) {
+                                log::error!(
+                                    "queue {q}: the guest's avail index {} is more than a ring \
+                                     ahead of {}: the queue stops until it is reset",
+                                    a.0,
+                                    queue.next_avail()
+                                );
+                            }
+                            Drained::Broken
+                        }
+                        _ => Drained::Empty,
+                    };
+                }
                 // Marked under the same lock as the pop: a head is either still on the avail
                 // ring or recorded as in flight.
                 if let (Some(c), Some(qr)) = (&chain, region.as_deref().and_then(|r| r.queue(q))) {
@@ -341,6 +378,7 @@ impl<E: BlockEngine> BlockDevice<E> {
         }
         // One io_uring_enter for the whole batch.
         lock(&self.inner.queues[q]).submit_batch();
+        end
     }
 
     /// The first processing of queue `q` on a connection: the ring's used index as the guest
