@@ -302,15 +302,19 @@ where
     let mut writable = Vec::new();
     let mut order_error = false;
     let mut count = 0usize;
+    let mut last_past_limit: Option<Option<GuestRange>> = None;
     for desc in descs {
         count += 1;
-        if count > max_descriptors {
-            continue;
-        }
         let r = GuestRange {
             addr: desc.addr,
             len: desc.len,
         };
+        if count > max_descriptors {
+            // Not collected, but the chain's last descriptor still carries the status byte
+            // the refusal is reported in (if it is writable).
+            last_past_limit = Some(desc.write_only.then_some(r));
+            continue;
+        }
         if desc.write_only {
             writable.push(r);
         } else {
@@ -321,6 +325,9 @@ where
         }
     }
 
+    if let Some(last) = last_past_limit {
+        writable = last.into_iter().collect();
+    }
     // The status byte is the last writable byte. Without it nothing can be reported; a
     // descriptor whose last byte lies past 2^64 has none (its address would wrap).
     let status = match writable.last_mut() {

@@ -230,6 +230,15 @@ fn every_malformed_chain_gets_the_right_status() {
         err_of(&mem, &long, &l),
         RequestError::TooManyDescriptors(_)
     ));
+    // The refusal is reported in the chain's real status byte, past the limit, never in a
+    // data buffer.
+    assert_eq!(
+        parse_chain(&mem, &long, &l).status,
+        Some(GuestAddress(STATUS))
+    );
+    let mut no_status = long.clone();
+    *no_status.last_mut().unwrap() = ro(STATUS, 1);
+    assert_eq!(parse_chain(&mem, &no_status, &l).status, None);
     assert_eq!(
         err_of(&mem, &[ro(HDR, 16), wo(BUF, 128 * 1024), wo(STATUS, 1)], &l),
         RequestError::SegmentTooLarge(128 * 1024)
