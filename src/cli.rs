@@ -185,6 +185,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_alloc_unit)]
     pub alloc_unit: u64,
 
+    /// Where an extblk image keeps the changes acknowledged but not yet committed, so that a
+    /// daemon killed and restarted on a running host loses no completed write, write-zeroes or
+    /// discard (applied at the next start, then emptied). Default: /run/extblk/<UUID>.log as
+    /// root, else $XDG_RUNTIME_DIR/extblk/<UUID>.log (a tmpfs: gone after a reboot, when the
+    /// journal alone decides, as for any write-back cache). `none` switches it off.
+    #[arg(long, value_name = "PATH|none")]
+    pub restart_log: Option<PathBuf>,
+
     /// Number of virtqueues, each served by its own thread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
@@ -212,7 +220,7 @@ pub struct ServeArgs {
     pub image: PathBuf,
 }
 
-use crate::engine::image::HotPath;
+use crate::engine::image::{HotPath, RestartLogAt};
 
 /// `--hot-path` as clap parses it, mapped onto the engine's [`HotPath`] (the engine knows
 /// nothing of the command line).
@@ -319,6 +327,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
                 hot_path,
                 alloc_unit: a.alloc_unit,
+                restart_log: match a.restart_log {
+                    Some(p) if p.as_os_str() == "none" => RestartLogAt::Off,
+                    Some(p) => RestartLogAt::File(p),
+                    None => serve::default_restart_log(),
+                },
                 socket: a.socket,
                 image: a.image,
                 read_only: a.readonly,

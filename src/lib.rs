@@ -34,6 +34,7 @@ pub mod io;
 pub mod jbd2;
 pub mod mapping;
 pub mod repair;
+pub mod restart_log;
 pub mod rng;
 pub mod serve;
 #[cfg(feature = "testing")]

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::relay::{self, PrivateSocket};
 use crate::device::request::ID_BYTES;
 use crate::device::{BlockDevice, DeviceOptions};
-use crate::engine::image::ImageEngine;
+use crate::engine::image::{ImageEngine, RestartLogAt};
 use crate::engine::raw::RawEngine;
 use crate::engine::{BlockEngine, EngineError};
 use crate::ext4::FormatError;
@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub hot_path: crate::engine::image::HotPath,
     /// Blocks an allocating write claims at least (extblk images).
     pub alloc_unit: u64,
+    /// Where an extblk image's restart log lives (`--restart-log`).
+    pub restart_log: RestartLogAt,
     pub socket: PathBuf,
     pub image: PathBuf,
     pub read_only: bool,
@@ -109,6 +111,25 @@ fn serial_bytes(serial: Option<&str>, image: &Path) -> [u8; ID_BYTES] {
     let n = s.len().min(ID_BYTES);
     id[..n].copy_from_slice(&s[..n]);
     id
+}
+
+/// The restart log's default place: `/run/extblk` for root, `$XDG_RUNTIME_DIR/extblk`
+/// otherwise — tmpfs on systemd hosts, so a log outlives the daemon but not the host. Without
+/// either the daemon serves without one, and says so.
+pub fn default_restart_log() -> RestartLogAt {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return RestartLogAt::InDir(PathBuf::from("/run/extblk"));
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => RestartLogAt::InDir(PathBuf::from(d).join("extblk")),
+        _ => {
+            log::warn!(
+                "no XDG_RUNTIME_DIR: serving without a restart log (a killed daemon loses the                  writes acknowledged since the last commit); pass --restart-log PATH"
+            );
+            RestartLogAt::Off
+        }
+    }
 }
 
 /// Checks the socket path and binds it with mode 0600.
@@ -210,6 +231,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             crate::engine::image::HotPath::Fast
         },
         alloc_unit: opts.alloc_unit,
+        restart_log: opts.restart_log.clone(),
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
         ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {

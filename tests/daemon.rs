@@ -1769,3 +1769,256 @@ fn image_a_write_of_more_segments_than_iov_max_is_served() {
     assert!(!log.contains("aborting the journal"), "{log}");
     image_clean(&img);
 }
+
+/// The disk as 4 KiB blocks a test wrote (never-written blocks read as zeroes).
+#[derive(Default)]
+struct BlockModel(std::collections::BTreeMap<u64, Vec<u8>>);
+
+impl BlockModel {
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let mut at = 0usize;
+        while at < data.len() {
+            let o = off + at as u64;
+            let (blk, inner) = (o / 4096, (o % 4096) as usize);
+            let n = (4096 - inner).min(data.len() - at);
+            let b = self.0.entry(blk).or_insert_with(|| vec![0u8; 4096]);
+            b[inner..inner + n].copy_from_slice(&data[at..at + n]);
+            at += n;
+        }
+    }
+
+    fn zero(&mut self, off: u64, len: u64) {
+        self.write(off, &vec![0u8; len as usize]);
+    }
+
+    /// Blocks reading otherwise than the model: (block, reads all zeroes).
+    fn mismatches(&self, c: &mut Client) -> Vec<(u64, bool)> {
+        let mut bad = Vec::new();
+        for (&blk, want) in &self.0 {
+            let got = c.read(0, blk * 4096, 4096).unwrap();
+            if &got != want {
+                bad.push((blk, got.iter().all(|&b| b == 0)));
+            }
+        }
+        bad
+    }
+}
+
+/// Serves `img` with `log_args`, runs `work` (which must never FLUSH) on a model, SIGKILLs
+/// the daemon once every request is acknowledged, restarts it with the same arguments and
+/// returns the blocks that read back otherwise than acknowledged, and the restart's log.
+fn acknowledged_then_killed(
+    img: &Path,
+    sock: &Path,
+    log_args: &[&str],
+    prepare: impl FnOnce(&mut Client, &mut BlockModel),
+    work: impl FnOnce(&mut Client, &mut BlockModel),
+) -> (Vec<(u64, bool)>, String) {
+    let mut args = vec!["--commit-interval", "3600"];
+    args.extend_from_slice(log_args);
+    let d = Daemon::start_image(img, sock, &args);
+    let mut c = Client::connect(sock, 1);
+    let mut model = BlockModel::default();
+    prepare(&mut c, &mut model);
+    work(&mut c, &mut model);
+    drop(c);
+    let _ = d.kill();
+    let d = Daemon::start_image(img, sock, &args);
+    let mut c = Client::connect(sock, 1);
+    let bad = model.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    (bad, log)
+}
+
+/// Allocating writes of every shape, all acknowledged, none flushed: 4 KiB and 64 KiB writes
+/// into holes, sub-block writes into fresh and into written blocks, overwrites.
+fn unflushed_writes(c: &mut Client, m: &mut BlockModel) {
+    let mut rng = Rng::new(15);
+    let blocks = (64 << 20) / 4096;
+    let mut offs = Vec::new();
+    for i in 0..300u64 {
+        let off = rng.below(blocks) * 4096;
+        let data = pattern(100 + i, 4096);
+        assert_eq!(c.write(0, off, &data), 0);
+        m.write(off, &data);
+        offs.push(off);
+    }
+    for i in 0..20u64 {
+        let off = rng.below(blocks / 16) * 65536;
+        let data = pattern(1000 + i, 65536);
+        assert_eq!(c.write(0, off, &data), 0);
+        m.write(off, &data);
+    }
+    for i in 0..40u64 {
+        let off = if i % 2 == 0 {
+            offs[i as usize] + rng.below(8) * 512
+        } else {
+            rng.below(blocks * 8) * 512
+        };
+        let data = pattern(2000 + i, 512);
+        assert_eq!(c.write(0, off, &data), 0);
+        m.write(off, &data);
+    }
+    for i in 0..50u64 {
+        let off = offs[(i * 5) as usize];
+        let data = pattern(3000 + i, 4096);
+        assert_eq!(c.write(0, off, &data), 0);
+        m.write(off, &data);
+    }
+}
+
+#[test]
+fn image_acknowledged_writes_survive_sigkill_without_any_flush() {
+    let s = Scratch::new("img-rlog-w");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    create_image(&img, "64M");
+    let rl = rlog.to_str().unwrap();
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &["--restart-log", rl],
+        |_, _| {},
+        unflushed_writes,
+    );
+    assert!(bad.is_empty(), "acknowledged blocks lost: {bad:?}\n{log}");
+    assert!(log.contains("applied and committed"), "{log}");
+    // A clean stop leaves no log behind.
+    assert!(!rlog.exists());
+    image_clean(&img);
+}
+
+#[test]
+fn image_without_a_restart_log_sigkill_loses_acknowledged_writes() {
+    // The control: the test above sees the loss it guards against.
+    let s = Scratch::new("img-rlog-none");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "64M");
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &["--restart-log", "none"],
+        |_, _| {},
+        unflushed_writes,
+    );
+    assert!(
+        bad.iter().any(|&(_, zero)| zero),
+        "no acknowledged block read back as zeroes without the log: {bad:?}\n{log}"
+    );
+    image_clean(&img);
+}
+
+/// Data over the first 16 MiB, flushed; then WRITE_ZEROES (with and without unmap, partial
+/// blocks included) and DISCARDs over it, acknowledged, not flushed.
+fn flushed_data(c: &mut Client, m: &mut BlockModel) {
+    for i in 0..64u64 {
+        let off = i * 256 * 1024;
+        let data = pattern(500 + i, 128 * 1024);
+        assert_eq!(c.write(0, off, &data), 0);
+        m.write(off, &data);
+    }
+    assert_eq!(c.flush(0), 0);
+}
+
+fn unflushed_zeroes_and_discards(c: &mut Client, m: &mut BlockModel) {
+    for i in 0..64u64 {
+        let base = i * 256 * 1024;
+        match i % 4 {
+            0 => {
+                assert_eq!(c.write_zeroes(0, base + 8192, 32768, false), 0);
+                m.zero(base + 8192, 32768);
+            }
+            1 => {
+                // Partial blocks at both ends: written zeroes there, unwritten between.
+                assert_eq!(c.write_zeroes(0, base + 1536, 20480, false), 0);
+                m.zero(base + 1536, 20480);
+            }
+            2 => {
+                assert_eq!(c.write_zeroes(0, base + 4096, 65536, true), 0);
+                m.zero(base + 4096, 65536);
+            }
+            _ => {
+                assert_eq!(c.discard(0, base, 131072), 0);
+                m.zero(base, 131072);
+            }
+        }
+    }
+}
+
+#[test]
+fn image_acknowledged_write_zeroes_and_discards_survive_sigkill_without_any_flush() {
+    let s = Scratch::new("img-rlog-z");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    create_image(&img, "64M");
+    let rl = rlog.to_str().unwrap();
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &["--restart-log", rl],
+        flushed_data,
+        unflushed_zeroes_and_discards,
+    );
+    assert!(bad.is_empty(), "acknowledged zeroing lost: {bad:?}\n{log}");
+    assert!(log.contains("applied and committed"), "{log}");
+    image_clean(&img);
+    // The control: without the log, zeroed blocks show their old data again.
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &["--restart-log", "none"],
+        flushed_data,
+        unflushed_zeroes_and_discards,
+    );
+    assert!(
+        bad.iter().any(|&(_, zero)| !zero),
+        "without the log every zeroing survived the kill: {bad:?}\n{log}"
+    );
+    image_clean(&img);
+}
+
+#[test]
+fn image_a_restart_log_of_another_image_or_garbage_is_ignored() {
+    let s = Scratch::new("img-rlog-bad");
+    let (img, other, sock, rlog) = (
+        s.path("disk.img"),
+        s.path("other.img"),
+        s.path("sock"),
+        s.path("restart.log"),
+    );
+    create_image(&img, "64M");
+    create_image(&other, "64M");
+    let rl = rlog.to_str().unwrap();
+    // A log left by a killed daemon on the other image.
+    let d = Daemon::start_image(
+        &other,
+        &sock,
+        &["--commit-interval", "3600", "--restart-log", rl],
+    );
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write(0, 0, &pattern(1, 4096)), 0);
+    drop(c);
+    let _ = d.kill();
+    assert!(fs::metadata(&rlog).unwrap().len() > 0);
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", rl]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("belongs to another image"), "{log}");
+    // Garbage: a warning, and the daemon serves.
+    fs::write(
+        &rlog,
+        b"not a restart log at all, only bytes, and more than a header of them",
+    )
+    .unwrap();
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", rl]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("not a restart log"), "{log}");
+    image_clean(&img);
+}

@@ -249,6 +249,7 @@ fuzz_target!(|data: &[u8]| {
             commit_interval: Duration::from_secs(3600),
             hot_path: HotPath::Fast,
             alloc_unit: [1, 4, 16, 256][usize::from(cfg >> 3) % 4],
+            ..Default::default()
         },
     )
     .expect("the pristine image opens");

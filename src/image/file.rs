@@ -224,6 +224,7 @@ impl DiskFile {
         len: u64,
     ) -> Result<u64, ImageError> {
         self.convert_where(h, lblk, len, |_, _| true)
+            .map(|(c, _)| c)
     }
 
     /// Converts only the unwritten blocks of `[lblk, lblk + len)` that are still at `pblk…`: the
@@ -237,43 +238,122 @@ impl DiskFile {
         len: u64,
         pblk: u64,
     ) -> Result<u64, ImageError> {
+        self.convert_exact_runs(h, lblk, len, pblk)
+            .map(|runs| runs.iter().map(|e| u64::from(e.len)).sum())
+    }
+
+    /// [`DiskFile::convert_exact`], returning the extents it converted (as they are now
+    /// written): what the restart log records.
+    pub(super) fn convert_exact_runs(
+        &mut self,
+        h: &mut Handle,
+        lblk: u64,
+        len: u64,
+        pblk: u64,
+    ) -> Result<Vec<Extent>, ImageError> {
         self.convert_where(h, lblk, len, |e, a| e.pblk == pblk + u64::from(e.lblk - a))
+            .map(|(_, runs)| runs)
     }
 
     /// Marks written the unwritten extents of a range that `keep(extent, range start)` accepts.
-    /// One tree edit: on ENOSPC (a split needing a leaf) nothing has changed.
+    /// One tree edit: on ENOSPC (a split needing a leaf) nothing has changed. Returns the
+    /// blocks converted and the converted extents.
     fn convert_where(
         &mut self,
         h: &mut Handle,
         lblk: u64,
         len: u64,
         keep: impl Fn(&Extent, u32) -> bool,
-    ) -> Result<u64, ImageError> {
+    ) -> Result<(u64, Vec<Extent>), ImageError> {
         let (a, b) = self.check_range(lblk, len)?;
         let pieces = self.tree.range(a, b);
         let hit = |e: &Extent| e.unwritten && keep(e, a);
         let (Some(first), Some(last)) = (pieces.iter().position(hit), pieces.iter().rposition(hit))
         else {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         };
         let span = &pieces[first..=last];
         let mut converted = 0;
+        let mut runs = Vec::new();
         let new: Vec<Extent> = span
             .iter()
             .map(|e| {
                 if hit(e) {
                     converted += u64::from(e.len);
-                    Extent {
+                    let w = Extent {
                         unwritten: false,
                         ..*e
-                    }
+                    };
+                    runs.push(w);
+                    w
                 } else {
                     *e
                 }
             })
             .collect();
         self.replace(h, span[0].lblk, new[new.len() - 1].end() as u32, &new)?;
-        Ok(converted)
+        Ok((converted, runs))
+    }
+
+    /// The restart log's "written" record, applied again: `[lblk, lblk + len)` reads the data
+    /// at `pblk…`. Unwritten extents still there are converted (as `convert_exact`); holes
+    /// (their allocation was in a transaction the crash lost) are mapped written at the blocks
+    /// `claims` holds for them; anything else — a block mapped elsewhere, already written — is
+    /// left alone, so applying a record twice changes nothing. One tree edit. Returns the
+    /// blocks converted, mapped and left alone.
+    pub(super) fn map_written(
+        &mut self,
+        h: &mut Handle,
+        lblk: u64,
+        len: u64,
+        pblk: u64,
+        claims: &mut super::reapply::Claims,
+    ) -> Result<(u64, u64, u64), ImageError> {
+        let (a, b) = self.check_range(lblk, len)?;
+        let target = |l: u32| pblk + u64::from(l - a);
+        let mut new = Vec::new();
+        let (mut converted, mut mapped, mut already) = (0u64, 0u64, 0u64);
+        let mut pos = a;
+        let mut hole = |new: &mut Vec<Extent>, from: u32, to: u32, mapped: &mut u64| {
+            for (s, l) in claims.take(target(from), u64::from(to - from)) {
+                new.push(Extent {
+                    lblk: a + (s - pblk) as u32,
+                    len: l as u32,
+                    pblk: s,
+                    unwritten: false,
+                });
+                *mapped += l;
+            }
+        };
+        for e in self.tree.range(a, b) {
+            if e.lblk > pos {
+                hole(&mut new, pos, e.lblk, &mut mapped);
+            }
+            if e.unwritten && e.pblk == target(e.lblk) {
+                converted += u64::from(e.len);
+                new.push(Extent {
+                    unwritten: false,
+                    ..e
+                });
+            } else {
+                if !e.unwritten && e.pblk == target(e.lblk) {
+                    already += u64::from(e.len);
+                }
+                new.push(e);
+            }
+            pos = e.lblk + e.len;
+        }
+        if pos < b {
+            hole(&mut new, pos, b, &mut mapped);
+        }
+        if converted + mapped > 0 {
+            self.replace(h, a, b, &new)?;
+        }
+        Ok((
+            converted,
+            mapped,
+            u64::from(b - a) - converted - mapped - already,
+        ))
     }
 
     /// Makes the written blocks of a range unwritten (they read as zeroes; nothing is freed).

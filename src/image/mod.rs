@@ -10,6 +10,7 @@ pub mod create;
 mod file;
 mod open;
 mod pool;
+mod reapply;
 #[doc(hidden)]
 pub mod reseal;
 #[cfg(test)]
@@ -34,6 +35,7 @@ use file::DiskFile;
 use pool::Pool;
 
 pub use open::OpenOptions;
+pub use reapply::Reapplied;
 
 #[derive(Debug, Error)]
 pub enum ImageError {
@@ -47,6 +49,8 @@ pub enum ImageError {
     Exists(std::path::PathBuf),
     #[error(transparent)]
     Open(#[from] crate::io::backing::OpenError),
+    #[error(transparent)]
+    RestartLog(#[from] crate::restart_log::RestartLogError),
     #[error("no space left in the image")]
     NoSpace,
     #[error("the image is open read-only")]
@@ -79,6 +83,10 @@ pub struct RecoveryInfo {
     pub blocks: usize,
     pub corrupt: Option<String>,
     pub bad_tags: u32,
+    /// The tid of the first transaction the opened image does not hold: every transaction
+    /// before it is durable (replayed or checkpointed), none from it on. The restart log
+    /// applies its records from this tid on.
+    pub first_missing_tid: u32,
 }
 
 /// A run of the virtual disk as `map` reports it.
@@ -226,6 +234,23 @@ impl Image {
         self.disk.convert_exact(&mut h, lblk, len, pblk)
     }
 
+    /// [`Image::convert_exact`], returning the extents it converted, now written.
+    pub fn convert_exact_runs(
+        &mut self,
+        lblk: u64,
+        len: u64,
+        pblk: u64,
+    ) -> Result<Vec<Extent>, ImageError> {
+        let mut h = self.pool.start()?;
+        self.disk.convert_exact_runs(&mut h, lblk, len, pblk)
+    }
+
+    /// The tid the running transaction will commit with: every change made now joins it.
+    /// `None` on a read-only open (no journal writer).
+    pub fn running_tid(&self) -> Option<u32> {
+        self.pool.journal.as_ref().map(Journal::running_tid)
+    }
+
     /// Makes the written blocks of a range unwritten (they read as zeroes; nothing is freed).
     /// One tree edit: on ENOSPC nothing has changed.
     pub fn zero(&mut self, lblk: u64, len: u64) -> Result<(), ImageError> {
@@ -300,6 +325,11 @@ impl Image {
     /// superblock — in place and durably. Committed transactions stay in the log for replay.
     pub fn abort(&mut self, errno: i32, func: &str, block: u64) -> Result<(), ImageError> {
         self.pool.abort(errno, func, block)
+    }
+
+    /// See [`Image::open_keeping_session`].
+    pub fn begin_session(&mut self) -> Result<(), ImageError> {
+        self.pool.begin_session()
     }
 
     /// Replaces a group's block bitmap (repair); journaled with the next commit.

@@ -369,14 +369,28 @@ impl Image {
     /// Opens an image. Read-write opens replay the journal into place and mark the image in
     /// use (needs_recovery) before any change; read-only opens replay into memory only.
     pub fn open(io: Arc<dyn BlockIo>, opts: OpenOptions) -> Result<Image, ImageError> {
-        Image::open_with(io, opts, Bitmaps::Trusted)
+        let mut img = Image::open_with(io, opts, Bitmaps::Trusted)?;
+        if !opts.read_only {
+            img.pool.begin_session()?;
+        }
+        Ok(img)
+    }
+
+    /// A read-write open that leaves the session count (`s_mnt_count`) as it was: the
+    /// daemon first checks the previous session's restart log against it, applies and
+    /// commits what the log holds, and only then calls [`Image::begin_session`]. A kill
+    /// anywhere in between leaves a log the next open still accepts.
+    pub fn open_keeping_session(io: Arc<dyn BlockIo>) -> Result<Image, ImageError> {
+        Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Trusted)
     }
 
     /// A read-write open for `check --repair`: as [`Image::open`], except that blocks of
     /// `/disk` marked free in the bitmaps are accepted — the repair rebuilds those bitmaps from
     /// the trees before anything is allocated. Blocks used twice are still refused.
     pub fn open_for_repair(io: Arc<dyn BlockIo>) -> Result<Image, ImageError> {
-        Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)
+        let mut img = Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)?;
+        img.pool.begin_session()?;
+        Ok(img)
     }
 
     fn open_with(
@@ -386,6 +400,9 @@ impl Image {
     ) -> Result<Image, ImageError> {
         let mut overlay = BTreeMap::new();
         let mut recovery = RecoveryInfo::default();
+        // A replay sets the journal's sequence one past the tid after the last transaction it
+        // found (`apply_replay`): that tid, not the sequence, is the first one missing.
+        let mut replayed = false;
         loop {
             let r = Reader {
                 io: &*io,
@@ -419,7 +436,9 @@ impl Image {
                     blocks: out.blocks.len(),
                     corrupt: out.corrupt.clone(),
                     bad_tags: out.bad_tags,
+                    first_missing_tid: out.end_tid,
                 };
+                replayed = true;
                 for blk in out.blocks.keys() {
                     if *blk >= sb.blocks_count {
                         return Err(corrupt(
@@ -440,6 +459,10 @@ impl Image {
                     apply_replay(&*io, &map, &mut jsb, &out)?;
                     continue;
                 }
+            }
+            if !replayed {
+                // A clean log's sequence is the tid after the last one committed (checkpoint).
+                recovery.first_missing_tid = jsb.sequence;
             }
             return Image::finish_open(
                 io.clone(),

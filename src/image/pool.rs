@@ -310,6 +310,17 @@ impl Pool {
         Ok(())
     }
 
+    /// Counts a read-write session in `s_mnt_count`, as ext4 counts mounts, durably: the
+    /// restart log names the session it was written in, and one left by an earlier session
+    /// (the image opened read-write since, without it) is never applied.
+    pub(super) fn begin_session(&mut self) -> Result<(), ImageError> {
+        self.writable()?;
+        self.sb.mnt_count = self.sb.mnt_count.wrapping_add(1);
+        self.write_superblock()?;
+        self.io.flush()?;
+        Ok(())
+    }
+
     fn write_superblock(&self) -> io::Result<()> {
         self.io.write_at(&self.sb.encode(), SUPERBLOCK_OFFSET)
     }

@@ -198,6 +198,11 @@ impl Journal {
         &self.sb
     }
 
+    /// The tid the next [`Journal::prepare`] gives its transaction: the running one's.
+    pub fn running_tid(&self) -> u32 {
+        self.next_tid
+    }
+
     fn capacity(&self) -> u32 {
         self.sb.maxlen - self.sb.first
     }

@@ -344,6 +344,37 @@ impl Allocator {
         Ok(runs.iter().flat_map(|&(s, l)| s..s + l).collect())
     }
 
+    /// Marks in use every block of `[start, start + len)` that could be allocated now (free,
+    /// in the data area, neither in the zone nor freed by an uncommitted transaction) and
+    /// returns those runs. The restart log's replay claims the blocks its records name before
+    /// any tree edit can take one for a node.
+    pub fn claim_free(&mut self, start: u64, len: u64) -> Result<Vec<(u64, u64)>, MapError> {
+        let end = start.saturating_add(len).min(self.blocks_count);
+        let ok = |a: &Self, b: u64| {
+            b >= a.data_start && !a.is_used(b) && a.forbidden_overlap(b, 1).is_none()
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in start.max(self.data_start)..end {
+            if !ok(self, b) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == b => *l += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        for &(s, l) in &runs {
+            self.mark(s, l, true)?;
+        }
+        Ok(runs)
+    }
+
+    /// Gives back blocks [`Allocator::claim_free`] claimed and nothing came to map: free at
+    /// once (they were free when the running transaction began, so no replay can miss them).
+    pub fn unclaim(&mut self, start: u64, len: u64) -> Result<(), MapError> {
+        self.mark(start, len, false)
+    }
+
     /// Can `[start, start + len)` be freed: inside the filesystem, clear of the system zone,
     /// every block in use?
     pub fn check_free(&self, start: u64, len: u64) -> Result<(), MapError> {

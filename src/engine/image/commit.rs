@@ -8,7 +8,8 @@
 //! lock released. Before blocks the transaction frees can be reused it waits for the I/O fence
 //! (in-flight I/O that saw them mapped); that wait ends because nobody holding a fence guard
 //! waits for this thread (`fence.rs`). Parked work restarts under the same guard that made the
-//! commit's frees allocatable, oldest first, so nothing newer takes them first.
+//! commit's frees allocatable, oldest first, so nothing newer takes them first. After a
+//! commit, the restart log drops the records it made durable (`restart.rs`).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -142,9 +143,11 @@ impl Shared {
             return Err(Stopped::Aborted);
         }
         let frozen;
+        let frozen_tid;
         let (prepared, punches, frees) = {
             let mut st = lock(&self.state);
             frozen = self.meta_seq.load(Ordering::Acquire);
+            frozen_tid = st.image.running_tid();
             match st.image.commit_prepare() {
                 Ok(p) => (
                     p,
@@ -184,6 +187,7 @@ impl Shared {
             }
         }
         let mut st = lock(&self.state);
+        let wrote = prepared.is_some();
         let r = match prepared {
             Some(_) => st.image.commit_finish(written),
             None => written.map_err(ImageError::Io),
@@ -199,6 +203,10 @@ impl Shared {
         let restarted = r.is_ok().then(|| self.restart_locked(&mut st));
         drop(st);
         self.committed.notify_all();
+        if let (Ok(()), true, Some(t)) = (&r, wrote, frozen_tid) {
+            // Transaction `t` and those before it are durable: their restart-log records go.
+            self.log_committed(t.wrapping_add(1));
+        }
         match (r, restarted) {
             (Ok(()), Some(restarted)) => Ok(self.dispatch(restarted)),
             (Ok(()), None) => Ok(false),
@@ -261,9 +269,8 @@ impl Shared {
         for a in r.ready {
             self.send(Work::Write(a));
         }
-        for (d, res) in r.now {
-            d.finish(res);
-        }
+        // Restarted conversions and zeroings complete once their changes are in the restart log.
+        self.complete_after_log(r.now);
         for d in r.durable {
             self.to_committer(Waiter::Done(d));
         }

@@ -29,18 +29,21 @@
 //! | `range_lock` | blocks being initialised and the writes deferred behind them | under the mapping lock |
 //! | `worker` | conversions, FLUSH, DISCARD, WRITE_ZEROES in arrival order | the completion worker |
 //! | `commit` | the commit service: commit, punch after commit, parked work, abort | the committer |
+//! | `restart` | the restart log: changes recorded, written before completion, dropped after commit, applied at open | the worker and the committer (open: the opening thread) |
 //! | `stats` | counters | any |
 //!
 //! One lock, `Shared::state` (the mapping lock), guards the image and everything else mutable
 //! here. It is held for in-memory work only, never across a data I/O, a commit's log write or a
-//! wait: every holder returns in bounded time, so every `lock` ends. The waits that span threads
-//! are listed in `fence.rs` with why each ends.
+//! wait: every holder returns in bounded time, so every `lock` ends. The restart log's mutex
+//! comes before it in the lock order and is held for one tmpfs write (`restart.rs`). The waits
+//! that span threads are listed in `fence.rs` with why each ends.
 
 mod alloc_write;
 mod commit;
 mod layout;
 mod queue;
 mod range_lock;
+mod restart;
 mod stats;
 mod worker;
 
@@ -62,6 +65,7 @@ use range_lock::RangeLock;
 use worker::Work;
 
 pub use queue::ImageQueue;
+pub use restart::RestartLogAt;
 pub use stats::{EngineCounters, EngineStats};
 
 const BS: u64 = BLOCK_SIZE_U64;
@@ -98,7 +102,7 @@ pub enum HotPath {
 }
 
 /// How an image is served (`extblk serve` flags).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub read_only: bool,
     /// Longest time between journal commits when no FLUSH forces one.
@@ -109,6 +113,9 @@ pub struct EngineOptions {
     /// same host write, so later writes into the unit are pure overwrites (qcow2's clusters,
     /// ext4's zeroout of short unwritten extents).
     pub alloc_unit: u64,
+    /// Where the changes acknowledged but not yet committed are kept for a restart after a
+    /// kill (`restart.rs`); off by default here, on by default in `serve`.
+    pub restart_log: RestartLogAt,
 }
 
 impl Default for EngineOptions {
@@ -118,6 +125,7 @@ impl Default for EngineOptions {
             commit_interval: Duration::from_secs(5),
             hot_path: HotPath::Fast,
             alloc_unit: DEFAULT_ALLOC_UNIT,
+            restart_log: RestartLogAt::Off,
         }
     }
 }
@@ -146,6 +154,8 @@ struct Locked {
     /// The running transaction frees blocks: in-flight I/O that saw them mapped must end before
     /// they can be reused.
     frees_pending: bool,
+    /// Changes made but not yet in the restart log, in the order made (`restart.rs`).
+    restart_pending: Vec<crate::restart_log::format::Record>,
 }
 
 struct Shared {
@@ -171,6 +181,8 @@ struct Shared {
     committer: Mutex<Option<Sender<Waiter>>>,
     hot_path: HotPath,
     alloc_unit: u64,
+    /// The restart log's writer; first in the lock order, before `state` (`restart.rs`).
+    restart: Option<Mutex<restart::Writer>>,
 }
 
 /// The image engine. Cheap to clone.
@@ -189,9 +201,18 @@ impl ImageEngine {
             commit_interval,
             hot_path,
             alloc_unit,
+            restart_log,
         } = opts;
         let alloc_unit = alloc_unit.clamp(1, MAX_ALLOC_UNIT).next_power_of_two();
-        let image = Image::open(io.clone(), OpenOptions { read_only })?;
+        let (image, restart) = if read_only {
+            (Image::open(io.clone(), OpenOptions { read_only })?, None)
+        } else {
+            // The last session's restart log is checked against the session count, so it is
+            // handled (applied, committed) before this session begins.
+            let mut image = Image::open_keeping_session(io.clone())?;
+            let restart = restart::open(&mut image, &restart_log)?;
+            (image, restart)
+        };
         let sb = image.superblock();
         let rec = image.recovery();
         log::info!(
@@ -228,6 +249,7 @@ impl ImageEngine {
                 parked: VecDeque::new(),
                 punch_after_commit: Vec::new(),
                 frees_pending: false,
+                restart_pending: Vec::new(),
             }),
             io,
             fence: Arc::new(IoFence::default()),
@@ -241,6 +263,7 @@ impl ImageEngine {
             committer: Mutex::new(Some(ctx)),
             hot_path,
             alloc_unit,
+            restart: restart.map(Mutex::new),
         });
         let s2 = shared.clone();
         let w = std::thread::Builder::new()
@@ -290,7 +313,10 @@ impl ImageEngine {
         }
         // Close consumes the image: swap in nothing by closing through a checkpoint + clean mark.
         st.image.commit().map_err(to_engine)?;
-        st.image.close_in_place().map_err(to_engine)
+        st.image.close_in_place().map_err(to_engine)?;
+        drop(st);
+        self.shared.remove_log();
+        Ok(())
     }
 }
 

@@ -6,7 +6,9 @@
 //! never waits for a commit: a conversion or zeroing that finds no block for a tree split
 //! while frees wait for a commit parks (`Locked::parked`), and the committer restarts it. Its
 //! only blocking call is `recv` on its channel, which ends when the engine closes (the sender
-//! is dropped in `ImageEngine::close`).
+//! is dropped in `ImageEngine::close`), besides the restart log's mutex, whose holders wait for
+//! nothing but the mapping lock and one write (`restart.rs`). A batch's changes are in the
+//! restart log before any of its requests completes.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -19,6 +21,7 @@ use super::range_lock::Run;
 use super::{lock, to_engine, Done, Locked, Shared, BS};
 use crate::engine::{EngineError, Stopped, ZeroRange};
 use crate::mapping::tree::Lookup;
+use crate::restart_log::format::Change;
 
 /// Work items the worker takes under one take of the mapping lock. Bounded so that a queue
 /// thread waiting for the lock (a cache miss, an allocating write) waits for at most this many
@@ -103,6 +106,9 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
                 Err(_) => break,
             }
         }
+        // The restart log's mutex first (the lock order of restart.rs), held until this
+        // batch's changes are written.
+        let log = s.restart_guard();
         let mut st = lock(&s.state);
         let mut done_now: Vec<(Done, Result<(), EngineError>)> = Vec::new();
         let mut waiters: Vec<Waiter> = Vec::new();
@@ -135,13 +141,11 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
             waiters.push(Waiter::Nudge);
         }
         let redo = st.range.take_ready();
+        let records = std::mem::take(&mut st.restart_pending);
         drop(st);
-        // One batch for the run (Completion::batch): each queue is notified once.
-        let batch = done_now.first().map(|(d, _)| d.batch());
-        for (d, r) in done_now {
-            d.finish(r);
-        }
-        drop(batch);
+        // The batch's changes reach the restart log (one write, outside the mapping lock)
+        // before any of its requests completes.
+        s.complete_logged(log, records, done_now);
         for w in waiters {
             s.to_committer(w);
         }
@@ -203,8 +207,22 @@ impl Shared {
                 for &(l, n, p) in &runs {
                     // Runs converted before a failure stay converted: converting is idempotent,
                     // so the retry redoes only what is left.
-                    match st.image.convert_exact(l, n, p) {
-                        Ok(c) => {
+                    match st.image.convert_exact_runs(l, n, p) {
+                        Ok(converted) => {
+                            // Exactly what was converted goes to the restart log: a piece a
+                            // discard removed meanwhile must not come back after a restart.
+                            let mut c = 0;
+                            for e in converted {
+                                c += u64::from(e.len);
+                                self.record_change(
+                                    st,
+                                    Change::Written {
+                                        lblk: e.lblk,
+                                        len: e.len,
+                                        pblk: e.pblk,
+                                    },
+                                );
+                            }
                             self.stats.converted_blocks.fetch_add(c, Ordering::Relaxed);
                         }
                         Err(e) => {
@@ -260,14 +278,18 @@ impl Shared {
             let (s, t) = (r.range.offset.0, r.range.offset.0 + r.range.len.0);
             let (fs, ft) = (s.div_ceil(BS), t / BS);
             if fs < ft {
+                // Inside the disk, which is below 2^32 blocks (the punch or zero checked it).
+                let (lblk, len) = (fs as u32, (ft - fs) as u32);
                 if discard || r.unmap {
                     let freed = st.image.punch(fs, ft - fs).map_err(to_engine)?;
                     if !freed.is_empty() {
                         st.frees_pending = true;
                         st.punch_after_commit.extend(freed);
                     }
+                    self.record_change(st, Change::Punch { lblk, len });
                 } else {
                     st.image.zero(fs, ft - fs).map_err(to_engine)?;
+                    self.record_change(st, Change::Zero { lblk, len });
                 }
                 self.unmap_seq.fetch_add(1, Ordering::AcqRel);
             }
