@@ -438,7 +438,9 @@ test_raw() {
 }
 
 # killed_run NAME TIMEOUT [proxy]: the `killed` workload, the guest's exit status in KILLED_RC.
-# With `proxy`, QEMU talks to tests/vhost-no-inflight.py in front of the daemon.
+# With `proxy`, QEMU talks to tests/vhost-no-inflight.py in front of the daemon, and the guest is
+# stopped as soon as its kernel reports the broken ring (KILLED_RC=125): it would hang until the
+# timeout otherwise.
 killed_run() {
   local name=$1 tmo=$2 proxy=${3:-} img=$T/$1.img sock=$T/$1.sock qsock gpid i k ppid=""
   "$BIN" create --size 2G "$img" > /dev/null || return 1
@@ -455,7 +457,7 @@ killed_run() {
   gpid=$!
   BGPIDS+=("$gpid")
   for i in $(seq 3000); do
-    grep -q '^FIO-START' "$T/$name.out" && break
+    grep -q '^FIO-START' "$T/$name.out" 2>/dev/null && break
     kill -0 "$gpid" 2>/dev/null || break
     sleep 0.1
   done
@@ -470,7 +472,18 @@ killed_run() {
     sleep 1
     start_daemon "$name" "$img" || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
   done
-  wait "$gpid"; KILLED_RC=$?
+  KILLED_RC=""
+  if [ -n "$proxy" ]; then
+    while kill -0 "$gpid" 2>/dev/null; do
+      if grep -qE 'is not a head|I/O error' "$T/$name.out"; then
+        kill -TERM "$gpid"; wait "$gpid" 2>/dev/null; KILLED_RC=125
+        echo "  host: the guest reported a broken ring or an I/O error: stopped it"
+        break
+      fi
+      sleep 1
+    done
+  fi
+  if [ -z "$KILLED_RC" ]; then wait "$gpid"; KILLED_RC=$?; fi
   sed 's/^/    | /' "$T/$name.out"
   [ -z "$ppid" ] || { kill -TERM "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
   return 0
