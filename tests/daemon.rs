@@ -79,11 +79,15 @@ impl Daemon {
     fn start_with(image: &Path, socket: &Path, extra: &[&str]) -> Daemon {
         let _ = fs::remove_file(socket);
         let mut cmd = extblk();
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .arg(image);
+        cmd.arg("serve").arg("--socket").arg(socket).args(extra);
+        if !extra.contains(&"--restart-log") {
+            // Beside the image, in the test's scratch directory, rather than in /run/extblk
+            // (a SIGKILLed test daemon leaves its log behind).
+            let mut log = image.as_os_str().to_owned();
+            log.push(".restart-log");
+            cmd.arg("--restart-log").arg(log);
+        }
+        cmd.arg(image);
         let d = spawn_logged(cmd);
         d.wait_socket(socket);
         d
