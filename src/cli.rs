@@ -187,8 +187,8 @@ pub struct ServeArgs {
 
     /// Where an extblk image keeps the changes acknowledged but not yet committed, so that a
     /// daemon killed and restarted on a running host loses no completed write, write-zeroes or
-    /// discard (applied at the next start, then emptied). Default: /run/extblk/<UUID>.log as
-    /// root, else $XDG_RUNTIME_DIR/extblk/<UUID>.log (a tmpfs: gone after a reboot, when the
+    /// discard (applied at the next start, then emptied). Default: /run/extblk/<UUID>-<dev>-<inode>.log as
+    /// root, else $XDG_RUNTIME_DIR/extblk/<UUID>-<dev>-<inode>.log (a tmpfs: gone after a reboot, when the
     /// journal alone decides, as for any write-back cache). `none` switches it off.
     #[arg(long, value_name = "PATH|none")]
     pub restart_log: Option<PathBuf>,

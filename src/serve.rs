@@ -119,13 +119,20 @@ fn serial_bytes(serial: Option<&str>, image: &Path) -> [u8; ID_BYTES] {
 pub fn default_restart_log() -> RestartLogAt {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        return RestartLogAt::InDir(PathBuf::from("/run/extblk"));
+        return RestartLogAt::InDir {
+            dir: PathBuf::from("/run/extblk"),
+            backing: None,
+        };
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => RestartLogAt::InDir(PathBuf::from(d).join("extblk")),
+        Some(d) if !d.is_empty() => RestartLogAt::InDir {
+            dir: PathBuf::from(d).join("extblk"),
+            backing: None,
+        },
         _ => {
             log::warn!(
-                "no XDG_RUNTIME_DIR: serving without a restart log (a killed daemon loses the                  writes acknowledged since the last commit); pass --restart-log PATH"
+                "no XDG_RUNTIME_DIR: serving without a restart log (a killed daemon loses the \
+                 writes acknowledged since the last commit); pass --restart-log PATH"
             );
             RestartLogAt::Off
         }
@@ -231,7 +238,18 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             crate::engine::image::HotPath::Fast
         },
         alloc_unit: opts.alloc_unit,
-        restart_log: opts.restart_log.clone(),
+        restart_log: match &opts.restart_log {
+            RestartLogAt::InDir { dir, .. } => RestartLogAt::InDir {
+                dir: dir.clone(),
+                backing: std::fs::metadata(&opts.image).ok().map(|m| {
+                    (
+                        std::os::unix::fs::MetadataExt::dev(&m),
+                        std::os::unix::fs::MetadataExt::ino(&m),
+                    )
+                }),
+            },
+            other => other.clone(),
+        },
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
         ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {

@@ -381,9 +381,9 @@ impl<E: BlockEngine> BlockDevice<E> {
         end
     }
 
-    /// The first processing of queue `q` on a connection: the ring's used index as the guest
-    /// memory holds it (vhost-user-backend starts counting at 0, which is wrong for a ring a
-    /// previous daemon served), and the requests the inflight region says were in flight,
+    /// The first processing of queue `q` after it was (re)started: the ring's used index as
+    /// the guest memory holds it (read again here, where the inflight rules need it, under the
+    /// vring lock), and the requests the inflight region says were in flight,
     /// resubmitted oldest first before anything new is taken (the avail position moves past
     /// them: used index + their number).
     fn start_queue(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>) {
@@ -623,6 +623,8 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
         while q.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(INFLIGHT_POLL);
         }
+        // Stopped: when the frontend starts it again, it starts afresh (used index, region).
+        q.started.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -675,6 +677,11 @@ impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
             .inflight
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
+        // A region may come again on the same connection (the device restarted after a guest
+        // reboot): the queues start on it afresh.
+        for q in &self.inner.shared {
+            q.started.store(false, Ordering::Release);
+        }
         Ok(())
     }
 }

@@ -33,6 +33,8 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// Most file descriptors one message carries (`MAX_ATTACHED_FD_ENTRIES` in the vhost crate).
 const MAX_FDS: usize = 32;
 const HEADER: usize = 12;
+/// Longest wait for the rest of a message whose first bytes arrived.
+const STALLED_MESSAGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
@@ -254,6 +256,13 @@ fn from_frontend(m: Msg, handler: &dyn InflightHandler) -> Result<Action, RelayE
 /// Relays one connection until either side closes. `frontend` is the accepted frontend
 /// socket, `backend` a connected socket whose peer `VhostUserDaemon` serves.
 pub fn run(frontend: UnixStream, backend: UnixStream, handler: &dyn InflightHandler) {
+    // A read only starts once poll says a message is there; a peer that sends part of one and
+    // stalls ends the connection instead of holding the relay (and a shutdown) for ever.
+    for s in [&frontend, &backend] {
+        if let Err(e) = s.set_read_timeout(Some(STALLED_MESSAGE)) {
+            log::warn!("vhost-user relay: cannot set a read timeout: {e}");
+        }
+    }
     match relay(&frontend, &backend, handler) {
         Ok(()) => {}
         Err(e) => log::warn!("vhost-user connection ended: {e}"),

@@ -52,10 +52,14 @@ pub struct LogFile {
     written: Vec<Record>,
 }
 
-/// `<dir>/<uuid>.log`, the default name: one log per image, found again from the image.
-pub fn default_path(dir: &Path, uuid: &[u8; 16]) -> PathBuf {
+/// `<dir>/<uuid>-<dev>-<inode>.log`, the default name: one log per image file (copies of an
+/// image share its UUID), found again from the image and its file.
+pub fn default_path(dir: &Path, uuid: &[u8; 16], backing: Option<(u64, u64)>) -> PathBuf {
     let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(format!("{hex}.log"))
+    match backing {
+        Some((dev, ino)) => dir.join(format!("{hex}-{dev:x}-{ino:x}.log")),
+        None => dir.join(format!("{hex}.log")),
+    }
 }
 
 fn open_locked(path: &Path, truncate: bool) -> Result<File, RestartLogError> {
@@ -132,7 +136,11 @@ impl LogFile {
             return Ok(());
         }
         let bytes = format::encode_records(self.seed, records);
-        self.file.write_all_at(&bytes, self.len)?;
+        if let Err(e) = self.file.write_all_at(&bytes, self.len) {
+            // Whole records of a torn append would decode after the next one's: cut them.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
         self.len += bytes.len() as u64;
         self.written.extend_from_slice(records);
         Ok(())
@@ -212,7 +220,7 @@ mod tests {
     #[test]
     fn append_drop_rewrite_remove() {
         let dir = std::env::temp_dir().join(format!("extblk-rl-{}", std::process::id()));
-        let path = default_path(&dir.join("sub"), &[0xab; 16]);
+        let path = default_path(&dir.join("sub"), &[0xab; 16], None);
         let (mut f, old) = LogFile::open(&path, true).unwrap();
         assert!(old.is_empty());
         let h = Header {

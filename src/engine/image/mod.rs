@@ -183,6 +183,12 @@ struct Shared {
     alloc_unit: u64,
     /// The restart log's writer; first in the lock order, before `state` (`restart.rs`).
     restart: Option<Mutex<restart::Writer>>,
+    /// Restart-log records made (bumped under the mapping lock) and known written to the log
+    /// (after the append that took them): while they differ, a mapping change some request
+    /// may rely on is not in the log yet, and a fast overwrite completes through the worker,
+    /// which appends first (see `queue.rs`).
+    log_made: AtomicU64,
+    log_written: AtomicU64,
 }
 
 /// The image engine. Cheap to clone.
@@ -264,6 +270,8 @@ impl ImageEngine {
             hot_path,
             alloc_unit,
             restart: restart.map(Mutex::new),
+            log_made: AtomicU64::new(0),
+            log_written: AtomicU64::new(0),
         });
         let s2 = shared.clone();
         let w = std::thread::Builder::new()

@@ -193,6 +193,19 @@ impl<C: Completion> ImageQueue<C> {
                         sh.to_committer(Waiter::Done(Box::new(done)));
                         return;
                     }
+                    if sh.restart.is_some()
+                        && sh.log_written.load(Ordering::Acquire)
+                            < sh.log_made.load(Ordering::Acquire)
+                    {
+                        // The overwrite may rely on a conversion whose record is not in the
+                        // restart log yet (the worker appends it after releasing the mapping
+                        // lock): the worker completes it, after appending.
+                        sh.send(Work::Complete {
+                            done: Box::new(done),
+                            result: Ok(()),
+                        });
+                        return;
+                    }
                 }
                 sh.complete_fast(done, r.map_err(|(e, _)| EngineError::Io(e)));
             }

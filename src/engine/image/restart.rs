@@ -22,6 +22,7 @@
 //! tmpfs, never for a commit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
 use super::{lock, Done, Shared, BS};
@@ -36,8 +37,13 @@ pub enum RestartLogAt {
     /// No log: a killed daemon loses the changes not yet committed (design §5's weaker case).
     #[default]
     Off,
-    /// `<dir>/<image UUID>.log`, the directory created owner-only if missing.
-    InDir(PathBuf),
+    /// `<dir>/<image UUID>[-<dev>-<inode>].log`, the directory created owner-only if missing.
+    /// `backing` is the image file's device and inode: copies of one image share a UUID (and
+    /// often a mount count), and must not share a log.
+    InDir {
+        dir: PathBuf,
+        backing: Option<(u64, u64)>,
+    },
     /// This file.
     File(PathBuf),
 }
@@ -59,7 +65,9 @@ pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer
             image.begin_session()?;
             return Ok(None);
         }
-        RestartLogAt::InDir(d) => (default_path(d, &image.superblock().uuid), true),
+        RestartLogAt::InDir { dir, backing } => {
+            (default_path(dir, &image.superblock().uuid, *backing), true)
+        }
         RestartLogAt::File(p) => (p.clone(), false),
     };
     let (mut file, old) = LogFile::open(&path, make_dir)?;
@@ -196,20 +204,31 @@ impl Shared {
         }
         if let Some(tid) = st.image.running_tid() {
             st.restart_pending.push(Record { tid, change });
+            self.log_made.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Writes `records` (taken from `Locked::restart_pending` under `guard`), then completes
     /// `done`: at once when they are in the log (or there is none), else after the next commit
     /// (errors complete at once either way).
+    /// `made` is `log_made` as it was when `records` were taken (under the mapping lock).
     pub(super) fn complete_logged(
         &self,
         guard: Option<MutexGuard<'_, Writer>>,
         records: Vec<Record>,
+        made: u64,
         done: Vec<(Done, Result<(), EngineError>)>,
     ) {
         let logged = match guard {
-            Some(mut w) => w.append(&records),
+            Some(mut w) => {
+                let ok = w.append(&records);
+                if ok {
+                    // Every record made up to the take is in the file (or, lost earlier,
+                    // committed since: `lost_through` is clear).
+                    self.log_written.fetch_max(made, Ordering::AcqRel);
+                }
+                ok
+            }
             None => true,
         };
         if done.is_empty() {
@@ -230,11 +249,15 @@ impl Shared {
     /// the pending records.
     pub(super) fn complete_after_log(&self, done: Vec<(Done, Result<(), EngineError>)>) {
         let guard = self.restart_guard();
-        let records = match guard {
-            Some(_) => std::mem::take(&mut lock(&self.state).restart_pending),
-            None => Vec::new(),
+        let (records, made) = match guard {
+            Some(_) => {
+                let mut st = lock(&self.state);
+                let made = self.log_made.load(Ordering::Acquire);
+                (std::mem::take(&mut st.restart_pending), made)
+            }
+            None => (Vec::new(), 0),
         };
-        self.complete_logged(guard, records, done);
+        self.complete_logged(guard, records, made, done);
     }
 
     /// After a commit made every transaction before `first_tid` durable: their records go.

@@ -142,10 +142,11 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Work>) {
         }
         let redo = st.range.take_ready();
         let records = std::mem::take(&mut st.restart_pending);
+        let made = s.log_made.load(Ordering::Acquire);
         drop(st);
         // The batch's changes reach the restart log (one write, outside the mapping lock)
         // before any of its requests completes.
-        s.complete_logged(log, records, done_now);
+        s.complete_logged(log, records, made, done_now);
         for w in waiters {
             s.to_committer(w);
         }
