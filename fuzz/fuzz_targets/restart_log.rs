@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
         uuid: [9; 16],
         session: 1,
         base_tid: 0,
+        boot_id: [0; 16],
     };
     let bytes = if sel & 1 == 0 {
         rest.to_vec()

@@ -11,8 +11,8 @@ use thiserror::Error;
 
 /// "EXTBLKRL": extblk restart log.
 pub const MAGIC: [u8; 8] = *b"EXTBLKRL";
-pub const VERSION: u32 = 1;
-pub const HEADER_LEN: usize = 40;
+pub const VERSION: u32 = 2;
+pub const HEADER_LEN: usize = 56;
 pub const RECORD_LEN: usize = 28;
 /// The longest written run a record may carry: ext4's longest initialised extent. The engine
 /// logs the extents a conversion changed, which are never longer.
@@ -33,6 +33,25 @@ pub struct Header {
     /// Every record belongs to a transaction with this tid or a later one: the first
     /// transaction that was not durable when the file was (re)started.
     pub base_tid: u32,
+    /// The host's boot (`/proc/sys/kernel/random/boot_id`) that wrote the file: a log that
+    /// survived a reboot (a `--restart-log` path off tmpfs) describes data that may never
+    /// have reached the disk, and is ignored.
+    pub boot_id: [u8; 16],
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, 32 hex digits with dashes), or zeroes
+/// where the kernel has none.
+pub fn boot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return id;
+    };
+    let hex: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
+    for (i, pair) in hex.chunks(2).take(16).enumerate() {
+        let digits = std::str::from_utf8(pair).unwrap_or("0");
+        id[i] = u8::from_str_radix(digits, 16).unwrap_or(0);
+    }
+    id
 }
 
 /// One metadata change of `/disk`, as the engine made it in memory.
@@ -86,8 +105,9 @@ pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     b[28..30].copy_from_slice(&h.session.to_le_bytes());
     // 30..32 reserved, zero.
     b[32..36].copy_from_slice(&h.base_tid.to_le_bytes());
-    let c = crc(!0, &b[..36]);
-    b[36..40].copy_from_slice(&c.to_le_bytes());
+    b[36..52].copy_from_slice(&h.boot_id);
+    let c = crc(!0, &b[..52]);
+    b[52..56].copy_from_slice(&c.to_le_bytes());
     b
 }
 
@@ -102,16 +122,19 @@ pub fn decode_header(b: &[u8]) -> Result<Header, LogFormatError> {
     if version != VERSION {
         return Err(LogFormatError::Version(version));
     }
-    let c = u32::from_le_bytes(b[36..40].try_into().expect("4 bytes"));
-    if c != crc(!0, &b[..36]) {
+    let c = u32::from_le_bytes(b[52..56].try_into().expect("4 bytes"));
+    if c != crc(!0, &b[..52]) {
         return Err(LogFormatError::HeaderChecksum);
     }
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&b[12..28]);
+    let mut boot_id = [0u8; 16];
+    boot_id.copy_from_slice(&b[36..52]);
     Ok(Header {
         uuid,
         session: u16::from_le_bytes([b[28], b[29]]),
         base_tid: u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")),
+        boot_id,
     })
 }
 
@@ -119,7 +142,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header, LogFormatError> {
 /// header it was written under (not after a later generation's, nor another image's).
 pub fn record_seed(h: &Header) -> u32 {
     let b = encode_header(h);
-    u32::from_le_bytes(b[36..40].try_into().expect("4 bytes"))
+    u32::from_le_bytes(b[52..56].try_into().expect("4 bytes"))
 }
 
 pub fn encode_record(seed: u32, r: &Record) -> [u8; RECORD_LEN] {
@@ -199,6 +222,13 @@ pub fn tid_at_or_after(tid: u32, first: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_boot_id_is_this_boots_and_stable() {
+        let id = boot_id();
+        assert_ne!(id, [0; 16], "no boot id read from /proc");
+        assert_eq!(id, boot_id());
+    }
+
     use super::*;
 
     fn header() -> Header {
@@ -206,6 +236,7 @@ mod tests {
             uuid: [9; 16],
             session: 7,
             base_tid: 41,
+            boot_id: [7; 16],
         }
     }
 
@@ -280,6 +311,7 @@ mod tests {
             },
             Header {
                 base_tid: 42,
+                boot_id: [7; 16],
                 ..header()
             },
         ] {

@@ -100,6 +100,7 @@ impl LogFile {
             uuid: [0; 16],
             session: 0,
             base_tid: 0,
+            boot_id: [0; 16],
         };
         Ok((
             LogFile {
@@ -227,6 +228,7 @@ mod tests {
             uuid: [0xab; 16],
             session: 3,
             base_tid: 10,
+            boot_id: [0; 16],
         };
         f.start(h).unwrap();
         f.append(&[rec(10, 1), rec(10, 2)]).unwrap();

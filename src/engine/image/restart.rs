@@ -78,6 +78,7 @@ pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer
         // The session about to begin.
         session: image.superblock().mnt_count.wrapping_add(1),
         base_tid: image.running_tid().unwrap_or(0),
+        boot_id: format::boot_id(),
     };
     file.start(header).map_err(io_err)?;
     // From here the log names this session; an empty log of a session that never began (a
@@ -109,6 +110,15 @@ fn apply(image: &mut Image, path: &Path, old: &[u8]) -> Result<(), ImageError> {
         return Ok(());
     }
     if d.records.is_empty() {
+        return Ok(());
+    }
+    if d.header.boot_id != format::boot_id() {
+        // A reboot since: what the log describes may never have reached the disk (design §5:
+        // unflushed writes may be lost, never read back stale).
+        log::warn!(
+            "restart log {p} was written before the host last booted; {} record(s) ignored",
+            d.records.len()
+        );
         return Ok(());
     }
     if d.header.session != sb.mnt_count {
