@@ -333,8 +333,8 @@ mod tests {
         m[0] = b'X';
         assert_eq!(decode(&m), Err(LogFormatError::BadMagic));
         let mut v = b.clone();
-        v[8] = 2;
-        assert_eq!(decode(&v), Err(LogFormatError::Version(2)));
+        v[8] = 1; // the version before the header named the boot
+        assert_eq!(decode(&v), Err(LogFormatError::Version(1)));
         let mut u = b.clone();
         u[12] ^= 0xff; // the UUID, under the header checksum
         assert_eq!(decode(&u), Err(LogFormatError::HeaderChecksum));
