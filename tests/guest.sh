@@ -539,7 +539,7 @@ test_killed-control() {
 }
 
 # killed-control is not in the default list: without inflight tracking the damage needs a kill
-# at a moment of out-of-order completions, which it met in 3 of 5 runs here (20 kills did not
+# at a moment of out-of-order completions, which it met in 2 of 5 runs here (20 kills did not
 # always find one); run it on request.
 TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed}
 for t in $TESTS; do
