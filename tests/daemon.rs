@@ -590,21 +590,7 @@ fn workload_secs(default: u64) -> u64 {
 }
 
 fn counter(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("exiting:"))
-        .unwrap_or_else(|| panic!("no exit counters: {log}"));
-    let key = format!(" {name}=");
-    let i = line
-        .find(&key)
-        .unwrap_or_else(|| panic!("no counter {name}: {line}"))
-        + key.len();
-    line[i..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    common::exit_counter(log, name)
 }
 
 #[test]

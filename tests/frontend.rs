@@ -29,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::exit_counter;
 use common::{skip_or_fail, Scratch};
-use daemon::{exit_counter, Daemon, Start};
+use daemon::{Daemon, Start};
 use guest::*;
 use session::{inflight_queue_bytes, AddrOverride, Session};
 use vhost::vhost_user::message::VhostUserInflight;

@@ -73,3 +73,22 @@ pub fn e2fsck_clean(path: &Path) {
         "e2fsck -fn complained:\n{text}"
     );
 }
+
+/// The value of counter `name` in the daemon's last "exiting:" line (its counters at exit).
+pub fn exit_counter(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("exiting:"))
+        .unwrap_or_else(|| panic!("no exit counters in the log:\n{log}"));
+    let key = format!(" {name}=");
+    let i = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no counter {name}: {line}"))
+        + key.len();
+    line[i..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
