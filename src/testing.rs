@@ -47,3 +47,18 @@ pub(crate) fn holds_write(offset: u64) -> bool {
         })
         .is_some_and(|from| offset >= from)
 }
+
+/// `EXTBLK_NO_INFLIGHT=1` (read once): the device does not offer the INFLIGHT_SHMFD protocol
+/// feature, so a frontend that reconnects after a kill restarts the rings from their used
+/// index, as without inflight tracking. tests/guest.sh's control run proves with it that its
+/// `killed` test fails where the tracking is missing.
+pub(crate) fn no_inflight() -> bool {
+    static NO_INFLIGHT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NO_INFLIGHT.get_or_init(|| {
+        let on = std::env::var_os("EXTBLK_NO_INFLIGHT").is_some_and(|v| v == "1");
+        if on {
+            log::warn!("EXTBLK_NO_INFLIGHT=1: inflight tracking is not offered (a test build)");
+        }
+        on
+    })
+}

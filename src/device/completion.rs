@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Error as QueueError, QueueT};
@@ -54,8 +54,15 @@ pub struct QueueShared {
     pub started: AtomicBool,
     /// The inflight counter the next popped head takes (the region's order of pops).
     pub next_counter: AtomicU64,
-    /// The guest broke the ring (an impossible avail index) on this connection: logged once.
+    /// The queue is stopped until the frontend resets it: the guest broke the ring (an
+    /// impossible avail index) or the inflight region cannot track it. Logged once.
     pub broken: AtomicBool,
+    /// Which run of the ring requests belong to: a new one each time the ring stops
+    /// (GET_VRING_BASE), a region arrives or a connection begins. A request completing after
+    /// its run ended must not touch the ring: the frontend may have moved or reset it, or the
+    /// restarted queue resubmitted the request. The mutex makes "still this run?" and the
+    /// used-ring write one step against a new run beginning; held for one used-ring write.
+    epoch: Mutex<u64>,
 }
 
 impl QueueShared {
@@ -68,7 +75,21 @@ impl QueueShared {
             started: AtomicBool::new(false),
             next_counter: AtomicU64::new(1),
             broken: AtomicBool::new(false),
+            epoch: Mutex::new(0),
         }
+    }
+
+    /// The ring's current run, for a request taken off it now.
+    pub fn epoch(&self) -> u64 {
+        *self.epoch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ring's run ended (stopped, a new region, a new connection): completions of its
+    /// requests from here on are dropped, and the next processing starts the queue afresh.
+    pub fn restart(&self) {
+        *self.epoch.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.broken.store(false, Ordering::Relaxed);
+        self.started.store(false, Ordering::Release);
     }
 
     /// Asks for a guest notification at the end of the current batch.
@@ -120,16 +141,24 @@ fn signal(vring: &Vring) {
 
 /// Publishes `head`'s used entry: every used-ring write of the device goes through here. Under
 /// the vring lock, so the inflight region's `last_batch_head`, the used ring and the region's
-/// `used_idx` change together for one head at a time, whichever thread completes it.
+/// `used_idx` change together for one head at a time, whichever thread completes it; and under
+/// the queue's epoch, so a request of a run that has ended (`epoch` is not the current one)
+/// writes nothing: returns `Ok(false)` then. Its inflight entry stays marked, so a frontend
+/// that restarts the ring on the same region gets it resubmitted.
 pub fn publish_used(
     vring: &Vring,
     region: Option<&InflightRegion>,
-    queue: usize,
+    queue: &QueueShared,
+    epoch: u64,
     head: u16,
     len: u32,
-) -> Result<(), QueueError> {
+) -> Result<bool, QueueError> {
+    let current = queue.epoch.lock().unwrap_or_else(|e| e.into_inner());
+    if *current != epoch {
+        return Ok(false);
+    }
     let mut st = vring.get_mut();
-    let qr = region.and_then(|r| r.queue(queue));
+    let qr = region.and_then(|r| r.queue(queue.index));
     if let Some(qr) = &qr {
         qr.begin_publish(head);
     }
@@ -137,7 +166,7 @@ pub fn publish_used(
     if let Some(qr) = &qr {
         qr.end_publish(head, st.get_queue().next_used());
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The device's continuation for one request.
@@ -151,6 +180,8 @@ pub struct VirtioCompletion {
     pub queue: Arc<QueueShared>,
     /// The connection's inflight region, if the frontend gave one.
     pub inflight: Option<Arc<InflightRegion>>,
+    /// The ring's run the request was taken in ([`QueueShared::epoch`]).
+    pub epoch: u64,
     /// A test build's held request (`EXTBLK_HOLD_FROM`): carried out, never published.
     #[cfg(feature = "testing")]
     pub held: bool,
@@ -169,14 +200,30 @@ impl VirtioCompletion {
         }
         #[cfg(feature = "testing")]
         if self.held {
-            // Never published, never counted as done: the test kills the daemon with it in
-            // flight, and the restarted daemon must resubmit it from the inflight region.
-            std::mem::forget(self);
+            // Never published: the test kills the daemon with it in flight, and the restarted
+            // daemon must resubmit it from the inflight region. Not counted in flight either,
+            // so that nothing waits for it.
+            log::info!(
+                "queue {}: holding request {} (EXTBLK_HOLD_FROM)",
+                self.queue.index,
+                self.head
+            );
+            self.queue.inflight.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         let region = self.inflight.as_deref();
-        if let Err(e) = publish_used(&self.vring, region, self.queue.index, self.head, len) {
-            log::warn!("cannot add used entry {}: {e}", self.head);
+        match publish_used(&self.vring, region, &self.queue, self.epoch, self.head, len) {
+            Ok(true) => {}
+            Ok(false) => {
+                log::warn!(
+                    "queue {}: request {} completed after its ring was stopped: not published",
+                    self.queue.index,
+                    self.head
+                );
+                self.queue.inflight.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            Err(e) => log::warn!("cannot add used entry {}: {e}", self.head),
         }
         let on_queue_thread = BATCHING.with(|b| b.get()) == self.queue.key();
         let c = &self.queue.counters;

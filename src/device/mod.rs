@@ -253,8 +253,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
         for q in &self.inner.shared {
-            q.started.store(false, Ordering::Release);
-            q.broken.store(false, Ordering::Relaxed);
+            q.restart();
         }
     }
 
@@ -303,6 +302,10 @@ impl<E: BlockEngine> BlockDevice<E> {
         let _batch = BatchScope::enter(shared, vring);
         if !shared.started.swap(true, Ordering::AcqRel) {
             self.start_queue(q, vring, &mem.1);
+        }
+        if shared.broken.load(Ordering::Relaxed) {
+            // Stopped until the frontend resets the queue: nothing is taken off the ring.
+            return;
         }
         if self.inner.event_idx.load(Ordering::Acquire) {
             loop {
@@ -381,12 +384,36 @@ impl<E: BlockEngine> BlockDevice<E> {
         end
     }
 
+    /// Waits until no request of the queue's previous run is in flight. Only a stop that timed
+    /// out (`stop_vring`, a disconnect's drain) leaves any; their completions are dropped
+    /// (the run ended), but their I/O is still going on, and the requests the region says
+    /// were in flight must not run again beside it. Ends because the engine completes every
+    /// request it accepted (its liveness rule) and this loop reaps the completions itself.
+    fn wait_previous_run(&self, q: usize) {
+        let shared = &self.inner.shared[q];
+        let start = Instant::now();
+        let mut next_log = start + Duration::from_secs(10);
+        while shared.inflight.load(Ordering::Acquire) > 0 {
+            lock(&self.inner.queues[q]).process_completions();
+            std::thread::sleep(INFLIGHT_POLL);
+            if Instant::now() > next_log {
+                log::warn!(
+                    "queue {q}: waiting {} s for {} request(s) of the ring's previous run",
+                    start.elapsed().as_secs(),
+                    shared.inflight.load(Ordering::Acquire)
+                );
+                next_log += Duration::from_secs(10);
+            }
+        }
+    }
+
     /// The first processing of queue `q` after it was (re)started: the ring's used index as
     /// the guest memory holds it (read again here, where the inflight rules need it, under the
     /// vring lock), and the requests the inflight region says were in flight,
     /// resubmitted oldest first before anything new is taken (the avail position moves past
     /// them: used index + their number).
     fn start_queue(&self, q: usize, vring: &Vring, mem: &Arc<GuestMem>) {
+        self.wait_previous_run(q);
         let region = self.inflight_region();
         let (heads, desc_table, size) = {
             let mut st = vring.get_mut();
@@ -403,6 +430,17 @@ impl<E: BlockEngine> BlockDevice<E> {
                 return;
             };
             let size = queue.size();
+            let tracked = region.as_deref().map_or(0, InflightRegion::queue_size);
+            if size > tracked {
+                // Heads past the region's entries could not be marked: a crash would lose
+                // them without a trace. Refused rather than served half-tracked.
+                log::error!(
+                    "queue {q}: the ring has {size} descriptors, the inflight region tracks \
+                     {tracked}: the queue stops until the frontend resets it"
+                );
+                self.inner.shared[q].broken.store(true, Ordering::Relaxed);
+                return;
+            }
             let restore = qr.restore(size, used);
             self.inner.shared[q]
                 .next_counter
@@ -448,7 +486,8 @@ impl<E: BlockEngine> BlockDevice<E> {
                 parsed.head
             );
             c.errors.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = publish_used(vring, region.as_deref(), q, parsed.head, 0) {
+            let epoch = shared.epoch();
+            if let Err(e) = publish_used(vring, region.as_deref(), shared, epoch, parsed.head, 0) {
                 log::warn!("queue {q}: cannot add used entry: {e}");
             }
             shared.request_signal();
@@ -463,6 +502,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             mem: mem.clone(),
             queue: shared.clone(),
             inflight: region,
+            epoch: shared.epoch(),
             #[cfg(feature = "testing")]
             held: false,
         };
@@ -566,14 +606,20 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let all = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             // libblkio needs it; QEMU uses it for memory hotplug.
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             // GET/SET_INFLIGHT_FD never reach vhost-user-backend (which refuses them): the
             // relay in front of it answers them (`relay.rs`).
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        #[cfg(feature = "testing")]
+        if crate::testing::no_inflight() {
+            // The guest test's control run: a frontend that reconnects without the region.
+            return all - VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        all
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -623,8 +669,17 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
         while q.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(INFLIGHT_POLL);
         }
-        // Stopped: when the frontend starts it again, it starts afresh (used index, region).
-        q.started.store(false, Ordering::Release);
+        let left = q.inflight.load(Ordering::Acquire);
+        if left > 0 {
+            log::warn!(
+                "queue {queue_index}: {left} request(s) still in flight {} s after the ring \
+                 was stopped: their completions will not be published",
+                STOP_VRING_TIMEOUT.as_secs()
+            );
+        }
+        // Stopped: when the frontend starts it again, it starts afresh (used index, region),
+        // once the requests left from this run are done.
+        q.restart();
         Ok(())
     }
 
@@ -680,7 +735,7 @@ impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
         // A region may come again on the same connection (the device restarted after a guest
         // reboot): the queues start on it afresh.
         for q in &self.inner.shared {
-            q.started.store(false, Ordering::Release);
+            q.restart();
         }
         Ok(())
     }

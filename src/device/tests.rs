@@ -448,6 +448,36 @@ impl Rig {
     /// Queues one chain, kicks the device, and returns (status byte, used length).
     /// (The mock builds the rings once; chains are added by hand so the rings keep their state.)
     fn submit(&mut self, descs: &[RawDescriptor], status_at: u64) -> (u8, u32) {
+        let head = self.post(descs, status_at);
+        // Reads and writes complete on the queue's io_uring: collect them.
+        assert!(
+            self.device.drain(std::time::Duration::from_secs(10)),
+            "request still in flight"
+        );
+        let m = self.atomic.memory();
+        assert_eq!(
+            self.used_idx(),
+            self.used_seen + 1,
+            "request was not completed"
+        );
+        let slot = self
+            .used
+            .unchecked_add(4 + 8 * u64::from(self.used_seen % QSIZE));
+        let id: u32 = m.read_obj(slot).unwrap();
+        let len: u32 = m.read_obj(slot.unchecked_add(4)).unwrap();
+        assert_eq!(id, u32::from(head));
+        self.used_seen += 1;
+        (m.read_obj(GuestAddress(status_at)).unwrap(), len)
+    }
+
+    fn used_idx(&self) -> u16 {
+        let m = self.atomic.memory();
+        m.read_obj(self.used.unchecked_add(2)).unwrap()
+    }
+
+    /// Queues one chain and kicks the device; returns its head. Its completion, if the engine
+    /// completes it on the queue's io_uring, waits for someone to reap it.
+    fn post(&mut self, descs: &[RawDescriptor], status_at: u64) -> u16 {
         let m = self.atomic.memory();
         m.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
         let head = self.next_desc;
@@ -477,23 +507,14 @@ impl Rig {
         .unwrap();
         m.write_obj(avail_idx.wrapping_add(1), self.avail.unchecked_add(2))
             .unwrap();
+        self.kick();
+        head
+    }
+
+    fn kick(&self) {
         self.device
             .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
             .unwrap();
-        // Reads and writes complete on the queue's io_uring: collect them.
-        assert!(
-            self.device.drain(std::time::Duration::from_secs(10)),
-            "request still in flight"
-        );
-        let used = self.used;
-        let idx: u16 = m.read_obj(used.unchecked_add(2)).unwrap();
-        assert_eq!(idx, self.used_seen + 1, "request was not completed");
-        let slot = used.unchecked_add(4 + 8 * u64::from(self.used_seen % QSIZE));
-        let id: u32 = m.read_obj(slot).unwrap();
-        let len: u32 = m.read_obj(slot.unchecked_add(4)).unwrap();
-        assert_eq!(id, u32::from(head));
-        self.used_seen += 1;
-        (m.read_obj(GuestAddress(status_at)).unwrap(), len)
     }
 }
 
@@ -630,4 +651,68 @@ fn config_space_and_write_cache_switch() {
     // A driver without FLUSH gets write-through.
     r.device.acked_features(1 << 32);
     assert!(!r.device.is_writeback());
+}
+
+#[test]
+fn a_request_completing_after_its_ring_was_restarted_is_not_published() {
+    let mut r = Rig::new("stale", false);
+    let m = r.atomic.memory();
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 8);
+    m.write_slice(&[0x5au8; 4096], GuestAddress(BUF)).unwrap();
+    // Aligned, so on the queue's io_uring (not written at once through the page cache). In the engine, its completion not yet reaped: as after a drain that timed out.
+    r.post(&[ro(HDR, 16), ro(BUF, 4096), wo(STATUS, 1)], STATUS);
+    assert_eq!(
+        r.device.inflight(),
+        1,
+        "the write completed before the restart"
+    );
+    // A new connection (or GET_VRING_BASE) ends the ring's run.
+    r.device.connection_started();
+    // The next request on the restarted ring: start_queue first waits for the old run's
+    // write (reaping it, unpublished), then serves this one, whose used entry is the ring's
+    // first. Had the old write been published, the used index would be 2.
+    header(&m, HDR, VIRTIO_BLK_T_IN, 8);
+    assert_eq!(
+        r.submit(
+            &[ro(HDR, 16), wo(BUF + 0x2000, 4096), wo(STATUS + 8, 1)],
+            STATUS + 8
+        ),
+        (OK, 4097)
+    );
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(r.device.inflight(), 0);
+    // The old write's I/O was done (only its completion was dropped), and read before the new
+    // request ran: start_queue waited for it.
+    let mut got = [0u8; 4096];
+    m.read_slice(&mut got, GuestAddress(BUF + 0x2000)).unwrap();
+    assert_eq!(got, [0x5a; 4096]);
+}
+
+#[test]
+fn a_ring_larger_than_its_inflight_region_is_refused_until_reset() {
+    use super::inflight::InflightRegion;
+    use super::relay::InflightHandler;
+    let mut r = Rig::new("region-small", false);
+    let m = r.atomic.memory();
+    // A region for 16 descriptors, a ring of QSIZE (64): heads 16.. could not be marked.
+    r.device
+        .set_inflight_fd(InflightRegion::create(1, 16).unwrap())
+        .unwrap();
+    header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    r.post(&[ro(HDR, 16), wo(BUF, 512), wo(STATUS, 1)], STATUS);
+    assert!(r.device.drain(std::time::Duration::from_secs(10)));
+    assert_eq!(r.used_idx(), 0, "a request was served on an untracked ring");
+    let st: u8 = m.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, 0xff, "the request was taken off the ring");
+    r.kick();
+    assert_eq!(r.used_idx(), 0, "served on a second kick");
+    // A region of the ring's size: the queue starts again and serves what was waiting.
+    r.device
+        .set_inflight_fd(InflightRegion::create(1, QSIZE).unwrap())
+        .unwrap();
+    r.kick();
+    assert!(r.device.drain(std::time::Duration::from_secs(10)));
+    assert_eq!(r.used_idx(), 1);
+    let st: u8 = m.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, OK);
 }
