@@ -21,10 +21,13 @@
 #           reconnects (reconnect=1) and the guest carries on: fio must end with err=0 and its
 #           verify pass, the guest log show no I/O error, the daemon log show requests resubmitted
 #           from the inflight region (the race happened)
-#   killed-control  (on request only) the same run through tests/vhost-no-inflight.py, a proxy
-#           that hides the INFLIGHT_SHMFD protocol feature from QEMU, killing every 3 s (up to 20
-#           times) until the guest reports the damage: it should fail (`killed` can fail); the
-#           damage needs a kill among out-of-order completions, so it is probabilistic
+#   killed-held  the same with the test build (the debug binary scripts/test.sh built with the
+#           testing feature): its first instance holds the completions of some writes
+#           (EXTBLK_HOLD_FROM), so requests are in flight at the one kill for certain; the
+#           restarted daemon must resubmit exactly as many as were held, and fio pass
+#   killed-control  killed-held without inflight tracking (EXTBLK_NO_INFLIGHT=1): QEMU restarts
+#           the rings from their used index, the held requests are lost, and the guest must fail
+#           (its watchdog reports requests stuck in flight, or the kernel a broken ring)
 #
 # EXTBLK_E2E_CORRUPT=1 proves the checks can fail: while the `raw` guest is paused between its
 # write and verify passes, the host overwrites a few bytes of the raw file behind its back (the
@@ -33,7 +36,8 @@
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
 # "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
-# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-control" (subset),
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-held killed-control"
+# (subset), EXTBLK_TEST_BIN (the test build for killed-held/-control; default target/debug/extblk),
 # EXTBLK_E2E_KILL_SIZE (fio --size of `killed`, default 1G), RUST_LOG.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -90,12 +94,15 @@ say "guest boots ($(( $(date +%s) - T0 ))s so far); work directory $T"
 # ---------------------------------------------------------------- helpers
 PASSED=0 FAILED=0
 DPID=""
-start_daemon() {  # NAME IMAGE [serve options...]; socket $T/NAME.sock, log $T/NAME.log
+# start_daemon NAME IMAGE [serve options...]: socket $T/NAME.sock, log $T/NAME.log; the binary is
+# $DAEMON_BIN if set (else $BIN), started with the VAR=value words of $DAEMON_ENV in its environment.
+start_daemon() {
   local name=$1 img=$2 i
   shift 2
   rm -f "$T/$name.sock"
   echo "=== start $(date +%T): extblk serve --socket $T/$name.sock --queues 2 $* $img" >> "$T/$name.log"
-  RUST_LOG=${RUST_LOG:-info} "$BIN" serve --socket "$T/$name.sock" --queues 2 "$@" "$img" >> "$T/$name.log" 2>&1 &
+  env RUST_LOG="${RUST_LOG:-info}" ${DAEMON_ENV:-} "${DAEMON_BIN:-$BIN}" serve --socket "$T/$name.sock" \
+    --queues 2 "$@" "$img" >> "$T/$name.log" 2>&1 &
   DPID=$!
   DAEMONS+=("$DPID")
   for i in $(seq 100); do
@@ -309,7 +316,23 @@ dd if=/dev/zero of=/dev/vda bs=1M count=$(( $(numfmt --from=iec "$size") / 20971
 echo FIO-START
 fio --name=killed --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=32 --direct=1 \
     --ioengine=libaio --size="$size" --verify=crc32c --do_verify=1 --verify_fatal=1 \
-    --randseed=7 > /tmp/fio.out 2>&1
+    --randseed=7 > /tmp/fio.out 2>&1 &
+fpid=$!
+# A request the device never completes leaves fio waiting for ever: reported as soon as the disk
+# has requests in flight and completes none for 60 s (a restart takes a few seconds).
+last="" still=0
+while kill -0 $fpid 2>/dev/null; do
+  sleep 5
+  read -r rd _ _ _ wr _ _ _ busy _ < /sys/block/vda/stat
+  if [ "$((rd + wr))" = "$last" ] && [ "$busy" -gt 0 ]; then still=$((still + 5)); else still=0; fi
+  last=$((rd + wr))
+  if [ "$still" -ge 60 ]; then
+    echo "STUCK: $busy request(s) in flight on vda, none completed for ${still}s"
+    dmesg | tail -5
+    exit 1
+  fi
+done
+wait $fpid
 rc=$?
 grep -E 'err=|WRITE:|READ:|verify|crc' /tmp/fio.out | head -20
 echo "fio exit $rc"
@@ -447,23 +470,34 @@ test_raw() {
 resubmitted() {  # NAME: requests the daemon resubmitted from the inflight region, over its restarts
   grep -o 'resubmitting [0-9]* request' "$T/$1.log" | awk '{s+=$2} END {print s+0}'
 }
-# killed_run NAME TIMEOUT [proxy]: the `killed` workload, the guest's exit status in KILLED_RC.
-# With `proxy`, QEMU talks to tests/vhost-no-inflight.py in front of the daemon, and the guest is
-# stopped as soon as its kernel reports the broken ring (KILLED_RC=125): it would hang until the
-# timeout otherwise.
+held() {  # NAME: requests the test build held (EXTBLK_HOLD_FROM)
+  grep -c 'holding request' "$T/$1.log"
+}
+# The test build for the held and control runs: the debug binary scripts/test.sh's cargo test
+# built with the testing feature (EXTBLK_TEST_BIN to give another).
+TEST_BIN=${EXTBLK_TEST_BIN:-$ROOT/target/debug/extblk}
+
+# killed_run NAME TIMEOUT MODE: the `killed` workload; the guest's exit status in KILLED_RC.
+#   real     the shipped binary; three kills 6 s apart, more (up to 10) until one found requests
+#            in flight: whether one is in flight at a kill is luck
+#   held     the test build; its first instance holds the completions of the writes in the top
+#            quarter of fio's range (EXTBLK_HOLD_FROM: carried out, never completed), so that at
+#            the one kill, once it holds some, requests are in flight for certain, out of order
+#   control  as held, with inflight tracking not offered (EXTBLK_NO_INFLIGHT=1, every instance)
 killed_run() {
-  local name=$1 tmo=$2 proxy=${3:-} img=$T/$1.img sock=$T/$1.sock qsock gpid i k ppid=""
+  local name=$1 tmo=$2 mode=$3 img=$T/$1.img sock=$T/$1.sock gpid i k size
+  size=${EXTBLK_E2E_KILL_SIZE:-1G}
   "$BIN" create --size 2G "$img" > /dev/null || return 1
-  start_daemon "$name" "$img" || return 1
-  qsock=$sock
-  if [ -n "$proxy" ]; then
-    qsock=$T/$name-proxy.sock
-    python3 "$ROOT/tests/vhost-no-inflight.py" "$qsock" "$sock" 2>> "$T/$name-proxy.log" &
-    ppid=$!; BGPIDS+=("$ppid")
-    for i in $(seq 50); do [ -S "$qsock" ] && break; sleep 0.1; done
+  local env_all="" env_first=""
+  if [ "$mode" != real ]; then
+    [ -x "$TEST_BIN" ] || { echo "  no test build at $TEST_BIN (cargo build --features testing)"; return 1; }
+    DAEMON_BIN=$TEST_BIN
+    env_first="EXTBLK_HOLD_FROM=$(( $(numfmt --from=iec "$size") * 3 / 4 ))"
+    [ "$mode" = held ] || env_all="EXTBLK_NO_INFLIGHT=1"
   fi
+  DAEMON_ENV="$env_all $env_first" start_daemon "$name" "$img" || { DAEMON_BIN=""; return 1; }
   "$RUN_GUEST" --timeout "$tmo" --queues 2 --reconnect 1 --xfer "$T/xfer" --log "$T/$name.serial" \
-    --disk "$qsock" --script "$T/killed.sh" "${EXTBLK_E2E_KILL_SIZE:-1G}" > "$T/$name.out" 2>&1 &
+    --disk "$sock" --script "$T/killed.sh" "$size" > "$T/$name.out" 2>&1 &
   gpid=$!
   BGPIDS+=("$gpid")
   for i in $(seq 3000); do
@@ -473,51 +507,55 @@ killed_run() {
   done
   if ! grep -q '^FIO-START' "$T/$name.out"; then
     echo "  fio never started"; sed 's/^/    | /' "$T/$name.out" | tail
-    kill -TERM "$gpid"; wait "$gpid"; return 1
+    kill -TERM "$gpid"; wait "$gpid"; DAEMON_BIN=""; return 1
   fi
-  # Three kills, 6 s apart (3 s through the proxy). Whether a request is in flight at a kill
-  # is luck: `killed` kills again (up to 10 times) until one was, and the control until the
-  # guest reports the damage (up to 20), so that neither can pass without the race happening.
-  local gap=6 most=10
-  [ -z "$proxy" ] || { gap=3; most=20; }
   k=0
-  while kill -0 "$gpid" 2>/dev/null; do
-    sleep "$gap"
-    kill -0 "$gpid" 2>/dev/null || break
-    k=$((k + 1))
-    kill -KILL "$DPID"; wait "$DPID" 2>/dev/null; DPID=""
-    echo "  host: SIGKILLed the daemon ($k); restarting it in 1 s"
-    sleep 1
-    start_daemon "$name" "$img" || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
-    [ "$k" -ge 3 ] || continue
-    [ "$k" -lt "$most" ] || break
-    if [ -n "$proxy" ]; then
-      grep -qE 'is not a head|I/O error' "$T/$name.out" && break
-    else
-      [ "$(resubmitted "$name")" -gt 0 ] && break
-    fi
-  done
-  KILLS=$k
-  KILLED_RC=""
-  if [ -n "$proxy" ]; then
+  if [ "$mode" = real ]; then
     while kill -0 "$gpid" 2>/dev/null; do
-      if grep -qE 'is not a head|I/O error' "$T/$name.out"; then
-        kill -TERM "$gpid"; wait "$gpid" 2>/dev/null; KILLED_RC=125
-        echo "  host: the guest reported a broken ring or an I/O error: stopped it"
-        break
-      fi
+      sleep 6
+      kill -0 "$gpid" 2>/dev/null || break
+      k=$((k + 1))
+      kill -KILL "$DPID"; wait "$DPID" 2>/dev/null; DPID=""
+      echo "  host: SIGKILLed the daemon ($k); restarting it in 1 s"
       sleep 1
+      start_daemon "$name" "$img" || { kill -TERM "$gpid"; wait "$gpid"; return 1; }
+      [ "$k" -ge 3 ] || continue
+      [ "$k" -lt 10 ] || break
+      [ "$(resubmitted "$name")" -gt 0 ] && break
     done
+  else
+    # Killed once the held requests stop growing (fio's whole queue depth is held): then
+    # exactly those are in flight.
+    local h last=-1 same=0
+    for i in $(seq 240); do
+      h=$(held "$name")
+      if [ "$h" -gt 0 ] && [ "$h" -eq "$last" ]; then same=$((same + 1)); else same=0; fi
+      last=$h
+      [ "$same" -lt 6 ] || break
+      kill -0 "$gpid" 2>/dev/null || break
+      sleep 0.5
+    done
+    HELD=$(held "$name")
+    k=1
+    kill -KILL "$DPID"; wait "$DPID" 2>/dev/null; DPID=""
+    echo "  host: SIGKILLed the daemon holding $HELD request(s); restarting it in 1 s"
+    sleep 1
+    DAEMON_ENV="$env_all" start_daemon "$name" "$img" || { kill -TERM "$gpid"; wait "$gpid"; DAEMON_BIN=""; return 1; }
+    if [ "$mode" = control ] && ! grep -q 'EXTBLK_NO_INFLIGHT=1: inflight tracking is not offered' "$T/$name.log"; then
+      echo "  $TEST_BIN did not switch inflight tracking off: not a testing build?"
+      kill -TERM "$gpid"; wait "$gpid"; DAEMON_BIN=""; return 1
+    fi
   fi
-  if [ -z "$KILLED_RC" ]; then wait "$gpid"; KILLED_RC=$?; fi
+  KILLS=$k
+  wait "$gpid"; KILLED_RC=$?
+  DAEMON_BIN=""
   sed 's/^/    | /' "$T/$name.out"
-  [ -z "$ppid" ] || { kill -TERM "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
   return 0
 }
 
 test_killed() {
   local n
-  killed_run killed 1200 || return 1
+  killed_run killed 1200 real || return 1
   [ "$KILLED_RC" -eq 0 ] || { echo "  guest exited $KILLED_RC"; return 1; }
   [ "$KILLS" -ge 3 ] || { echo "  fio ended after $KILLS kill(s), before three"; return 1; }
   n=$(resubmitted killed)
@@ -528,20 +566,33 @@ test_killed() {
   host_checks "$T/killed.img"
 }
 
+# The held run and its control differ only in inflight tracking: the first passes, the second
+# must fail (and fails the same way every time: a request in flight at the kill is lost).
+test_killed-held() {
+  local n
+  killed_run killed-held 900 held || return 1
+  [ "$KILLED_RC" -eq 0 ] || { echo "  guest exited $KILLED_RC"; return 1; }
+  n=$(resubmitted killed-held)
+  echo "  host: the killed daemon held $HELD request(s); the restarted one resubmitted $n"
+  [ "$HELD" -gt 0 ] && [ "$n" -eq "$HELD" ] || { echo "  resubmitted $n, not the $HELD held"; return 1; }
+  stop_daemon || return 1
+  host_checks "$T/killed-held.img"
+}
+
 test_killed-control() {
-  killed_run killed-control 600 proxy || return 1
+  killed_run killed-control 900 control || return 1
   stop_daemon
+  echo "  the killed daemon held $HELD request(s); $(resubmitted killed-control) resubmitted"
   if [ "$KILLED_RC" -eq 0 ]; then
-    echo "  fio passed without inflight tracking: the killed test cannot tell it apart"
+    echo "  fio passed without inflight tracking: the killed tests cannot tell it apart"
     return 1
   fi
+  grep -qE 'STUCK|is not a head|I/O error|verify|err= *[1-9]' "$T/killed-control.out" \
+    || { echo "  the guest failed, but not the way a lost request fails"; return 1; }
   echo "  without inflight tracking the run fails (guest exit $KILLED_RC), as it must"
 }
 
-# killed-control is not in the default list: without inflight tracking the damage needs a kill
-# at a moment of out-of-order completions, which it met in 2 of 5 runs here (20 kills did not
-# always find one); run it on request.
-TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed}
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed killed-held killed-control}
 for t in $TESTS; do
   run_test "$t" "test_$t"
 done
