@@ -238,18 +238,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             crate::engine::image::HotPath::Fast
         },
         alloc_unit: opts.alloc_unit,
-        restart_log: match &opts.restart_log {
-            RestartLogAt::InDir { dir, .. } => RestartLogAt::InDir {
-                dir: dir.clone(),
-                backing: std::fs::metadata(&opts.image).ok().map(|m| {
-                    (
-                        std::os::unix::fs::MetadataExt::dev(&m),
-                        std::os::unix::fs::MetadataExt::ino(&m),
-                    )
-                }),
-            },
-            other => other.clone(),
-        },
+        restart_log: opts.restart_log.for_image(&opts.image),
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
         ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {

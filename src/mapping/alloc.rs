@@ -404,9 +404,8 @@ impl Allocator {
     /// record names just before applying it, and gives back what it did not map.
     pub fn claim_free(&mut self, start: u64, len: u64) -> Result<Vec<(u64, u64)>, MapError> {
         let end = start.saturating_add(len).min(self.blocks_count);
-        let ok = |a: &Self, b: u64| {
-            b >= a.data_start && !a.is_used(b) && a.held_overlap(b, 1).is_none()
-        };
+        let ok =
+            |a: &Self, b: u64| b >= a.data_start && !a.is_used(b) && a.held_overlap(b, 1).is_none();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in start.max(self.data_start)..end {
             if !ok(self, b) {
