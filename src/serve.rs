@@ -131,8 +131,9 @@ pub fn default_restart_log() -> RestartLogAt {
         },
         _ => {
             log::warn!(
-                "no XDG_RUNTIME_DIR: serving without a restart log (a killed daemon loses the \
-                 writes acknowledged since the last commit); pass --restart-log PATH"
+                "no XDG_RUNTIME_DIR, hence no default restart log (a killed daemon loses the \
+                 writes acknowledged since the last commit, and check does not see them); pass \
+                 --restart-log PATH"
             );
             RestartLogAt::Off
         }

@@ -2178,6 +2178,18 @@ fn serve_killed_while_applying(img: &Path, sock: &Path, rlog: &Path, at: &str) -
     log
 }
 
+/// `extblk check --output json` of `img` with `rlog`: its JSON.
+fn check_json(img: &Path, rlog: &Path) -> serde_json::Value {
+    let out = extblk()
+        .args(["check", "--output", "json", "--restart-log"])
+        .arg(rlog)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn image_a_kill_while_the_restart_log_is_applied_loses_nothing() {
     let s = Scratch::new("img-rlog-kill");
@@ -2197,12 +2209,20 @@ fn image_a_kill_while_the_restart_log_is_applied_loses_nothing() {
         .map(|c| numbers_after(&log, c)[0])
         .sum();
     let left = records as u64 - chunked;
+    // A read-only check sees a consistent image and the log's remainder, and changes nothing.
+    let j = check_json(&img, &rlog);
+    assert_eq!(j["problems"], serde_json::json!([]), "{j}");
+    assert_eq!(j["restart_log"]["pending_records"], left, "{j}");
     // Killed after the second chunk's log rewrite, before its commit: that chunk is applied
     // again by the next open, the first is not.
     let log = serve_killed_while_applying(&img, &sock, &rlog, "rewrite:2");
     assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
     assert_eq!(numbers_after(&log, ": chunk "), vec![1], "{log}");
     let left = left - numbers_after(&log, "chunk 1: ")[0];
+    assert_eq!(
+        check_json(&img, &rlog)["restart_log"]["pending_records"],
+        left
+    );
     // Killed after the first chunk's log rewrite, before anything of this run committed.
     let log = serve_killed_while_applying(&img, &sock, &rlog, "rewrite:1");
     assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
@@ -2211,6 +2231,7 @@ fn image_a_kill_while_the_restart_log_is_applied_loses_nothing() {
     let log = serve_killed_while_applying(&img, &sock, &rlog, "done");
     assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
     assert!(numbers_after(&log, ": chunk ").len() > 1, "{log}");
+    assert_eq!(check_json(&img, &rlog)["restart_log"]["pending_records"], 0);
     // Nothing left to apply; serving.
     let d = Daemon::start_image(&img, &sock, &["--restart-log", rlog.to_str().unwrap()]);
     let mut c = Client::connect(&sock, 1);
@@ -2220,5 +2241,96 @@ fn image_a_kill_while_the_restart_log_is_applied_loses_nothing() {
     assert!(status.success(), "{log}");
     assert!(numbers_after(&log, "applying ").is_empty(), "{log}");
     assert!(bad.is_empty(), "blocks read back otherwise: {bad:?}\n{log}");
+    image_clean(&img);
+}
+
+#[test]
+fn image_check_repair_applies_a_pending_restart_log() {
+    let s = Scratch::new("img-rlog-repair");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    create_image(&img, "64M");
+    let rl = rlog.to_str().unwrap();
+    let args = ["--commit-interval", "3600", "--restart-log", rl];
+    // A daemon killed with acknowledged writes, zeroings and discards its journal lacks.
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut model = BlockModel::default();
+    flushed_data(&mut c, &mut model);
+    unflushed_zeroes_and_discards(&mut c, &mut model);
+    unflushed_writes(&mut c, &mut model);
+    drop(c);
+    let _ = d.kill();
+    // Plain check: the image is consistent; it tells of the log, and leaves it as it is.
+    let before = fs::read(&rlog).unwrap();
+    let out = extblk()
+        .args(["check", "--restart-log", rl])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text.contains("that the journal lacks"), "{text}");
+    let j = check_json(&img, &rlog);
+    let pending = j["restart_log"]["pending_records"].as_u64().unwrap();
+    assert!(pending > 300, "{j}");
+    assert!(text.contains(&format!(" {pending} change(s)")), "{text}");
+    assert_eq!(fs::read(&rlog).unwrap(), before);
+    // The repair applies it as a daemon's start would, and removes it.
+    let out = extblk()
+        .args(["check", "--repair", "--restart-log", rl])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains(&format!(
+            "{pending} change(s) the journal did not hold applied and committed"
+        )),
+        "{text}"
+    );
+    assert!(!rlog.exists(), "{text}");
+    // Served without any log, everything acknowledged reads back.
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", "none"]);
+    let mut c = Client::connect(&sock, 1);
+    let bad = model.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(bad.is_empty(), "acknowledged blocks lost: {bad:?}\n{text}");
+    image_clean(&img);
+
+    // `--restart-log none`: the repair leaves the log, stale from then on.
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    // (Writes would all be overwrites by now, which the log does not need.)
+    unflushed_zeroes_and_discards(&mut c, &mut BlockModel::default());
+    drop(c);
+    let _ = d.kill();
+    assert!(fs::metadata(&rlog).unwrap().len() > 56);
+    let out = extblk()
+        .args(["check", "--repair", "--restart-log", "none"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains("not looked at (--restart-log none)"),
+        "{text}"
+    );
+    assert!(rlog.exists());
+    let j = check_json(&img, &rlog);
+    assert_eq!(j["restart_log"]["pending_records"], 0, "{j}");
+    assert!(
+        j["restart_log"]["ignored"]
+            .as_str()
+            .is_some_and(|w| w.contains("opened read-write since")),
+        "{j}"
+    );
+    let d = Daemon::start_image(&img, &sock, &args);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("opened read-write since"), "{log}");
     image_clean(&img);
 }

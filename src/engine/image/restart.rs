@@ -12,7 +12,8 @@
 //!   those made after its freeze stay.
 //! - **Applied** at open, after the journal replay, before the engine serves (`open`): in
 //!   chunks, each committed, that each fit one transaction, the file rewritten before each
-//!   commit so that a kill anywhere loses nothing (`apply`).
+//!   commit so that a kill anywhere loses nothing (`apply`). `check --repair` applies it the
+//!   same way (`apply_and_remove`); plain `check` reports it (`pending_at`).
 //!
 //! Lock order: the log's mutex, then the mapping lock. Whoever writes takes the log's mutex
 //! first and the pending records under the mapping lock after, and holds the mutex through
@@ -97,6 +98,8 @@ fn session_of(image: &Image) -> ImageSession {
 /// What became of the log a previous session left.
 #[derive(Debug)]
 pub enum Handled {
+    /// No file there.
+    NoLog,
     /// Nothing in it the journal lacks.
     Nothing,
     /// Not applied, and why (`restart_log::pending`).
@@ -159,7 +162,7 @@ pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer
     match apply(image, &mut file, &old)? {
         Handled::Ignored(why) => log::warn!("restart log {}: {why}; ignored", path.display()),
         Handled::Applied(a) => log::info!("restart log {}: {a}", path.display()),
-        Handled::Nothing => {}
+        Handled::NoLog | Handled::Nothing => {}
     }
     let io_err = |e| ImageError::RestartLog(RestartLogError::Io(path.clone(), e));
     let header = Header {
@@ -178,6 +181,42 @@ pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer
         file,
         lost_through: None,
     }))
+}
+
+/// `check --repair`: applies the log the last session left at `at` (the same application as
+/// a daemon's start), then removes it — everything in it is committed, and the session the
+/// caller begins next would make it stale anyway. A log that is not applied (another
+/// image's, a stale one, garbage) is left where it is. Returns where the log was looked for
+/// and what became of it. The caller begins the session afterwards.
+pub fn apply_and_remove(
+    image: &mut Image,
+    at: &RestartLogAt,
+) -> Result<Option<(PathBuf, Handled)>, ImageError> {
+    let Some((path, _)) = at.path(&image.superblock().uuid) else {
+        return Ok(None);
+    };
+    let Some((mut file, old)) = LogFile::open_existing(&path)? else {
+        return Ok(Some((path, Handled::NoLog)));
+    };
+    let handled = apply(image, &mut file, &old)?;
+    if matches!(handled, Handled::Applied(_) | Handled::Nothing) {
+        file.remove()
+            .map_err(|e| ImageError::RestartLog(RestartLogError::Io(path.clone(), e)))?;
+    }
+    Ok(Some((path, handled)))
+}
+
+/// Plain `check`: what the log at `at` holds for `image` (opened read-only), without taking
+/// its lock or changing it. `None` when there is no log to look at; a file that cannot be read
+/// is reported as ignored.
+pub fn pending_at(image: &Image, at: &RestartLogAt) -> Option<(PathBuf, Pending)> {
+    let (path, _) = at.path(&image.superblock().uuid)?;
+    let p = match std::fs::read(&path) {
+        Ok(b) => restart_log::pending(&b, &session_of(image)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Pending::Ignored(format!("cannot read it: {e}")),
+    };
+    Some((path, p))
 }
 
 /// Applies a previous session's log (`old`, read from the open, locked `file`), if it is this
