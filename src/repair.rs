@@ -43,8 +43,9 @@ pub fn repair(path: &Path, restart_log: &RestartLogAt) -> anyhow::Result<()> {
     }
     if matches!(restart_log, RestartLogAt::Off) {
         println!(
-            "restart log not looked at (--restart-log none): a log the last session left is \
-             left where it is, and stale from now on (the next serve ignores it)"
+            "restart log not looked at (--restart-log none, or no default path): a log the \
+             last session left is left where it is, and stale from now on (the next serve \
+             ignores it)"
         );
     } else if !report.bitmaps_rebuildable {
         println!(
