@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped binary has no test switches. Built without the `testing` feature (as
 # `cargo build --release`, the README's install command), it must not contain the EXTBLK_RECORD /
-# EXTBLK_FAULT handling, and `serve --hot-path` must be refused as an unknown argument. Part of
+# EXTBLK_FAULT / EXTBLK_REAPPLY_EXIT_AFTER handling, and `serve --hot-path` must be refused as an unknown argument. Part of
 # .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=target/release/extblk
 fail() { echo "check-release: $*" >&2; exit 1; }
-for s in EXTBLK_RECORD EXTBLK_FAULT; do
+for s in EXTBLK_RECORD EXTBLK_FAULT EXTBLK_REAPPLY_EXIT_AFTER; do
   n=$(strings "$bin" | grep -c "$s" || true)
   [ "$n" -eq 0 ] || fail "$bin contains $s ($n times): the testing feature is in the release build"
 done

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::engine::image::{pending_at, RestartLogAt};
 use crate::ext4::dir;
 use crate::ext4::extent;
 use crate::ext4::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT, DESCS_PER_BLOCK, DESC_SIZE};
@@ -20,6 +21,7 @@ use crate::ext4::{bitmap, inode_seed, FormatError, BLOCKS_PER_GROUP, BLOCK_SIZE}
 use crate::image::{Image, ImageError, OpenOptions};
 use crate::io::{BlockIo, FileIo};
 use crate::jbd2::format::SUPERBLOCK_SIZE as JOURNAL_SUPERBLOCK_SIZE;
+use crate::restart_log::Pending;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -30,6 +32,10 @@ pub struct Report {
     pub journal_transactions: u32,
     pub extents: usize,
     pub allocated_blocks: u64,
+    /// The restart log a killed daemon left at the path looked at (`--restart-log`), if there
+    /// is a file there: not a problem of the image, but changes acknowledged to a guest that
+    /// the next `serve` or `check --repair` applies.
+    pub restart_log: Option<RestartLogReport>,
     /// Groups whose block bitmap or free count disagrees with what is really used, with the
     /// bitmap they should have; `repair` writes them when `bitmaps_rebuildable`.
     #[serde(skip)]
@@ -39,21 +45,56 @@ pub struct Report {
     pub bitmaps_rebuildable: bool,
 }
 
+/// What the restart log at the path looked at holds for the image.
+#[derive(Debug, Serialize)]
+pub struct RestartLogReport {
+    pub path: String,
+    /// Changes the journal lacks that the next read-write open applies.
+    pub pending_records: usize,
+    /// Why the next open would ignore the file, when it would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<String>,
+}
+
 /// Exit status of `check`: 0 clean, 1 problems found, 2 could not check.
 pub enum Outcome {
     Checked(Report),
     CouldNotCheck(String),
 }
 
-/// Opens `path` read-only and checks it.
-pub fn check_path(path: &Path) -> Outcome {
+/// Opens `path` read-only and checks it; reports what the restart log at `restart_log` holds
+/// for it, without applying or changing it.
+pub fn check_path(path: &Path, restart_log: &RestartLogAt) -> Outcome {
     let io: Arc<dyn BlockIo> = match FileIo::open(path, true) {
         Ok(f) => Arc::new(f),
         Err(e) => return Outcome::CouldNotCheck(e.to_string()),
     };
     let name = path.display().to_string();
     match Image::open(io, OpenOptions { read_only: true }) {
-        Ok(img) => Outcome::Checked(check(&img, name)),
+        Ok(img) => {
+            let mut r = check(&img, name);
+            r.restart_log = pending_at(&img, &restart_log.for_image(path)).map(|(p, pending)| {
+                let path = p.display().to_string();
+                match pending {
+                    Pending::Nothing => RestartLogReport {
+                        path,
+                        pending_records: 0,
+                        ignored: None,
+                    },
+                    Pending::Ignored(why) => RestartLogReport {
+                        path,
+                        pending_records: 0,
+                        ignored: Some(why),
+                    },
+                    Pending::Changes { changes, .. } => RestartLogReport {
+                        path,
+                        pending_records: changes.len(),
+                        ignored: None,
+                    },
+                }
+            });
+            Outcome::Checked(r)
+        }
         Err(ImageError::Format(
             e @ (FormatError::BadMagic(_)
             | FormatError::UnsupportedFeature(_)
@@ -126,6 +167,7 @@ pub fn check(img: &Image, name: String) -> Report {
         journal_transactions: rec.transactions,
         extents: tree.extent_count(),
         allocated_blocks: tree.data_blocks(),
+        restart_log: None,
         rebuilt_bitmaps,
         bitmaps_rebuildable,
     }

@@ -117,9 +117,18 @@ pub struct CheckArgs {
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
 
-    /// First replay the journal into place and close the image cleanly (exact free counts).
+    /// First replay the journal into place, rebuild wrong block bitmaps, apply the restart
+    /// log a killed daemon left (as `serve` would at its start; then it is removed) and close
+    /// the image cleanly (exact free counts).
     #[arg(long)]
     pub repair: bool,
+
+    /// The image's restart log, as `serve --restart-log` (the same default path). `check`
+    /// reports the changes in it the journal lacks, without applying them; `check --repair`
+    /// applies them. `none`: not looked at (a repair then leaves the log where it is, stale
+    /// from then on: the next `serve` ignores it).
+    #[arg(long, value_name = "PATH|none")]
+    pub restart_log: Option<PathBuf>,
 
     /// The image.
     pub image: PathBuf,
@@ -187,7 +196,7 @@ pub struct ServeArgs {
 
     /// Where an extblk image keeps the changes acknowledged but not yet committed, so that a
     /// daemon killed and restarted on a running host loses no completed write, write-zeroes or
-    /// discard (applied at the next start, then emptied). Default: /run/extblk/<UUID>-<dev>-<inode>.log as
+    /// discard (applied at the next start or by `check --repair`, then emptied). Default: /run/extblk/<UUID>-<dev>-<inode>.log as
     /// root, else $XDG_RUNTIME_DIR/extblk/<UUID>-<dev>-<inode>.log (a tmpfs: gone after a reboot, when the
     /// journal alone decides, as for any write-back cache). `none` switches it off.
     #[arg(long, value_name = "PATH|none")]
@@ -260,6 +269,15 @@ fn scatter(path: &std::path::Path, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--restart-log PATH|none` (serve and check): absent, the default path.
+fn restart_log_at(arg: Option<PathBuf>) -> RestartLogAt {
+    match arg {
+        Some(p) if p.as_os_str() == "none" => RestartLogAt::Off,
+        Some(p) => RestartLogAt::File(p),
+        None => serve::default_restart_log(),
+    }
+}
+
 fn parse_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
@@ -327,11 +345,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
                 hot_path,
                 alloc_unit: a.alloc_unit,
-                restart_log: match a.restart_log {
-                    Some(p) if p.as_os_str() == "none" => RestartLogAt::Off,
-                    Some(p) => RestartLogAt::File(p),
-                    None => serve::default_restart_log(),
-                },
+                restart_log: restart_log_at(a.restart_log),
                 socket: a.socket,
                 image: a.image,
                 read_only: a.readonly,
@@ -403,7 +417,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Check(a) => {
             quiet_on_broken_pipe();
-            crate::tools::check(&a.image, a.output == Output::Json, a.repair)
+            crate::tools::check(
+                &a.image,
+                a.output == Output::Json,
+                a.repair,
+                &restart_log_at(a.restart_log),
+            )
         }
     }
 }

@@ -21,6 +21,22 @@ macro_rules! broken {
     };
 }
 
+/// `failpoint!(Name, n)`: with the `testing` feature, the process is killed here when the
+/// environment asks for failpoint `testing::Failpoint::Name` at its `n`-th pass (see
+/// `testing::failpoint`); without it the macro only evaluates `n`, and names nothing.
+#[cfg(feature = "testing")]
+macro_rules! failpoint {
+    ($f:ident, $n:expr) => {
+        $crate::testing::failpoint($crate::testing::Failpoint::$f, $n)
+    };
+}
+#[cfg(not(feature = "testing"))]
+macro_rules! failpoint {
+    ($f:ident, $n:expr) => {{
+        let _: u32 = $n;
+    }};
+}
+
 pub mod bench;
 pub mod check;
 pub mod cli;

@@ -131,8 +131,9 @@ pub fn default_restart_log() -> RestartLogAt {
         },
         _ => {
             log::warn!(
-                "no XDG_RUNTIME_DIR: serving without a restart log (a killed daemon loses the \
-                 writes acknowledged since the last commit); pass --restart-log PATH"
+                "no XDG_RUNTIME_DIR, hence no default restart log (a killed daemon loses the \
+                 writes acknowledged since the last commit, and check does not see them); pass \
+                 --restart-log PATH"
             );
             RestartLogAt::Off
         }
@@ -238,18 +239,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             crate::engine::image::HotPath::Fast
         },
         alloc_unit: opts.alloc_unit,
-        restart_log: match &opts.restart_log {
-            RestartLogAt::InDir { dir, .. } => RestartLogAt::InDir {
-                dir: dir.clone(),
-                backing: std::fs::metadata(&opts.image).ok().map(|m| {
-                    (
-                        std::os::unix::fs::MetadataExt::dev(&m),
-                        std::os::unix::fs::MetadataExt::ino(&m),
-                    )
-                }),
-            },
-            other => other.clone(),
-        },
+        restart_log: opts.restart_log.for_image(&opts.image),
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
         ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {

@@ -62,3 +62,43 @@ pub(crate) fn no_inflight() -> bool {
         on
     })
 }
+
+/// Where a test may have the process killed (`failpoint!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failpoint {
+    /// The restart log's application: the log rewritten for the n-th chunk, before its commit.
+    ReapplyRewritten,
+    /// The restart log's application: the n-th chunk committed, before the next one starts.
+    ReapplyCommitted,
+    /// The restart log's application: every chunk committed, the file not yet started anew
+    /// (n is 0).
+    ReapplyDone,
+}
+
+/// `EXTBLK_REAPPLY_EXIT_AFTER=<n>` (read once) kills the process with SIGKILL — a crash of
+/// the daemon, its page cache kept — right after the n-th chunk of the restart log's
+/// application is committed; `EXTBLK_REAPPLY_EXIT_AFTER=rewrite:<n>` right after the log is
+/// rewritten for the n-th chunk, before that chunk's commit; `done` once every chunk is
+/// committed, before the file starts over for the new session. Chunks count from 1 in each
+/// process.
+pub(crate) fn failpoint(at: Failpoint, n: u32) {
+    static SPEC: std::sync::OnceLock<Option<(Failpoint, u32)>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("EXTBLK_REAPPLY_EXIT_AFTER").ok()?;
+        if v == "done" {
+            return Some((Failpoint::ReapplyDone, 0));
+        }
+        match v.strip_prefix("rewrite:") {
+            Some(k) => Some((Failpoint::ReapplyRewritten, k.parse().ok()?)),
+            None => Some((Failpoint::ReapplyCommitted, v.parse().ok()?)),
+        }
+    });
+    if *spec == Some((at, n)) {
+        log::warn!("EXTBLK_REAPPLY_EXIT_AFTER: killed at {at:?} {n}");
+        // SAFETY: kill(2) and _exit(2) on this process; nothing runs after either.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::_exit(137);
+        }
+    }
+}

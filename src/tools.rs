@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::check::{self, Outcome};
+use crate::engine::image::RestartLogAt;
 use crate::image::{Image, OpenOptions, RunKind};
 use crate::io::{BlockIo, FileIo};
 
@@ -188,11 +189,17 @@ pub fn map(path: &Path, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn check(path: &Path, json: bool, repair: bool) -> anyhow::Result<i32> {
+/// `check [--repair]`; `restart_log` is where the image's restart log is looked for.
+pub fn check(
+    path: &Path,
+    json: bool,
+    repair: bool,
+    restart_log: &RestartLogAt,
+) -> anyhow::Result<i32> {
     if repair {
-        crate::repair::repair(path)?;
+        crate::repair::repair(path, restart_log)?;
     }
-    match check::check_path(path) {
+    match check::check_path(path, restart_log) {
         Outcome::CouldNotCheck(why) => {
             if json {
                 println!(
@@ -216,6 +223,20 @@ pub fn check(path: &Path, json: bool, repair: bool) -> anyhow::Result<i32> {
                         "(checked as replayed: the journal holds {} committed transaction(s))",
                         r.journal_transactions
                     );
+                }
+                if let Some(l) = &r.restart_log {
+                    match &l.ignored {
+                        Some(why) => println!(
+                            "(restart log {}: the next read-write open ignores it: {why})",
+                            l.path
+                        ),
+                        None if l.pending_records > 0 => println!(
+                            "(restart log {}: {} change(s) a killed daemon acknowledged that the \
+                             journal lacks; the next `serve` or `check --repair` applies them)",
+                            l.path, l.pending_records
+                        ),
+                        None => {}
+                    }
                 }
                 if r.problems.is_empty() {
                     println!(

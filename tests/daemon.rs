@@ -2012,3 +2012,322 @@ fn image_a_restart_log_of_another_image_or_garbage_is_ignored() {
     assert!(log.contains("not a restart log"), "{log}");
     image_clean(&img);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A restart log larger than one transaction of the journal.
+
+/// A 160 GiB disk with the smallest journal `create` allows (4 MiB: transactions of at most
+/// ~1,000 log blocks), and a restart log such as a killed daemon could have left on it: a
+/// written run of 4 blocks in each of the disk's 1,280 block groups, their data in the image
+/// already (as the killed daemon wrote it), then zeroings and punches of some of them. Applied
+/// in one transaction, the records dirty ~1,300 bitmaps and descriptor blocks: more than the
+/// journal holds. Returns the blocks as they must read afterwards and the number of records.
+fn scattered_restart_log(img: &Path, rlog: &Path) -> (BlockModel, usize) {
+    use extblk::restart_log::format::{self, Change, Header, Record};
+    let out = extblk()
+        .args(["create", "--size", "160G", "--journal-size", "4M"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let io = std::sync::Arc::new(extblk::io::FileIo::open(img, true).unwrap());
+    let image =
+        extblk::image::Image::open(io, extblk::image::OpenOptions { read_only: true }).unwrap();
+    let sb = image.superblock();
+    let (uuid, session) = (sb.uuid, sb.mnt_count);
+    let tid = image.recovery().first_missing_tid;
+    let data_start = image.allocator().data_start();
+    let disk_blocks = image.disk_blocks();
+    drop(image);
+    let f = OpenOptions::new().write(true).open(img).unwrap();
+    let mut model = BlockModel::default();
+    let mut changes: Vec<Change> = Vec::new();
+    let mut later: Vec<(usize, Change)> = Vec::new();
+    let groups = disk_blocks / 32768;
+    for g in 0..groups {
+        let lblk = g * 32768 + 64 + (g % 7) * 8;
+        let pblk = data_start + lblk;
+        let data = pattern(70_000 + g, 4 * 4096);
+        f.write_all_at(&data, pblk * 4096).unwrap();
+        model.write(lblk * 4096, &data);
+        changes.push(Change::Written {
+            lblk: lblk as u32,
+            len: 4,
+            pblk,
+        });
+        // Some are zeroed or punched a few records later (in the same chunk or the next).
+        if g % 5 == 0 {
+            later.push((
+                changes.len() + 3,
+                Change::Zero {
+                    lblk: lblk as u32 + 1,
+                    len: 1,
+                },
+            ));
+            model.zero((lblk + 1) * 4096, 4096);
+        }
+        if g % 7 == 3 {
+            later.push((
+                changes.len() + 40,
+                Change::Punch {
+                    lblk: lblk as u32 + 2,
+                    len: 2,
+                },
+            ));
+            model.zero((lblk + 2) * 4096, 2 * 4096);
+        }
+        while let Some(&(at, c)) = later.first() {
+            if at > changes.len() {
+                break;
+            }
+            changes.push(c);
+            later.remove(0);
+        }
+    }
+    changes.extend(later.into_iter().map(|(_, c)| c));
+    let header = Header {
+        uuid,
+        session,
+        base_tid: tid,
+        boot_id: format::boot_id(),
+    };
+    let records: Vec<Record> = changes
+        .iter()
+        .map(|&change| Record { tid, change })
+        .collect();
+    let mut bytes = format::encode_header(&header).to_vec();
+    bytes.extend(format::encode_records(
+        format::record_seed(&header),
+        &records,
+    ));
+    fs::write(rlog, bytes).unwrap();
+    (model, records.len())
+}
+
+/// Every `"<what> <n>"` in `log`, in order (`"applying 12 change(s)"` → 12).
+fn numbers_after(log: &str, what: &str) -> Vec<u64> {
+    log.match_indices(what)
+        .filter_map(|(i, _)| {
+            log[i + what.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn image_a_restart_log_larger_than_a_transaction_is_applied_in_chunks() {
+    let s = Scratch::new("img-rlog-chunks");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    let (model, records) = scattered_restart_log(&img, &rlog);
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", rlog.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1);
+    let bad = model.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(bad.is_empty(), "blocks read back otherwise: {bad:?}\n{log}");
+    assert_eq!(
+        numbers_after(&log, "applying "),
+        vec![records as u64],
+        "{log}"
+    );
+    let tx = numbers_after(&log, "applied and committed in ");
+    assert!(
+        tx.len() == 1 && tx[0] > 1,
+        "not applied in several transactions: {tx:?}\n{log}"
+    );
+    assert!(log.contains(" 0 left as they were"), "{log}");
+    image_clean(&img);
+}
+
+/// `extblk serve` that the `testing` build's failpoint `EXTBLK_REAPPLY_EXIT_AFTER=<at>` kills
+/// (SIGKILL, as a crash of the daemon) while it applies the restart log; returns its log.
+fn serve_killed_while_applying(img: &Path, sock: &Path, rlog: &Path, at: &str) -> String {
+    let _ = fs::remove_file(sock);
+    let mut cmd = extblk();
+    cmd.env("EXTBLK_REAPPLY_EXIT_AFTER", at)
+        .arg("serve")
+        .arg("--socket")
+        .arg(sock)
+        .arg("--restart-log")
+        .arg(rlog)
+        .arg(img);
+    let mut d = spawn_logged(cmd);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon was not killed at {at}: {}",
+            d.read_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = d.read_log();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "not killed at {at} ({status}):\n{log}"
+    );
+    assert!(!sock.exists(), "served before the log was applied:\n{log}");
+    log
+}
+
+/// `extblk check --output json` of `img` with `rlog`: its JSON.
+fn check_json(img: &Path, rlog: &Path) -> serde_json::Value {
+    let out = extblk()
+        .args(["check", "--output", "json", "--restart-log"])
+        .arg(rlog)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn image_a_kill_while_the_restart_log_is_applied_loses_nothing() {
+    let s = Scratch::new("img-rlog-kill");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    let (model, records) = scattered_restart_log(&img, &rlog);
+    // Killed right after the second chunk's commit: the log, rewritten before that commit,
+    // names exactly what is left.
+    let log = serve_killed_while_applying(&img, &sock, &rlog, "2");
+    assert_eq!(
+        numbers_after(&log, "applying "),
+        vec![records as u64],
+        "{log}"
+    );
+    assert_eq!(numbers_after(&log, ": chunk "), vec![1, 2], "{log}");
+    let chunked: u64 = ["chunk 1: ", "chunk 2: "]
+        .iter()
+        .map(|c| numbers_after(&log, c)[0])
+        .sum();
+    let left = records as u64 - chunked;
+    // A read-only check sees a consistent image and the log's remainder, and changes nothing.
+    let j = check_json(&img, &rlog);
+    assert_eq!(j["problems"], serde_json::json!([]), "{j}");
+    assert_eq!(j["restart_log"]["pending_records"], left, "{j}");
+    // Killed after the second chunk's log rewrite, before its commit: that chunk is applied
+    // again by the next open, the first is not.
+    let log = serve_killed_while_applying(&img, &sock, &rlog, "rewrite:2");
+    assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
+    assert_eq!(numbers_after(&log, ": chunk "), vec![1], "{log}");
+    let left = left - numbers_after(&log, "chunk 1: ")[0];
+    assert_eq!(
+        check_json(&img, &rlog)["restart_log"]["pending_records"],
+        left
+    );
+    // Killed after the first chunk's log rewrite, before anything of this run committed.
+    let log = serve_killed_while_applying(&img, &sock, &rlog, "rewrite:1");
+    assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
+    // Killed once every chunk is committed, before the log starts over (the last chunk is
+    // committed under the tids of the previous rewrite, not a new one).
+    let log = serve_killed_while_applying(&img, &sock, &rlog, "done");
+    assert_eq!(numbers_after(&log, "applying "), vec![left], "{log}");
+    assert!(numbers_after(&log, ": chunk ").len() > 1, "{log}");
+    assert_eq!(check_json(&img, &rlog)["restart_log"]["pending_records"], 0);
+    // Nothing left to apply; serving.
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", rlog.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1);
+    let bad = model.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(numbers_after(&log, "applying ").is_empty(), "{log}");
+    assert!(bad.is_empty(), "blocks read back otherwise: {bad:?}\n{log}");
+    image_clean(&img);
+}
+
+#[test]
+fn image_check_repair_applies_a_pending_restart_log() {
+    let s = Scratch::new("img-rlog-repair");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    create_image(&img, "64M");
+    let rl = rlog.to_str().unwrap();
+    let args = ["--commit-interval", "3600", "--restart-log", rl];
+    // A daemon killed with acknowledged writes, zeroings and discards its journal lacks.
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut model = BlockModel::default();
+    flushed_data(&mut c, &mut model);
+    unflushed_zeroes_and_discards(&mut c, &mut model);
+    unflushed_writes(&mut c, &mut model);
+    drop(c);
+    let _ = d.kill();
+    // Plain check: the image is consistent; it tells of the log, and leaves it as it is.
+    let before = fs::read(&rlog).unwrap();
+    let out = extblk()
+        .args(["check", "--restart-log", rl])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text.contains("that the journal lacks"), "{text}");
+    let j = check_json(&img, &rlog);
+    let pending = j["restart_log"]["pending_records"].as_u64().unwrap();
+    assert!(pending > 300, "{j}");
+    assert!(text.contains(&format!(" {pending} change(s)")), "{text}");
+    assert_eq!(fs::read(&rlog).unwrap(), before);
+    // The repair applies it as a daemon's start would, and removes it.
+    let out = extblk()
+        .args(["check", "--repair", "--restart-log", rl])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains(&format!(
+            "{pending} change(s) the journal did not hold applied and committed"
+        )),
+        "{text}"
+    );
+    assert!(!rlog.exists(), "{text}");
+    // Served without any log, everything acknowledged reads back.
+    let d = Daemon::start_image(&img, &sock, &["--restart-log", "none"]);
+    let mut c = Client::connect(&sock, 1);
+    let bad = model.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(bad.is_empty(), "acknowledged blocks lost: {bad:?}\n{text}");
+    image_clean(&img);
+
+    // `--restart-log none`: the repair leaves the log, stale from then on.
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    // (Writes would all be overwrites by now, which the log does not need.)
+    unflushed_zeroes_and_discards(&mut c, &mut BlockModel::default());
+    drop(c);
+    let _ = d.kill();
+    assert!(fs::metadata(&rlog).unwrap().len() > 56);
+    let out = extblk()
+        .args(["check", "--repair", "--restart-log", "none"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text.contains("not looked at (--restart-log none"), "{text}");
+    assert!(rlog.exists());
+    let j = check_json(&img, &rlog);
+    assert_eq!(j["restart_log"]["pending_records"], 0, "{j}");
+    assert!(
+        j["restart_log"]["ignored"]
+            .as_str()
+            .is_some_and(|w| w.contains("opened read-write since")),
+        "{j}"
+    );
+    let d = Daemon::start_image(&img, &sock, &args);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("opened read-write since"), "{log}");
+    image_clean(&img);
+}

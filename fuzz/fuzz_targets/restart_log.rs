@@ -1,5 +1,6 @@
 //! The restart log's decoder on arbitrary bytes, and whatever records it accepts applied to a
-//! valid image as a restart would (`Image::reapply`, then commit, close, reopen): an error is
+//! valid image as a restart would (`Image::reapply_chunk` and a commit until all are applied,
+//! then close, reopen): an error is
 //! fine, a panic is not, and the image must stay consistent (`check` finds no problem), since
 //! a log is only bytes in a file that anyone with access to /run may have written.
 //!
@@ -12,7 +13,7 @@ mod common;
 
 use std::sync::Arc;
 
-use extblk::image::{Image, OpenOptions};
+use extblk::image::{Image, OpenOptions, Reapplied};
 use extblk::io::mem::MemIo;
 use extblk::io::BlockIo;
 use extblk::restart_log::format::{self, Change, Header, Record};
@@ -64,10 +65,18 @@ fuzz_target!(|data: &[u8]| {
     let dynio: Arc<dyn BlockIo> = io.clone();
     let mut img = Image::open(dynio.clone(), OpenOptions::default()).expect("pristine opens");
     let changes: Vec<_> = d.records.iter().map(|r| r.change).collect();
-    if img.reapply(&changes).is_err() {
-        return;
+    let mut out = Reapplied::default();
+    let mut at = 0;
+    while at < changes.len() {
+        let Ok(n) = img.reapply_chunk(&changes[at..], &mut out) else {
+            return;
+        };
+        if img.commit().is_err() {
+            return;
+        }
+        at += n;
     }
-    if img.commit().is_err() || img.close().is_err() {
+    if img.close().is_err() {
         return;
     }
     let img = Image::open(dynio, OpenOptions { read_only: true }).expect("reopens");

@@ -386,11 +386,11 @@ impl Image {
 
     /// A read-write open for `check --repair`: as [`Image::open`], except that blocks of
     /// `/disk` marked free in the bitmaps are accepted — the repair rebuilds those bitmaps from
-    /// the trees before anything is allocated. Blocks used twice are still refused.
+    /// the trees before anything is allocated. Blocks used twice are still refused. Like
+    /// [`Image::open_keeping_session`], it leaves the session count as it was: the repair
+    /// applies the last session's restart log first, then calls [`Image::begin_session`].
     pub fn open_for_repair(io: Arc<dyn BlockIo>) -> Result<Image, ImageError> {
-        let mut img = Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)?;
-        img.pool.begin_session()?;
-        Ok(img)
+        Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)
     }
 
     fn open_with(

@@ -1,20 +1,23 @@
 //! The restart log's changes applied again after the journal replay: the conversions,
 //! zeroings and punches a killed daemon had made (and acknowledged) in transactions that never
-//! committed, redone in the order they were made, in the running transaction.
+//! committed, redone in the order they were made, in the running transaction — as many as fit
+//! one transaction: the caller commits between [`Image::reapply_chunk`] calls.
 //!
 //! A conversion's allocation was usually in the lost transaction too, so a "written" record
 //! maps holes at the blocks it names. Those blocks were free when the killed daemon took them
-//! (nothing but a commit frees blocks for reuse), so they are free in the replayed image; they
-//! are claimed before any record is applied, or a tree edit of an earlier record could take
-//! one for a node. Every record is safe to apply twice: a block mapped elsewhere or already
-//! written is left as it is.
+//! (nothing but a commit frees blocks for reuse), so they are free in the replayed image. No
+//! tree edit of an earlier record may take one for a node: the records not applied yet have
+//! their blocks reserved in the allocator (in memory, never in a bitmap), and each record
+//! claims its own just before it is applied and gives back, before the next record, what it
+//! did not map — so every committed transaction's bitmaps match its trees. Every record is
+//! safe to apply twice: a block mapped elsewhere or already written is left as it is.
 
 use std::collections::BTreeMap;
 
 use super::{Image, ImageError};
 use crate::restart_log::format::Change;
 
-/// Physical runs claimed for the records, taken as they are mapped (start → length, disjoint).
+/// Physical runs claimed for a record, taken as they are mapped (start → length, disjoint).
 #[derive(Default)]
 pub(super) struct Claims(BTreeMap<u64, u64>);
 
@@ -68,46 +71,67 @@ pub struct Reapplied {
     /// Records outside the disk, skipped.
     pub out_of_range: u64,
     /// Physical runs the punches freed: the caller deallocates them in the backing once the
-    /// transaction is committed.
+    /// transaction is committed (and takes them, chunk after chunk).
     pub freed: Vec<(u64, u64)>,
 }
 
 impl Image {
-    /// Applies `changes` (the restart log's records the replayed journal does not hold, in the
-    /// order they were made) to the running transaction; the caller commits it. A record
-    /// outside the disk is skipped and counted; an error otherwise (an inconsistent image)
-    /// leaves the image to be dropped unserved.
-    pub fn reapply(&mut self, changes: &[Change]) -> Result<Reapplied, ImageError> {
-        self.pool.writable()?;
-        let mut claims = Claims::default();
-        for c in changes {
-            if let Change::Written { len, pblk, .. } = *c {
-                for (s, l) in self.pool.alloc.claim_free(pblk, u64::from(len))? {
-                    claims.insert(s, l);
-                }
-            }
-        }
-        let mut out = Reapplied::default();
-        let r = self.reapply_claimed(changes, &mut claims, &mut out);
-        // Claimed blocks no record came to map are free again, whatever happened.
-        for (s, l) in claims.drain() {
-            self.pool.alloc.unclaim(s, l)?;
-        }
-        r.map(|()| out)
-    }
-
-    fn reapply_claimed(
+    /// Applies the first of `changes` (the restart log's records the replayed journal does
+    /// not hold, in the order they were made, those of earlier chunks left out) to the running
+    /// transaction, up to the record after which it should commit (checked between records:
+    /// one record is one tree edit, a few blocks, and the bound is a quarter of the log);
+    /// returns how many it applied, at least one when there are any. The caller commits, then
+    /// calls again with the rest. Counts go to `out`. A record outside the disk is skipped and
+    /// counted; an error otherwise (an inconsistent image) leaves the image to be dropped
+    /// unserved.
+    pub fn reapply_chunk(
         &mut self,
         changes: &[Change],
-        claims: &mut Claims,
         out: &mut Reapplied,
-    ) -> Result<(), ImageError> {
+    ) -> Result<usize, ImageError> {
+        self.pool.writable()?;
+        self.pool
+            .alloc
+            .set_reserved(changes.iter().filter_map(|c| match *c {
+                Change::Written { len, pblk, .. } => Some((pblk, u64::from(len))),
+                _ => None,
+            }));
+        let r = self.reapply_reserved(changes, out);
+        // Nothing allocates between chunks (a commit, a log rewrite), and the next chunk
+        // reserves what is left then.
+        self.pool.alloc.set_reserved([]);
+        r
+    }
+
+    fn reapply_reserved(
+        &mut self,
+        changes: &[Change],
+        out: &mut Reapplied,
+    ) -> Result<usize, ImageError> {
+        let mut n = 0;
         for c in changes {
-            let mut h = self.pool.start()?;
-            let r = match *c {
+            self.reapply_one(c, out)?;
+            n += 1;
+            if self.should_commit() {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn reapply_one(&mut self, c: &Change, out: &mut Reapplied) -> Result<(), ImageError> {
+        let mut claims = Claims::default();
+        if let Change::Written { len, pblk, .. } = *c {
+            for (s, l) in self.pool.alloc.claim_free(pblk, u64::from(len))? {
+                claims.insert(s, l);
+            }
+        }
+        let r = match self.pool.start() {
+            Err(e) => Err(e),
+            Ok(mut h) => match *c {
                 Change::Written { lblk, len, pblk } => self
                     .disk
-                    .map_written(&mut h, lblk.into(), len.into(), pblk, claims)
+                    .map_written(&mut h, lblk.into(), len.into(), pblk, &mut claims)
                     .map(|(c, m, l)| {
                         out.converted += c;
                         out.mapped += m;
@@ -125,14 +149,20 @@ impl Image {
                         out.punched += u64::from(len);
                         out.freed.extend(freed);
                     }),
-            };
-            match r {
-                Ok(()) => {}
-                Err(ImageError::OutOfRange(..)) => out.out_of_range += 1,
-                Err(e) => return Err(e),
-            }
+            },
+        };
+        // Claimed blocks the record did not map are free again, whatever happened.
+        for (s, l) in claims.drain() {
+            self.pool.alloc.unclaim(s, l)?;
         }
-        Ok(())
+        match r {
+            Ok(()) => Ok(()),
+            Err(ImageError::OutOfRange(..)) => {
+                out.out_of_range += 1;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

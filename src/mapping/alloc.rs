@@ -46,9 +46,25 @@ pub struct Allocator {
     pending: BTreeMap<u64, u64>,
     /// Freed by the transaction being committed (written outside the image lock).
     committing: BTreeMap<u64, u64>,
+    /// Kept from allocation though maybe free: the blocks the restart log's records not yet
+    /// applied will map (start → len, merged, disjoint). In memory only, never in a bitmap:
+    /// a kill forgets it with the records' application, which the next open redoes.
+    reserved: BTreeMap<u64, u64>,
     /// Changes since the oldest open savepoint (recorded only while one is open).
     undo: Vec<Undo>,
     open_savepoints: usize,
+}
+
+/// The first range of `m` (disjoint ranges, start → len) overlapping `[start, start + len)`.
+fn first_overlap(m: &BTreeMap<u64, u64>, start: u64, len: u64) -> Option<(u64, u64)> {
+    if let Some((&s, &l)) = m.range(..=start).next_back() {
+        if s + l > start {
+            return Some((s, l));
+        }
+    }
+    m.range(start..start.saturating_add(len))
+        .next()
+        .map(|(&s, &l)| (s, l))
 }
 
 impl Allocator {
@@ -73,6 +89,7 @@ impl Allocator {
             dirty: BTreeSet::new(),
             pending: BTreeMap::new(),
             committing: BTreeMap::new(),
+            reserved: BTreeMap::new(),
             undo: Vec::new(),
             open_savepoints: 0,
         }
@@ -226,24 +243,61 @@ impl Allocator {
     }
 
     /// The first range overlapping `[start, start + len)` that must not be allocated: freed
-    /// but not yet committed, or in the system zone (such ranges are disjoint within a kind).
+    /// but not yet committed, in the system zone, or reserved (ranges are disjoint within a
+    /// kind).
     fn forbidden_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
-        let first = |m: &BTreeMap<u64, u64>| {
-            if let Some((&s, &l)) = m.range(..=start).next_back() {
-                if s + l > start {
-                    return Some((s, l));
-                }
-            }
-            m.range(start..start + len).next().map(|(&s, &l)| (s, l))
-        };
         [
-            first(&self.pending),
-            first(&self.committing),
+            self.held_overlap(start, len),
+            first_overlap(&self.reserved, start, len),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|r| r.0)
+    }
+
+    /// [`Allocator::forbidden_overlap`] without the reservation: what even the restart log's
+    /// own records may not take.
+    fn held_overlap(&self, start: u64, len: u64) -> Option<(u64, u64)> {
+        [
+            first_overlap(&self.pending, start, len),
+            first_overlap(&self.committing, start, len),
             self.zone.first_overlap(start, len),
         ]
         .into_iter()
         .flatten()
         .min_by_key(|r| r.0)
+    }
+
+    /// Keeps `runs` (any order, overlapping or not) from allocation until the next call:
+    /// the reservation is replaced, not extended. The restart log's application reserves the
+    /// blocks of the records it has not applied yet, so that no tree edit of an earlier record
+    /// takes one for a node; [`Allocator::claim_free`] still takes them for their record.
+    /// Nothing is marked: the bitmaps never see a reservation.
+    pub fn set_reserved(&mut self, runs: impl IntoIterator<Item = (u64, u64)>) {
+        let mut runs: Vec<(u64, u64)> = runs.into_iter().filter(|r| r.1 > 0).collect();
+        runs.sort_unstable();
+        self.reserved.clear();
+        let mut cur: Option<(u64, u64)> = None;
+        for (s, l) in runs {
+            let e = s.saturating_add(l);
+            cur = match cur {
+                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                Some((cs, ce)) => {
+                    self.reserved.insert(cs, ce - cs);
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((cs, ce)) = cur {
+            self.reserved.insert(cs, ce - cs);
+        }
+    }
+
+    /// The reservation, merged.
+    #[cfg(test)]
+    fn reserved(&self) -> Vec<(u64, u64)> {
+        self.reserved.iter().map(|(&s, &l)| (s, l)).collect()
     }
 
     /// The free run at or after `from` (below `limit`), at most `max` long, avoiding pending
@@ -345,14 +399,13 @@ impl Allocator {
     }
 
     /// Marks in use every block of `[start, start + len)` that could be allocated now (free,
-    /// in the data area, neither in the zone nor freed by an uncommitted transaction) and
-    /// returns those runs. The restart log's replay claims the blocks its records name before
-    /// any tree edit can take one for a node.
+    /// in the data area, neither in the zone nor freed by an uncommitted transaction; reserved
+    /// or not) and returns those runs. The restart log's application claims the blocks a
+    /// record names just before applying it, and gives back what it did not map.
     pub fn claim_free(&mut self, start: u64, len: u64) -> Result<Vec<(u64, u64)>, MapError> {
         let end = start.saturating_add(len).min(self.blocks_count);
-        let ok = |a: &Self, b: u64| {
-            b >= a.data_start && !a.is_used(b) && a.forbidden_overlap(b, 1).is_none()
-        };
+        let ok =
+            |a: &Self, b: u64| b >= a.data_start && !a.is_used(b) && a.held_overlap(b, 1).is_none();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in start.max(self.data_start)..end {
             if !ok(self, b) {
@@ -568,6 +621,29 @@ mod tests {
         // The identity slot of block 7 is taken (by block 5's run): go to the spare area.
         let (s, _) = a.alloc_data(7, 1).unwrap();
         assert_eq!(s, 40_100);
+        assert_eq!(a.alloc_tree(0).unwrap(), 40_101);
+    }
+
+    #[test]
+    fn reserved_blocks_are_never_allocated_but_can_be_claimed() {
+        let mut a = allocator();
+        a.set_reserved([(110, 5), (105, 10), (120, 1), (0, 0)]);
+        assert_eq!(a.reserved(), vec![(105, 10), (120, 1)]);
+        // Identity placement of block 5 (block 105) is reserved: the spare area instead.
+        assert_eq!(a.alloc_data(5, 1).unwrap().0, 40_100);
+        // A run stops short of the reservation.
+        assert_eq!(a.alloc_data(0, 10).unwrap(), (100, 5));
+        // Tree blocks skip it too.
+        a.set_reserved([(40_101, 3)]);
+        assert_eq!(a.alloc_tree(0).unwrap(), 40_104);
+        // Its own record claims a reserved block; blocks already used are not claimed.
+        assert_eq!(a.claim_free(40_100, 4).unwrap(), vec![(40_101, 3)]);
+        let before = a.free_blocks();
+        a.unclaim(40_101, 3).unwrap();
+        assert_eq!(a.free_blocks(), before + 3);
+        // Replaced, not extended: nothing is reserved any more.
+        a.set_reserved([]);
+        assert!(a.reserved().is_empty());
         assert_eq!(a.alloc_tree(0).unwrap(), 40_101);
     }
 }

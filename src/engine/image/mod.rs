@@ -65,7 +65,7 @@ use range_lock::RangeLock;
 use worker::Work;
 
 pub use queue::ImageQueue;
-pub use restart::RestartLogAt;
+pub use restart::{apply_and_remove, pending_at, Applied, Handled, RestartLogAt};
 pub use stats::{EngineCounters, EngineStats};
 
 const BS: u64 = BLOCK_SIZE_U64;

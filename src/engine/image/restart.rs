@@ -10,8 +10,10 @@
 //!   after the next commit, as a FUA request would: nothing acknowledged is left exposed.
 //! - **Emptied** after each commit: the records of the committed transactions are dropped;
 //!   those made after its freeze stay.
-//! - **Applied** at open, after the journal replay, as one transaction committed before the
-//!   engine serves (`open`).
+//! - **Applied** at open, after the journal replay, before the engine serves (`open`): in
+//!   chunks, each committed, that each fit one transaction, the file rewritten before each
+//!   commit so that a kill anywhere loses nothing (`apply`). `check --repair` applies it the
+//!   same way (`apply_and_remove`); plain `check` reports it (`pending_at`).
 //!
 //! Lock order: the log's mutex, then the mapping lock. Whoever writes takes the log's mutex
 //! first and the pending records under the mapping lock after, and holds the mutex through
@@ -27,9 +29,9 @@ use std::sync::MutexGuard;
 
 use super::{lock, Done, Shared, BS};
 use crate::engine::EngineError;
-use crate::image::{Image, ImageError};
+use crate::image::{Image, ImageError, Reapplied};
 use crate::restart_log::format::{self, Change, Header, Record};
-use crate::restart_log::{default_path, LogFile, RestartLogError};
+use crate::restart_log::{self, default_path, ImageSession, LogFile, Pending, RestartLogError};
 
 /// Where the restart log lives (`serve --restart-log`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,22 +58,112 @@ pub(super) struct Writer {
     lost_through: Option<u32>,
 }
 
+impl RestartLogAt {
+    /// `InDir` with `backing` filled in from `image`'s file (its device and inode), as the
+    /// default path names them; the rest as they are.
+    pub fn for_image(&self, image: &Path) -> RestartLogAt {
+        match self {
+            RestartLogAt::InDir { dir, .. } => RestartLogAt::InDir {
+                dir: dir.clone(),
+                backing: std::fs::metadata(image).ok().map(|m| {
+                    (
+                        std::os::unix::fs::MetadataExt::dev(&m),
+                        std::os::unix::fs::MetadataExt::ino(&m),
+                    )
+                }),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// The log's path for the image with `uuid`, and whether its directory may be created;
+    /// `None` when there is no log.
+    pub fn path(&self, uuid: &[u8; 16]) -> Option<(PathBuf, bool)> {
+        match self {
+            RestartLogAt::Off => None,
+            RestartLogAt::InDir { dir, backing } => Some((default_path(dir, uuid, *backing), true)),
+            RestartLogAt::File(p) => Some((p.clone(), false)),
+        }
+    }
+}
+
+fn session_of(image: &Image) -> ImageSession {
+    ImageSession {
+        uuid: image.superblock().uuid,
+        session: image.superblock().mnt_count,
+        first_missing_tid: image.recovery().first_missing_tid,
+    }
+}
+
+/// What became of the log a previous session left.
+#[derive(Debug)]
+pub enum Handled {
+    /// No file there.
+    NoLog,
+    /// Nothing in it the journal lacks.
+    Nothing,
+    /// Not applied, and why (`restart_log::pending`).
+    Ignored(String),
+    Applied(Applied),
+}
+
+/// A previous session's log, applied and committed.
+#[derive(Debug)]
+pub struct Applied {
+    /// Changes the journal lacked, applied in order.
+    pub changes: usize,
+    /// Chunks applied, each committed before the next (more than one when the changes do not
+    /// fit one transaction of the journal).
+    pub chunks: u32,
+    /// Transactions those commits wrote.
+    pub transactions: u32,
+    pub done: Reapplied,
+    /// Bytes of a torn last write, ignored.
+    pub torn_bytes: usize,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.done;
+        write!(
+            f,
+            "{} change(s) the journal did not hold applied and committed in {} transaction(s) \
+             ({} block(s) converted, {} mapped, {} zeroed, {} punched; {} left as they were, \
+             {} record(s) outside the disk",
+            self.changes,
+            self.transactions,
+            r.converted,
+            r.mapped,
+            r.zeroed,
+            r.punched,
+            r.left,
+            r.out_of_range
+        )?;
+        if self.torn_bytes > 0 {
+            write!(
+                f,
+                "; {} byte(s) of a torn last write ignored",
+                self.torn_bytes
+            )?;
+        }
+        write!(f, ")")
+    }
+}
+
 /// Opens the log, applies what the killed session left in it, and starts it for this one.
 /// Runs before the engine's threads exist, on an image opened with
 /// [`Image::open_keeping_session`]; begins the image's session once the log is handled.
 pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer>, ImageError> {
-    let (path, make_dir) = match at {
-        RestartLogAt::Off => {
-            image.begin_session()?;
-            return Ok(None);
-        }
-        RestartLogAt::InDir { dir, backing } => {
-            (default_path(dir, &image.superblock().uuid, *backing), true)
-        }
-        RestartLogAt::File(p) => (p.clone(), false),
+    let Some((path, make_dir)) = at.path(&image.superblock().uuid) else {
+        image.begin_session()?;
+        return Ok(None);
     };
     let (mut file, old) = LogFile::open(&path, make_dir)?;
-    apply(image, &path, &old)?;
+    match apply(image, &mut file, &old)? {
+        Handled::Ignored(why) => log::warn!("restart log {}: {why}; ignored", path.display()),
+        Handled::Applied(a) => log::info!("restart log {}: {a}", path.display()),
+        Handled::NoLog | Handled::Nothing => {}
+    }
     let io_err = |e| ImageError::RestartLog(RestartLogError::Io(path.clone(), e));
     let header = Header {
         uuid: image.superblock().uuid,
@@ -91,93 +183,135 @@ pub(super) fn open(image: &mut Image, at: &RestartLogAt) -> Result<Option<Writer
     }))
 }
 
-/// Applies a previous session's log, if it is this image's and the last session's.
-fn apply(image: &mut Image, path: &Path, old: &[u8]) -> Result<(), ImageError> {
-    if old.is_empty() {
-        return Ok(());
-    }
-    let p = path.display();
-    let d = match format::decode(old) {
-        Ok(d) => d,
-        Err(e) => {
-            log::warn!("restart log {p}: {e}; ignored");
-            return Ok(());
-        }
+/// `check --repair`: applies the log the last session left at `at` (the same application as
+/// a daemon's start), then removes it — everything in it is committed, and the session the
+/// caller begins next would make it stale anyway. A log that is not applied (another
+/// image's, a stale one, garbage) is left where it is. Returns where the log was looked for
+/// and what became of it. The caller begins the session afterwards.
+pub fn apply_and_remove(
+    image: &mut Image,
+    at: &RestartLogAt,
+) -> Result<Option<(PathBuf, Handled)>, ImageError> {
+    let Some((path, _)) = at.path(&image.superblock().uuid) else {
+        return Ok(None);
     };
-    let sb = image.superblock();
-    if d.header.uuid != sb.uuid {
-        log::warn!("restart log {p} belongs to another image (another filesystem UUID); ignored");
-        return Ok(());
+    let Some((mut file, old)) = LogFile::open_existing(&path)? else {
+        return Ok(Some((path, Handled::NoLog)));
+    };
+    let handled = apply(image, &mut file, &old)?;
+    if matches!(handled, Handled::Applied(_) | Handled::Nothing) {
+        file.remove()
+            .map_err(|e| ImageError::RestartLog(RestartLogError::Io(path.clone(), e)))?;
     }
-    if d.records.is_empty() {
-        return Ok(());
-    }
-    if d.header.boot_id != format::boot_id() {
-        // A reboot since: what the log describes may never have reached the disk (design §5:
-        // unflushed writes may be lost, never read back stale).
-        log::warn!(
-            "restart log {p} was written before the host last booted; {} record(s) ignored",
-            d.records.len()
-        );
-        return Ok(());
-    }
-    if d.header.session != sb.mnt_count {
-        log::warn!(
-            "restart log {p} was written in session {} of this image, the last was {}: the \
-             image has been opened read-write since; {} record(s) ignored",
-            d.header.session,
-            sb.mnt_count,
-            d.records.len()
-        );
-        return Ok(());
-    }
-    let first = image.recovery().first_missing_tid;
-    // The log's session began with tid `base`, everything before it durable; a clean journal
-    // names as first missing the tid before the first one a session uses (Journal::new), so
-    // `base` may be one past `first`. Further past, the image is older than the log.
-    if !format::tid_at_or_after(first.wrapping_add(1), d.header.base_tid) {
-        log::warn!(
-            "restart log {p} starts after transaction {}, but the image's journal holds only \
-             those before {first} (an older copy of the image?); ignored",
-            d.header.base_tid
-        );
-        return Ok(());
-    }
-    if d.ignored_bytes > 0 {
-        log::info!(
-            "restart log {p}: {} byte(s) of a torn last write ignored",
-            d.ignored_bytes
-        );
-    }
-    let changes: Vec<Change> = d
-        .records
-        .iter()
-        .filter(|r| format::tid_at_or_after(r.tid, first))
-        .map(|r| r.change)
-        .collect();
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let r = image.reapply(&changes)?;
-    image.commit()?;
-    for &(s, l) in &r.freed {
-        if let Err(e) = image.io().punch(s * BS, l * BS) {
-            log::warn!("cannot deallocate blocks {s}+{l} in the backing: {e}");
-        }
-    }
+    Ok(Some((path, handled)))
+}
+
+/// Plain `check`: what the log at `at` holds for `image` (opened read-only), without taking
+/// its lock or changing it. `None` when there is no log to look at; a file that cannot be read
+/// is reported as ignored.
+pub fn pending_at(image: &Image, at: &RestartLogAt) -> Option<(PathBuf, Pending)> {
+    let (path, _) = at.path(&image.superblock().uuid)?;
+    let p = match std::fs::read(&path) {
+        Ok(b) => restart_log::pending(&b, &session_of(image)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Pending::Ignored(format!("cannot read it: {e}")),
+    };
+    Some((path, p))
+}
+
+/// Applies a previous session's log (`old`, read from the open, locked `file`), if it is this
+/// image's and the last session's, in chunks that each fit one transaction.
+///
+/// Kill safety: before a chunk that is not the last is committed, the file is rewritten (a
+/// new file renamed over it) with the same session's header, `base_tid` = T, the tid that
+/// commit takes, the chunk's records stamped T and the records after it T + 1. Whatever the
+/// kill, the next open's journal lacks either T — and that open applies the chunk and the
+/// rest again, from the state before the chunk — or only what follows T, and it applies
+/// exactly the rest: the file always names exactly what is not durable. (Rewritten after the
+/// commit instead, a kill between the two would leave records stamped with tids the journal
+/// holds, and the rest would be lost.) The last chunk needs no rewrite when the file already
+/// stamps it with its own tid T or older ones the journal lacks (the killed session's
+/// records: every tid in a file is at most the first tid the next open commits, since the
+/// replay or the checkpoint sets the journal's sequence past them): they count until T is
+/// durable, and then never again. The session number stays as it was, so the next open
+/// accepts the file; the caller starts a new session only once everything is committed.
+fn apply(image: &mut Image, file: &mut LogFile, old: &[u8]) -> Result<Handled, ImageError> {
+    let (header, changes, torn_bytes) = match restart_log::pending(old, &session_of(image)) {
+        Pending::Nothing => return Ok(Handled::Nothing),
+        Pending::Ignored(why) => return Ok(Handled::Ignored(why)),
+        Pending::Changes {
+            header,
+            changes,
+            torn_bytes,
+        } => (header, changes, torn_bytes),
+    };
+    let path = file.path().to_path_buf();
+    let p = path.display();
+    let io_err = |e| ImageError::RestartLog(RestartLogError::Io(path.clone(), e));
     log::info!(
-        "restart log {p}: {} change(s) the journal did not hold applied and committed \
-         ({} block(s) converted, {} mapped, {} zeroed, {} punched; {} left as they were, \
-         {} record(s) outside the disk)",
-        changes.len(),
-        r.converted,
-        r.mapped,
-        r.zeroed,
-        r.punched,
-        r.left,
-        r.out_of_range
+        "restart log {p}: applying {} change(s) the journal does not hold",
+        changes.len()
     );
-    Ok(())
+    let mut done = Reapplied::default();
+    let (mut at, mut chunks, mut transactions) = (0usize, 0u32, 0u32);
+    // The tid the file stamps the records not applied yet with, once rewritten.
+    let mut stamped: Option<u32> = None;
+    while at < changes.len() {
+        let rest = &changes[at..];
+        let n = image.reapply_chunk(rest, &mut done)?;
+        chunks += 1;
+        let tid = image.running_tid().ok_or(ImageError::ReadOnly)?;
+        // A chunk that wrote nothing leaves the tid where it was: the file's T + 1 is then
+        // the last chunk's tid + 1, which a kill after its commit would apply once more.
+        if n < rest.len() || stamped.is_some_and(|t| t != tid) {
+            let next = tid.wrapping_add(1);
+            let records = rest
+                .iter()
+                .enumerate()
+                .map(|(i, &change)| Record {
+                    tid: if i < n { tid } else { next },
+                    change,
+                })
+                .collect();
+            file.rewrite(
+                Header {
+                    base_tid: tid,
+                    ..header
+                },
+                records,
+            )
+            .map_err(io_err)?;
+            stamped = Some(next);
+            failpoint!(ReapplyRewritten, chunks);
+        }
+        let wrote = image.commit()?;
+        for (s, l) in std::mem::take(&mut done.freed) {
+            if let Err(e) = image.io().punch(s * BS, l * BS) {
+                log::warn!("cannot deallocate blocks {s}+{l} in the backing: {e}");
+            }
+        }
+        if wrote {
+            transactions += 1;
+            log::info!(
+                "restart log {p}: chunk {chunks}: {n} change(s) applied and committed as \
+                 transaction {tid}"
+            );
+        } else {
+            log::info!(
+                "restart log {p}: chunk {chunks}: {n} change(s) applied, none changed the image"
+            );
+        }
+        failpoint!(ReapplyCommitted, chunks);
+        at += n;
+    }
+    failpoint!(ReapplyDone, 0);
+    Ok(Handled::Applied(Applied {
+        changes: changes.len(),
+        chunks,
+        transactions,
+        done,
+        torn_bytes,
+    }))
 }
 
 impl Writer {
