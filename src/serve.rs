@@ -159,13 +159,41 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
         // A stale socket from a daemon that died: nobody listens, take it over.
         std::fs::remove_file(path).map_err(|e| ServeError::Bind(path.to_path_buf(), e))?;
     }
+    // Bound and listening under a temporary name first, then linked to its real name: bind(2)
+    // creates the file before listen(2) makes it accept, and a client that sees the path in
+    // between (a frontend polling for it, on a loaded host) would be refused. link(2) also fails
+    // if another daemon took the path meanwhile, where a rename would silently replace it.
+    let tmp = dir.join(format!(".extblk-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = match bind_private(&tmp) {
+        Ok(l) => l,
+        // The temporary name does not fit in sun_path where the real one does: bind directly.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return bind_private(path).map_err(|e| ServeError::Bind(path.to_path_buf(), e));
+        }
+        Err(e) => return Err(ServeError::Bind(path.to_path_buf(), e)),
+    };
+    let placed = match std::fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(ServeError::SocketInUse(path.to_path_buf()))
+        }
+        // A filesystem without hard links: a rename is as atomic, only not exclusive.
+        Err(_) => std::fs::rename(&tmp, path).map_err(|e| ServeError::Bind(path.to_path_buf(), e)),
+        Ok(()) => Ok(()),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    placed.map(|()| listener)
+}
+
+/// Binds and listens on `path` with the socket file mode 0600.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
     // SAFETY: umask only changes this process's file-creation mask; the only other thread that
     // may exist now (the image engine's worker) creates no files, so nothing else is affected.
     let old = unsafe { libc::umask(SOCKET_UMASK) };
     let res = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    res.map_err(|e| ServeError::Bind(path.to_path_buf(), e))
+    res
 }
 
 /// Blocks the shutdown and status signals in this thread and every thread it spawns later, so

@@ -63,6 +63,33 @@ pub(crate) fn no_inflight() -> bool {
     })
 }
 
+/// `EXTBLK_COMMIT_DELAY_MS=<ms>` (read once): the committer waits this long after writing a
+/// transaction, outside the mapping lock, before finishing it; writes meanwhile fill the next
+/// transaction, so a test with a small journal is sure to meet the log throttle (the race it
+/// asserts) however fast or loaded the machine is.
+pub(crate) fn commit_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("EXTBLK_COMMIT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
+/// `EXTBLK_LOG_HARD_LIMIT=<log blocks>` (read once): a running transaction is throttled at this
+/// size (and committed at half of it) rather than at half (a quarter) of the log. The metadata a
+/// test's writes dirty is bounded by the size of the disk's extent tree, which on a slow or
+/// loaded machine never reaches half even of a 4 MiB log; with this the throttle engages anyway.
+pub(crate) fn log_hard_limit() -> Option<u32> {
+    static LIMIT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("EXTBLK_LOG_HARD_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// Where a test may have the process killed (`failpoint!`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failpoint {

@@ -210,12 +210,18 @@ impl Journal {
     /// The largest transaction (in log blocks) the image should let build up: a quarter of the
     /// log, as the kernel does, so commits never wait for a full checkpoint twice in a row.
     pub fn max_transaction(&self) -> u32 {
-        (self.capacity() / 4).min(MAX_TRANSACTION_BLOCKS)
+        (self.capacity() / 4)
+            .min(MAX_TRANSACTION_BLOCKS)
+            .min(self.hard_limit() / 2)
     }
 
     /// The size (in log blocks) a running transaction must never reach while another is being
     /// committed: half the log.
     pub fn hard_limit(&self) -> u32 {
+        #[cfg(feature = "testing")]
+        if let Some(n) = crate::testing::log_hard_limit() {
+            return n.min(self.capacity() / 2);
+        }
         self.capacity() / 2
     }
 

@@ -179,6 +179,10 @@ impl Shared {
             // Nothing to journal: FLUSH still needs the data durable.
             None => self.io.flush(),
         };
+        #[cfg(feature = "testing")]
+        if let Some(d) = crate::testing::commit_delay() {
+            std::thread::sleep(d);
+        }
         if written.is_ok() {
             for (p, l) in punches {
                 if let Err(e) = self.io.punch(p * BS, l * BS) {
