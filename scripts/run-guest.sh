@@ -19,6 +19,7 @@
 #   --env VAR=VALUE  export VAR in the command's environment (repeatable)
 #   --log FILE       also keep the whole serial console (boot included) in FILE
 #   --reconnect S    QEMU reconnects to a socket that is not there yet / went away after S seconds
+#   --append ARGS    more guest kernel command line (e.g. nowatchdog), appended to the default one
 #   -v, --verbose    print the whole console (boot messages, kernel log), not only the command's
 # Exit status: the command's; 124 on timeout; 125 if the guest did not boot or report a status.
 # Acceleration: KVM when /proc/cpuinfo has vmx or svm and /dev/kvm is usable, otherwise TCG
@@ -28,7 +29,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
-timeout_s=600 queues=1 qsize="" mem=1G smp=2 xfer="" log="" reconnect="" verbose=0 script=""
+timeout_s=600 queues=1 qsize="" mem=1G smp=2 xfer="" log="" reconnect="" verbose=0 script="" append=""
 disks=() envs=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
     --env) envs+=("$2"); shift 2 ;;
     --log) log=$2; shift 2 ;;
     --reconnect) reconnect=$2; shift 2 ;;
+    --append) append="$append $2"; shift 2 ;;
     --disk) disks+=("$2"); shift 2 ;;
     --script) script=$2; shift 2; break ;;
     -v|--verbose) verbose=1; shift ;;
@@ -104,7 +106,7 @@ done
 cmd=("$QEMU" $QEMU_L "${accel[@]}" -smp "$smp" -nodefaults -no-user-config -display none
      -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine q35,memory-backend=mem -m "$mem"
      -kernel "$VM_KERNEL" -initrd "$VM_INITRD"
-     -append "console=ttyS0 quiet panic=-1 extblk.disks=${#disks[@]}"
+     -append "console=ttyS0 quiet panic=-1 extblk.disks=${#disks[@]}$append"
      "${devs[@]}"
      -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
      -virtfs "local,path=$xfer,mount_tag=xfer,security_model=none,multidevs=remap"
