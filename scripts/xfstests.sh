@@ -15,7 +15,8 @@
 #                     aio=io_uring, discard=unmap) instead of extblk: what a failure is compared with
 #   --results DIR     where the results go (default ./xfstests-results/<extblk|qsd>-<fstyp>)
 #   --test-timeout S  a test still running after S seconds is killed and counts as failed (1200)
-#   --report DIR...   print the markdown results table of earlier runs (as in docs/guests.md)
+#   --report DIR...   print the markdown results table of earlier runs (as in docs/guests.md);
+#                     runs with the same label (backend and fstyp) are merged into one column
 #
 #   TEST_DEV=/dev/vda     test.img (extblk image, or a raw file for qsd), mkfs.$FSTYP'd first
 #   SCRATCH_DEV=/dev/vdb  scratch.img (the tests make their own filesystems on it)
@@ -46,41 +47,51 @@ say() { echo "xfstests.sh: $*" >&2; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 
 # ---------------------------------------------------------------- --report: the table
-# One row per test, one column per run directory; a cell is "pass 12 s", "fail 40 s (reason)" or
-# "notrun (reason)". Below it, each run's command, date and total time.
+# One row per test, one column per run label ("extblk ext4", "qsd raw xfs", ...); directories with
+# the same label are merged (a list run in parts, in several sessions: the later directory wins
+# for a test both ran). A cell is "pass 12 s", "fail 40 s (reason)" or "notrun (reason)". Below
+# the table, each label's commands, dates and total time.
 report() {
   local d
   [ $# -gt 0 ] || die "--report needs result directories"
   for d in "$@"; do [ -f "$d/summary.tsv" ] && [ -f "$d/run.txt" ] || die "$d has no summary.tsv/run.txt"; done
   awk -F'\t' '
-    FNR == 1 { run++ }
-    FILENAME ~ /run\.txt$/ { split($0, kv, "="); k = kv[1]; sub(/^[^=]*=/, "", $0); meta[run, k] = $0; next }
+    FNR == 1 { file++ }
+    FILENAME ~ /run\.txt$/ {
+      k = $0; sub(/=.*/, "", k); v = $0; sub(/^[^=]*=/, "", v); m[k] = v
+      if (k == "guest_status") {   # the last line: the run is read
+        l = m["label"]
+        if (!(l in col)) { col[l] = ++ncol; name[ncol] = l }
+        c = col[l]; cur = c
+        runs[c] = runs[c] "- " l ": `" m["command"] "`, " m["date"] ", " m["seconds"] " s, guest kernel " m["kernel"] \
+                  (m["images"] == "" ? "" : ", " m["images"]) "\n"
+      }
+      next
+    }
     {
       if (!(($1) in seen)) { seen[$1] = 1; order[++n] = $1 }
-      c = $2
-      if ($2 != "notrun") c = c " " $3 " s"
-      if ($4 != "") { r = $4; gsub(/\|/, "\\|", r); if (length(r) > 70) r = substr(r, 1, 67) "..."; c = c " (" r ")" }
-      cell[run, $1] = c
-      if ($2 == "pass") pass[run]++; else if ($2 == "fail") fail[run]++; else nr[run]++
+      v = $2
+      if ($2 != "notrun") v = v " " $3 " s"
+      if ($4 != "") { r = $4; gsub(/\|/, "\\|", r); if (length(r) > 70) r = substr(r, 1, 67) "..."; v = v " (" r ")" }
+      cell[cur, $1] = v; st[cur, $1] = $2
     }
     END {
-      runs = run / 2
       h = "| test |"; s = "| --- |"
-      for (r = 1; r <= runs; r++) { h = h " " meta[2 * r - 1, "label"] " |"; s = s " --- |" }
+      for (c = 1; c <= ncol; c++) { h = h " " name[c] " |"; s = s " --- |" }
       print h; print s
       for (i = 1; i <= n; i++) {
         l = "| " order[i] " |"
-        for (r = 1; r <= runs; r++) { c = cell[2 * r, order[i]]; l = l " " (c == "" ? "-" : c) " |" }
+        for (c = 1; c <= ncol; c++) {
+          v = cell[c, order[i]]; l = l " " (v == "" ? "-" : v) " |"
+          if (st[c, order[i]] != "") cnt[c, st[c, order[i]]]++
+        }
         print l
       }
       l = "| **total** |"
-      for (r = 1; r <= runs; r++) l = l " " pass[2 * r] + 0 " pass, " fail[2 * r] + 0 " fail, " nr[2 * r] + 0 " notrun |"
+      for (c = 1; c <= ncol; c++) l = l " " cnt[c, "pass"] + 0 " pass, " cnt[c, "fail"] + 0 " fail, " cnt[c, "notrun"] + 0 " notrun |"
       print l
       print ""
-      for (r = 1; r <= runs; r++)
-        printf("- %s: `%s`, %s, %s s, guest kernel %s%s\n", meta[2 * r - 1, "label"], meta[2 * r - 1, "command"],
-               meta[2 * r - 1, "date"], meta[2 * r - 1, "seconds"], meta[2 * r - 1, "kernel"],
-               meta[2 * r - 1, "images"] == "" ? "" : ", images: " meta[2 * r - 1, "images"])
+      for (c = 1; c <= ncol; c++) printf("%s", runs[c])
     }' $(for d in "$@"; do printf '%s %s ' "$d/run.txt" "$d/summary.tsv"; done)
 }
 
@@ -214,8 +225,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The guest's exchange directory is the results directory itself: what the guest writes there
+# (summary.tsv, logs/, results/) is on the host as it happens, so an interrupted run keeps
+# what it finished.
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/run.txt" ]; then
+  die "--results $out is a non-empty directory that holds no earlier results: not replacing it"
+fi
 rm -rf "$out"
-mkdir -p "$out" "$work/xfer"
+mkdir -p "$out"
+xfer=$out
 for d in test scratch; do
   if [ -z "$baseline" ]; then
     "$BIN" create --size "$size" "$work/$d.img" > /dev/null
@@ -237,7 +255,7 @@ for d in test scratch; do
 done
 
 # ---------------------------------------------------------------- the guest side
-cat > "$work/xfer/local.config" <<EOF
+cat > "$xfer/local.config" <<EOF
 # written by scripts/xfstests.sh
 export FSTYP=$fstyp
 export TEST_DEV=/dev/vda
@@ -299,22 +317,33 @@ sync
 awk -F'\t' '$2 == "fail" { f++ } END { exit f > 0 }' /xfer/summary.tsv
 EOF
 
+label="$backend $fstyp"
+[ -z "$baseline" ] || label="qsd raw $fstyp"
+write_run() {  # $1 = seconds (or "unfinished"), $2 = images' check, $3 = the guest's exit status
+  {
+    echo "label=$label"
+    echo "command=$cmdline"
+    echo "date=$(date -u +%Y-%m-%d)"
+    echo "seconds=$1"
+    echo "kernel=$(cat "$out/kernel" 2>/dev/null || echo '?')"
+    echo "images=$2"
+    echo "guest_status=$3"
+  } > "$out/run.txt"
+}
+write_run unfinished "" ""
 start=$(date +%s)
 say "$backend, FSTYP=$fstyp, ${#tests[@]} tests, disks $size each, results in $out"
 set +e
 "$ROOT/scripts/run-guest.sh" --timeout $(( ${#tests[@]} * (test_timeout + 90) + 300 )) --mem "$mem" \
-  --queues "$queues" --append nowatchdog --xfer "$work/xfer" --log "$out/console.log" \
+  --queues "$queues" --append nowatchdog --xfer "$xfer" --log "$out/console.log" \
   --disk "$work/test.sock" --disk "$work/scratch.sock" \
   --script "$work/guest.sh" "$tree" "$test_timeout" "${tests[@]}"
 rc=$?
 set -e
 seconds=$(( $(date +%s) - start ))
 
-# ---------------------------------------------------------------- results back to the host
-[ ! -d "$work/xfer/results" ] || cp -a "$work/xfer/results" "$out/results"
-[ ! -d "$work/xfer/logs" ] || cp -a "$work/xfer/logs" "$out/logs"
-touch "$work/xfer/summary.tsv"
-cp "$work/xfer/summary.tsv" "$out/summary.tsv"
+# ---------------------------------------------------------------- after the run
+touch "$out/summary.tsv"
 for i in "${!pids[@]}"; do kill -TERM "${pids[$i]}" 2>/dev/null; wait "${pids[$i]}" 2>/dev/null; done
 pids=()
 images_clean=1 images=""
@@ -330,17 +359,7 @@ if [ -z "$baseline" ]; then
   done
   images="extblk check + e2fsck -fn:${images%;}"
 fi
-label="$backend $fstyp"
-[ -z "$baseline" ] || label="qsd raw $fstyp"
-{
-  echo "label=$label"
-  echo "command=$cmdline"
-  echo "date=$(date -u +%Y-%m-%d)"
-  echo "seconds=$seconds"
-  echo "kernel=$(cat "$work/xfer/kernel" 2>/dev/null || echo '?')"
-  echo "images=$images"
-  echo "guest_status=$rc"
-} > "$out/run.txt"
+write_run "$seconds" "$images" "$rc"
 read -r pass fail notrun < <(awk -F'\t' '{ n[$2]++ } END { print n["pass"] + 0, n["fail"] + 0, n["notrun"] + 0 }' "$out/summary.tsv")
 ran=$(wc -l < "$out/summary.tsv")
 say "$label: $pass passed, $fail failed, $notrun not run, of ${#tests[@]} (${seconds} s); results in $out"

@@ -28,6 +28,9 @@
 #   killed-control  killed-held without inflight tracking (EXTBLK_NO_INFLIGHT=1): QEMU restarts
 #           the rings from their used index, the held requests are lost, and the guest must fail
 #           (its watchdog reports requests stuck in flight, or the kernel a broken ring)
+#   xfstests  scripts/xfstests.sh --smoke: the few fast xfstests of tests/xfstests/smoke on ext4,
+#           on two fresh extblk disks; every test must pass or be not run, one at least pass, and
+#           both images check clean (XFSTESTS_TARBALL / XFSTESTS_DIR as for the script)
 #
 # EXTBLK_E2E_CORRUPT=1 proves the checks can fail: while the `raw` guest is paused between its
 # write and verify passes, the host overwrites a few bytes of the raw file behind its back (the
@@ -36,7 +39,7 @@
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
 # "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
-# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-held killed-control"
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-held killed-control xfstests"
 # (subset), EXTBLK_TEST_BIN (the test build for killed-held/-control; default target/debug/extblk),
 # EXTBLK_E2E_KILL_SIZE (fio --size of `killed`, default 1G), RUST_LOG.
 set -uo pipefail
@@ -592,7 +595,28 @@ test_killed-control() {
   echo "  without inflight tracking the run fails (guest exit $KILLED_RC), as it must"
 }
 
-TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed killed-held killed-control}
+# The xfstests runner's smoke subset (tests/xfstests/smoke, ext4) through scripts/xfstests.sh
+# itself, so the runner cannot rot: the tree built from the tarball, fresh images, one ./check per
+# test, both images checked clean after.
+test_xfstests() {
+  if [ -z "${XFSTESTS_DIR:-}${XFSTESTS_TARBALL:-}" ] && [ ! -f "$ROOT/../shared/xfstests/xfstests-dev.tar.xz" ] \
+     && [ ! -f /work/shared/xfstests/xfstests-dev.tar.xz ]; then
+    echo "  no xfstests source (XFSTESTS_TARBALL or XFSTESTS_DIR)"
+    [ "${CI:-}" = true ] && return 1
+    echo "  SKIP: guest test xfstests"; return 0
+  fi
+  EXTBLK_BIN=$BIN "$ROOT/scripts/xfstests.sh" --smoke --results "$T/xfstests" --test-timeout 600 \
+    > "$T/xfstests.out" 2>&1
+  local rc=$?
+  grep -E '^xfstests: [a-z0-9]+/[0-9]+ |xfstests.sh: .*(passed|clean)' "$T/xfstests.out" | sed 's/^/  /'
+  [ $rc -eq 0 ] || { echo "  scripts/xfstests.sh exited $rc"; tail -5 "$T/xfstests.out" | sed 's/^/    /'; return 1; }
+  # A smoke run that ran nothing proves nothing.
+  local passed
+  passed=$(awk -F'\t' '$2 == "pass"' "$T/xfstests/summary.tsv" | wc -l)
+  [ "$passed" -gt 0 ] || { echo "  no test passed"; return 1; }
+}
+
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed killed-held killed-control xfstests}
 for t in $TESTS; do
   run_test "$t" "test_$t"
 done
