@@ -49,6 +49,7 @@ pub mod image;
 pub mod io;
 pub mod jbd2;
 pub mod mapping;
+pub mod notify;
 pub mod repair;
 pub mod restart_log;
 pub mod rng;

@@ -342,6 +342,17 @@ fn run<E: BlockEngine>(
         opts.queue_size,
         opts.logical_block_size
     );
+    // The socket listens: a frontend may connect from now on (Type=notify units start the VM
+    // after this).
+    let status = format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        opts.image.display(),
+        opts.socket.display()
+    );
+    if let Err(e) = crate::notify::notify(&status) {
+        log::warn!("cannot tell the service manager that the daemon is ready: {e}");
+    }
 
     let control = Arc::new(Control {
         stopping: AtomicBool::new(false),
@@ -388,6 +399,7 @@ fn spawn_signal_thread<E: BlockEngine>(
                         "shutting down: draining {} in-flight request(s)",
                         device.inflight()
                     );
+                    let _ = crate::notify::notify("STOPPING=1");
                     control.stopping.store(true, Ordering::Release);
                     device.stop_accepting();
                     device.drain(DRAIN_TIMEOUT);

@@ -536,6 +536,41 @@ fn socket_is_private_and_removed_on_sigterm() {
     assert!(!sock.exists(), "socket left behind");
 }
 
+/// Issue 17: a `Type=notify` systemd unit (contrib/extblk@.service) is told READY=1 once the
+/// socket accepts connections, and STOPPING=1 at SIGTERM.
+#[test]
+fn the_service_manager_is_told_ready_once_the_socket_listens_and_stopping_at_sigterm() {
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    let s = Scratch::new("notify");
+    let (img, sock, ns) = (s.path("disk.raw"), s.path("sock"), s.path("notify"));
+    make_image(&img, 1 << 20);
+    let manager = UnixDatagram::bind(&ns).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let d = Daemon::start_env(
+        &img,
+        &sock,
+        &["--format=raw"],
+        &[("NOTIFY_SOCKET", ns.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 4096];
+    let n = manager.recv(&mut buf).expect("no READY=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(
+        msg.lines()
+            .any(|l| l == format!("MAINPID={}", d.child.id())),
+        "{msg}"
+    );
+    // Ready means connectable (a frontend that leaves at once is served and forgotten).
+    drop(UnixStream::connect(&sock).expect("READY=1 came before the socket accepts"));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let n = manager.recv(&mut buf).expect("no STOPPING=1 at SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
 #[test]
 fn sigterm_with_a_connected_client_flushes_and_exits() {
     let s = Scratch::new("term");
