@@ -333,13 +333,22 @@ write_run() {  # $1 = seconds (or "unfinished"), $2 = images' check, $3 = the gu
 write_run unfinished "" ""
 start=$(date +%s)
 say "$backend, FSTYP=$fstyp, ${#tests[@]} tests, disks $size each, results in $out"
-set +e
+# In the background with a wait, so that SIGINT/SIGTERM interrupt the wait: the guest is then
+# stopped, and the tests it finished are still reported and the images still checked.
+interrupted=0
 "$ROOT/scripts/run-guest.sh" --timeout $(( ${#tests[@]} * (test_timeout + 90) + 300 )) --mem "$mem" \
   --queues "$queues" --append nowatchdog --xfer "$xfer" --log "$out/console.log" \
   --disk "$work/test.sock" --disk "$work/scratch.sock" \
-  --script "$work/guest.sh" "$tree" "$test_timeout" "${tests[@]}"
-rc=$?
+  --script "$work/guest.sh" "$tree" "$test_timeout" "${tests[@]}" &
+guest=$!
+trap 'interrupted=1; kill -TERM "$guest" 2>/dev/null' INT TERM
+set +e
+wait "$guest"; rc=$?
+while kill -0 "$guest" 2>/dev/null; do wait "$guest"; rc=$?; done
 set -e
+trap 'exit 130' INT
+trap 'exit 143' TERM
+[ $interrupted -eq 0 ] || say "interrupted: the guest was stopped"
 seconds=$(( $(date +%s) - start ))
 
 # ---------------------------------------------------------------- after the run
