@@ -93,7 +93,8 @@ pub struct ConvertArgs {
     #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
     pub source_format: Option<SourceFormatArg>,
 
-    /// Format of DST.
+    /// Format of DST: an extblk image (a file, or a block device with --force), or raw (a
+    /// sparse regular file; a block device is refused).
     #[arg(short = 'O', long = "output-format", value_enum, value_name = "FMT", default_value_t = Format::Extblk)]
     pub dest_format: Format,
 
