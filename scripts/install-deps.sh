@@ -5,8 +5,8 @@
 set -euo pipefail
 
 # mount (mount, losetup) and kmod (modprobe): the loop-device tests; binutils (strings):
-# scripts/check-release.sh.
-pkgs=(build-essential pkg-config e2fsprogs mount kmod binutils)
+# scripts/check-release.sh; qemu-utils (qemu-img): the qcow2 test of `extblk convert`.
+pkgs=(build-essential pkg-config e2fsprogs mount kmod binutils qemu-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

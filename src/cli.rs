@@ -42,8 +42,98 @@ pub enum Command {
     Map(InspectArgs),
     /// Check an image's consistency (exit 0 clean, 1 problems found, 2 could not check).
     Check(CheckArgs),
+    /// Copy a virtual disk into a new extblk image or raw file, keeping it sparse (holes,
+    /// unwritten extents and 4 KiB blocks of zeroes are not written), like qemu-img convert.
+    #[command(long_about = CONVERT_ABOUT)]
+    Convert(ConvertArgs),
+    /// Compare the disks of two images, whatever their formats, like qemu-img compare (exit 0
+    /// identical, 1 different, 2 error). A shorter disk reads as zeroes past its end.
+    Compare(CompareArgs),
     /// Measure any vhost-user-blk socket (extblk, qemu-storage-daemon, ...) through libblkio.
     Bench(BenchArgs),
+}
+
+const CONVERT_ABOUT: &str = "Copy a virtual disk into a new extblk image or raw file, keeping it \
+sparse, like qemu-img convert.
+
+The source is a raw file or block device, an extblk image, or a qcow2 image (read through \
+qemu-img, which must be installed: it is first copied to a sparse temporary file beside DST). \
+Without -f the format is detected: qcow2 by its magic, an extblk image by its ext4 superblock and \
+/disk, anything else is raw. Holes, unwritten extents and 4 KiB blocks of zeroes are not \
+written: the destination allocates only the data. An extblk destination is created as `extblk \
+create` creates it and written through the image engine, journal and all, then closed cleanly. \
+A raw destination is a sparse regular file.
+
+DST must not exist: unlike qemu-img, convert does not overwrite unless --force, and even then an \
+image that a daemon (or any tool) holds is refused, since it is locked.";
+
+/// A disk format convert and compare read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceFormatArg {
+    Raw,
+    Extblk,
+    /// Read through qemu-img (copied to a sparse temporary raw file first).
+    Qcow2,
+}
+
+impl From<SourceFormatArg> for crate::disk_source::SourceFormat {
+    fn from(f: SourceFormatArg) -> Self {
+        use crate::disk_source::SourceFormat as S;
+        match f {
+            SourceFormatArg::Raw => S::Raw,
+            SourceFormatArg::Extblk => S::Extblk,
+            SourceFormatArg::Qcow2 => S::Qcow2,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Format of SRC (default: detected).
+    #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
+    pub source_format: Option<SourceFormatArg>,
+
+    /// Format of DST: an extblk image (a file, or a block device with --force), or raw (a
+    /// sparse regular file; a block device is refused).
+    #[arg(short = 'O', long = "output-format", value_enum, value_name = "FMT", default_value_t = Format::Extblk)]
+    pub dest_format: Format,
+
+    /// Journal size of a new extblk image (as `create --journal-size`).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub journal_size: Option<u64>,
+
+    /// Overwrite an existing DST (an extblk image or raw file; never one another process holds).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Report format: the summary as text or JSON (the progress bar is drawn on stderr, and
+    /// only when it is a terminal).
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// Source image.
+    pub src: PathBuf,
+
+    /// Destination, created.
+    pub dst: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Format of the first image (default: detected).
+    #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
+    pub format_a: Option<SourceFormatArg>,
+
+    /// Format of the second image (default: detected).
+    #[arg(short = 'F', long = "second-format", value_enum, value_name = "FMT")]
+    pub format_b: Option<SourceFormatArg>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    pub a: PathBuf,
+    pub b: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -331,6 +421,14 @@ fn quiet_on_broken_pipe() {
     }
 }
 
+/// Tools that run the engine (convert) or open images (compare) print only its warnings: its
+/// informational lines are for a daemon's log. `RUST_LOG` still decides when set.
+fn quiet_tool_logs() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
 /// Runs a parsed command line; returns the process exit status.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
@@ -414,6 +512,33 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             Ok(0)
+        }
+        Command::Convert(a) => {
+            quiet_tool_logs();
+            if let Some(j) = a.journal_size {
+                if j % 4096 != 0 {
+                    anyhow::bail!("--journal-size must be a multiple of 4K");
+                }
+            }
+            let opts = crate::convert::ConvertOptions {
+                source_format: a.source_format.map(Into::into),
+                dest_format: match a.dest_format {
+                    Format::Raw => crate::convert::DestFormat::Raw,
+                    Format::Extblk => crate::convert::DestFormat::Extblk,
+                },
+                force: a.force,
+                journal_blocks: a.journal_size.map(|j| j / 4096),
+            };
+            crate::tools::convert(&a.src, &a.dst, &opts, a.output == Output::Json)
+        }
+        Command::Compare(a) => {
+            quiet_on_broken_pipe();
+            quiet_tool_logs();
+            Ok(crate::tools::compare(
+                (&a.a, a.format_a.map(Into::into)),
+                (&a.b, a.format_b.map(Into::into)),
+                a.output == Output::Json,
+            ))
         }
         Command::Check(a) => {
             quiet_on_broken_pipe();

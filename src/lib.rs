@@ -40,8 +40,10 @@ macro_rules! failpoint {
 pub mod bench;
 pub mod check;
 pub mod cli;
+pub mod convert;
 pub mod counters;
 pub mod device;
+pub mod disk_source;
 pub mod engine;
 pub mod ext4;
 pub mod fatal;

@@ -1,4 +1,5 @@
-//! The offline image tools behind `info`, `map` and `check`: human and JSON output.
+//! The offline image tools behind `info`, `map`, `check`, `convert` and `compare`: human and
+//! JSON output, progress bars.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -248,6 +249,143 @@ pub fn check(
                 }
             }
             Ok(if r.problems.is_empty() { 0 } else { 1 })
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise (scripts, logs, tests),
+/// so stdout keeps only the report and stderr only errors.
+fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.set_message(what);
+    pb
+}
+
+/// `convert`: the copy with its progress bar, then the summary.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    opts: &crate::convert::ConvertOptions,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let pb = progress_bar("converting");
+    let r = crate::convert::convert(
+        src,
+        dst,
+        opts,
+        &|n| pb.suspend(|| eprintln!("extblk: note: {n}")),
+        &|done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+    );
+    pb.finish_and_clear();
+    let s = r?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "converted {} ({}) to {} ({}): {} byte disk, {} bytes copied, {} bytes skipped (holes, unwritten or zero blocks), {:.2} s",
+            s.source,
+            s.source_format,
+            s.destination,
+            s.destination_format,
+            s.virtual_size,
+            s.bytes_copied,
+            s.bytes_skipped,
+            s.seconds
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct CompareReport {
+    a: String,
+    b: String,
+    format_a: crate::disk_source::SourceFormat,
+    format_b: crate::disk_source::SourceFormat,
+    size_a: u64,
+    size_b: u64,
+    identical: bool,
+    /// The first byte at which the disks differ.
+    mismatch_offset: Option<u64>,
+}
+
+/// `compare`, with qemu-img compare's messages and exit status: 0 identical, 1 different, 2
+/// could not compare (the reason on stderr, or in the JSON).
+pub fn compare(
+    a: (&Path, Option<crate::disk_source::SourceFormat>),
+    b: (&Path, Option<crate::disk_source::SourceFormat>),
+    json: bool,
+) -> i32 {
+    use crate::disk_source::DiskSource;
+    let pb = progress_bar("comparing");
+    let r = (|| {
+        let tmp = std::env::temp_dir();
+        let sa = DiskSource::open(a.0, a.1, &tmp)?;
+        let sb = DiskSource::open(b.0, b.1, &tmp)?;
+        for n in [sa.note(), sb.note()].into_iter().flatten() {
+            pb.suspend(|| eprintln!("extblk: note: {n}"));
+        }
+        let found = crate::convert::compare(&sa, &sb, &|done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        })?;
+        Ok::<_, crate::disk_source::SourceError>(CompareReport {
+            a: a.0.display().to_string(),
+            b: b.0.display().to_string(),
+            format_a: sa.format(),
+            format_b: sb.format(),
+            size_a: sa.size(),
+            size_b: sb.size(),
+            identical: found.is_none(),
+            mismatch_offset: found,
+        })
+    })();
+    pb.finish_and_clear();
+    match r {
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            } else {
+                eprintln!("extblk: cannot compare: {e}");
+            }
+            2
+        }
+        Ok(rep) => {
+            if json {
+                match serde_json::to_string_pretty(&rep) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("extblk: {e}");
+                        return 2;
+                    }
+                }
+            } else {
+                if rep.size_a != rep.size_b {
+                    println!("Warning: Image size mismatch!");
+                }
+                match rep.mismatch_offset {
+                    None => println!("Images are identical."),
+                    Some(o) => println!("Content mismatch at offset {o}!"),
+                }
+            }
+            if rep.identical {
+                0
+            } else {
+                1
+            }
         }
     }
 }

@@ -1142,3 +1142,319 @@ mod space_rule {
         sim.matches_model();
     }
 }
+
+/// Runs an extblk tool that must succeed and print JSON on stdout.
+fn tool_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = extblk().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "extblk {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "extblk {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `extblk compare A B`: exit status and stdout.
+fn compare(a: &Path, b: &Path) -> (i32, String) {
+    let out = extblk().arg("compare").arg(a).arg(b).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A sparse raw disk of `size` bytes with data here and there: stamped blocks, a run with
+/// blocks of zeroes inside it, zeroes written explicitly (host data that reads as zero), a
+/// partial block and the disk's last bytes. Returns its bytes.
+fn raw_disk(p: &Path, size: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(size).unwrap();
+    let mut want = vec![0u8; size as usize];
+    let mut put = |off: u64, data: &[u8]| {
+        f.write_all_at(data, off).unwrap();
+        want[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    put(0, &stamp(0, 1));
+    let run: Vec<u8> = (0..256u64).flat_map(|b| stamp(768 + b, 2)).collect();
+    put(3 << 20, &run);
+    // 64 KiB at 10 MiB: blocks 2, 3 and 9 of it are zeroes.
+    let mut mixed: Vec<u8> = (0..16u64).flat_map(|b| stamp(2560 + b, 3)).collect();
+    for b in [2usize, 3, 9] {
+        mixed[b * 4096..(b + 1) * 4096].fill(0);
+    }
+    put(10 << 20, &mixed);
+    put(30 << 20, &vec![0u8; 1 << 20]);
+    put((20 << 20) + 17, &[0xa5; 100]);
+    let tail = size - 1000;
+    put(tail, &[0x5a; 1000]);
+    want
+}
+
+/// The non-zero 4 KiB blocks of a disk's bytes (the last one perhaps partial): how many, and
+/// their bytes.
+fn nonzero_blocks(bytes: &[u8]) -> (u64, u64) {
+    let chunks = bytes.chunks(4096).filter(|c| c.iter().any(|&x| x != 0));
+    chunks.fold((0, 0), |(n, b), c| (n + 1, b + c.len() as u64))
+}
+
+#[test]
+fn convert_round_trips_raw_through_an_image_keeping_holes_and_zero_blocks_unallocated() {
+    use std::ffi::OsStr;
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new("convert");
+    let raw = s.path("disk.raw");
+    // A multiple of 512, not of 4096: the disk's last block is partial.
+    let size = (64 << 20) + 1536;
+    let want = raw_disk(&raw, size);
+    let (blocks, bytes) = nonzero_blocks(&want);
+    let img = s.path("disk.img");
+    let v = tool_json(&[
+        OsStr::new("convert"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        raw.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(v["source_format"], "raw", "{v}");
+    assert_eq!(v["destination_format"], "extblk", "{v}");
+    assert_eq!(v["virtual_size"], size, "{v}");
+    assert_eq!(v["bytes_copied"], bytes, "{v}");
+    assert_eq!(v["bytes_skipped"], size - bytes, "{v}");
+    assert!(v["seconds"].as_f64().is_some(), "{v}");
+    // Only the non-zero blocks are allocated, all written: the explicit zeroes and the zero
+    // blocks inside data stay holes.
+    let info = tool_json(&[
+        OsStr::new("info"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img.as_os_str(),
+    ]);
+    assert_eq!(info["virtual_size"], size);
+    assert_eq!(info["allocated_bytes"], blocks * 4096, "{info}");
+    assert_eq!(info["written_bytes"], blocks * 4096, "{info}");
+    assert_eq!(info["state"], "clean", "{info}");
+    let out = extblk().arg("check").arg(&img).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    e2fsck_clean(&img);
+    assert_eq!(compare(&raw, &img), (0, "Images are identical.\n".into()));
+
+    // Back to raw: byte for byte, and sparse.
+    let back = s.path("back.raw");
+    run_ok(extblk().args(["convert", "-O", "raw"]).arg(&img).arg(&back));
+    let got = std::fs::read(&back).unwrap();
+    assert!(got == want, "the round trip changed the disk");
+    let on_disk = std::fs::metadata(&back).unwrap().blocks() * 512;
+    assert!(
+        on_disk <= blocks * 4096 + (64 << 10),
+        "the raw copy allocates {on_disk} bytes for {} of data",
+        blocks * 4096
+    );
+
+    // An existing destination is refused without --force, and left alone.
+    let before = std::fs::read(&back).unwrap();
+    let out = extblk()
+        .args(["convert", "-O", "raw"])
+        .arg(&img)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert!(std::fs::read(&back).unwrap() == before);
+    run_ok(
+        extblk()
+            .args(["convert", "--force", "-f", "raw", "-O", "raw"])
+            .arg(&raw)
+            .arg(&back),
+    );
+    assert!(std::fs::read(&back).unwrap() == want);
+    let out = extblk()
+        .args(["convert", "--force"])
+        .arg(&img)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("same file"));
+
+    // Image to image: a fresh image with the same disk and allocation.
+    let img2 = s.path("copy.img");
+    let v = tool_json(&[
+        OsStr::new("convert"),
+        OsStr::new("--journal-size"),
+        OsStr::new("4M"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img.as_os_str(),
+        img2.as_os_str(),
+    ]);
+    assert_eq!(v["source_format"], "extblk", "{v}");
+    assert_eq!(v["bytes_copied"], bytes, "{v}");
+    let info2 = tool_json(&[
+        OsStr::new("info"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img2.as_os_str(),
+    ]);
+    assert_eq!(info2["allocated_bytes"], blocks * 4096);
+    assert_eq!(info2["journal_size"], 4 << 20);
+    e2fsck_clean(&img2);
+    assert_eq!(compare(&img, &img2).0, 0);
+    assert_eq!(compare(&img2, &back).0, 0);
+}
+
+#[test]
+fn compare_reports_the_first_difference_and_exits_like_qemu_img() {
+    use std::ffi::OsStr;
+    use std::os::unix::fs::FileExt;
+    let s = Scratch::new("compare");
+    let a = s.path("a.raw");
+    let size = 32 << 20;
+    raw_disk(&a, size);
+    let img = s.path("a.img");
+    run_ok(extblk().arg("convert").arg(&a).arg(&img));
+    assert_eq!(compare(&a, &img), (0, "Images are identical.\n".into()));
+
+    // One byte changed inside data, then one where the other side has a hole.
+    let b = s.path("b.raw");
+    run_ok(Command::new("cp").arg("--sparse=always").arg(&a).arg(&b));
+    let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.write_all_at(&[0xff], (3 << 20) + 123).unwrap();
+    let want = format!("Content mismatch at offset {}!\n", (3 << 20) + 123);
+    assert_eq!(compare(&a, &b), (1, want.clone()));
+    assert_eq!(compare(&img, &b), (1, want.clone()));
+    assert_eq!(compare(&b, &img), (1, want));
+    f.write_all_at(&[0], (3 << 20) + 123).unwrap();
+    f.write_all_at(&[1], (7 << 20) + 5).unwrap();
+    let want = format!("Content mismatch at offset {}!\n", (7 << 20) + 5);
+    assert_eq!(compare(&img, &b), (1, want.clone()));
+    assert_eq!(compare(&b, &img), (1, want));
+    let v = {
+        let out = extblk()
+            .args(["compare", "--output", "json"])
+            .arg(&img)
+            .arg(&b)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(v["identical"], false);
+    assert_eq!(v["mismatch_offset"], (7 << 20) + 5);
+    assert_eq!(v["format_a"], "extblk");
+    assert_eq!(v["format_b"], "raw");
+
+    // Different sizes: identical if the longer disk's extra part reads as zeroes.
+    f.write_all_at(&[0], (7 << 20) + 5).unwrap();
+    f.set_len(size + (1 << 20)).unwrap();
+    assert_eq!(
+        compare(&img, &b),
+        (
+            0,
+            "Warning: Image size mismatch!\nImages are identical.\n".into()
+        )
+    );
+    f.write_all_at(&[9], size + 4096 + 7).unwrap();
+    assert_eq!(
+        compare(&b, &img),
+        (
+            1,
+            format!(
+                "Warning: Image size mismatch!\nContent mismatch at offset {}!\n",
+                size + 4096 + 7
+            )
+        )
+    );
+    let v = tool_json(&[
+        OsStr::new("compare"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        a.as_os_str(),
+        a.as_os_str(),
+    ]);
+    assert_eq!(v["identical"], true);
+
+    // Errors: exit status 2.
+    let (code, text) = compare(&a, &s.path("missing"));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no such file"), "{text}");
+    let out = extblk()
+        .args(["compare", "-F", "extblk"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an extblk image"));
+}
+
+#[test]
+fn convert_reads_qcow2_through_qemu_img() {
+    use std::ffi::OsStr;
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        return skip_or_fail("convert from qcow2: qemu-img is not installed (qemu-utils)");
+    }
+    let s = Scratch::new("qcow2");
+    let raw = s.path("a.raw");
+    let want = raw_disk(&raw, 32 << 20);
+    let (blocks, bytes) = nonzero_blocks(&want);
+    let q = s.path("a.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&q),
+    );
+    let img = s.path("a.img");
+    let v = tool_json(&[
+        OsStr::new("convert"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        q.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(v["source_format"], "qcow2", "{v}");
+    assert_eq!(v["bytes_copied"], bytes, "{v}");
+    let info = tool_json(&[
+        OsStr::new("info"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img.as_os_str(),
+    ]);
+    assert_eq!(info["allocated_bytes"], blocks * 4096, "{info}");
+    e2fsck_clean(&img);
+    assert_eq!(compare(&raw, &img).0, 0);
+    assert_eq!(compare(&q, &img).0, 0);
+    let left: Vec<_> = std::fs::read_dir(s.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".extblk-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    // Not qcow2 at all: qemu-img's own complaint, exit 1, nothing created.
+    let out = extblk()
+        .args(["convert", "-f", "qcow2"])
+        .arg(&raw)
+        .arg(s.path("b.img"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-img failed"));
+    assert!(!s.path("b.img").exists());
+}

@@ -222,6 +222,56 @@ pub fn poll_readable<const N: usize>(fds: [std::os::fd::RawFd; N]) -> io::Result
     }
 }
 
+/// Waits at most `timeout_ms` for `fd` to become readable (EINTR counts as not yet); returns
+/// whether it is. For a loop that also watches something `poll` cannot (a channel).
+pub fn poll_readable_for(fd: std::os::fd::RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if r >= 0 {
+        return Ok(p.revents != 0);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Where a file's data or hole starting at or after `offset` is: `lseek` with `SEEK_DATA` or
+/// `SEEK_HOLE`. `Ok(None)` when there is none (ENXIO: `offset` is in the final hole, for
+/// `SEEK_DATA`, or at the end); EINVAL from a filesystem that does not know is the caller's.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an owned fd; it moves only that descriptor's file position,
+    // which nothing here uses (all I/O is positioned).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The start of the first data at or after `offset` (`SEEK_DATA`); `None`: only a hole follows.
+pub fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(file, offset, libc::SEEK_DATA)
+}
+
+/// The start of the first hole at or after `offset` (`SEEK_HOLE`; the end of the file counts
+/// as one).
+pub fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(file, offset, libc::SEEK_HOLE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
