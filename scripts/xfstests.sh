@@ -264,8 +264,9 @@ export SCRATCH_DEV=/dev/vdb
 export SCRATCH_MNT=/mnt/scratch
 export RESULT_BASE=/xfer/results
 export LOGGER_PROG=true
-# No udev runs in the guest: without this, dmsetup (dm-flakey, dm-log-writes tests) waits
-# forever for udev to confirm the device nodes; with it, libdevmapper makes them itself.
+# No udev runs in the guest: libdevmapper (dmsetup, for the dm-flakey and dm-log-writes tests)
+# must make the device nodes itself rather than wait for udev to. (generic/322 still stops
+# after its mkfs in this guest, with or without it: under investigation, see docs/guests.md.)
 export DM_DISABLE_UDEV=1
 ${MKFS_OPTIONS:+export MKFS_OPTIONS="$MKFS_OPTIONS"}
 ${MOUNT_OPTIONS:+export MOUNT_OPTIONS="$MOUNT_OPTIONS"}
