@@ -51,6 +51,61 @@ pub enum Command {
     Compare(CompareArgs),
     /// Measure any vhost-user-blk socket (extblk, qemu-storage-daemon, ...) through libblkio.
     Bench(BenchArgs),
+    /// Ask a running daemon (its `serve --control` socket): info, stats, flush, quiesce, resume.
+    #[command(long_about = CTL_ABOUT)]
+    Ctl(CtlArgs),
+}
+
+const CTL_ABOUT: &str = "Ask a running daemon through its control socket (`serve --control \
+PATH`).
+
+info     what it serves: image, format, capacity, queues, cache mode, quiesced or running.
+stats    the device's and the engine's counters, and per queue the requests completed, in \
+flight, and their latency (p50, p99, max, from a log2 histogram); --watch prints one line of \
+rates per interval, like iostat.
+flush    make every completed write durable now (a journal commit), as a guest flush does.
+quiesce  stop taking requests, wait for those in flight (at most 30 s) and flush: until \
+resume, the image file is consistent and can be copied (`cp --sparse=always`); the guest's \
+requests wait, they do not fail.
+resume   take requests again.
+
+Exit status 0 on success, 1 if the daemon refused or failed the request or cannot be reached.";
+
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// Output format (the daemon's JSON result as it sent it, or text).
+    #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
+    pub output: Output,
+
+    /// The daemon's control socket (`serve --control PATH`).
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// What the daemon serves and how.
+    Info,
+    /// Counters, and per queue the requests completed and their latency.
+    Stats {
+        /// Print one line of rates per interval until interrupted (a small `top`).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between --watch lines.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Stop --watch after N lines.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Make every completed write durable now.
+    Flush,
+    /// Stop taking requests, drain, flush: the image is consistent until `resume`.
+    Quiesce,
+    /// Take requests again after `quiesce`.
+    Resume,
 }
 
 const CONVERT_ABOUT: &str = "Copy a virtual disk into a new extblk image or raw file, keeping it \
@@ -292,6 +347,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH|none")]
     pub restart_log: Option<PathBuf>,
 
+    /// Also listen on a control socket at PATH (mode 0600) for `extblk ctl PATH ...`: info,
+    /// stats, flush, quiesce, resume. Its directory must exist.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Number of virtqueues, each served by its own thread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
@@ -445,6 +505,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 alloc_unit: a.alloc_unit,
                 restart_log: restart_log_at(a.restart_log),
                 socket: a.socket,
+                control: a.control,
                 image: a.image,
                 read_only: a.readonly,
                 num_queues: a.queues,
@@ -539,6 +600,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 (&a.b, a.format_b.map(Into::into)),
                 a.output == Output::Json,
             ))
+        }
+        Command::Ctl(a) => {
+            quiet_on_broken_pipe();
+            crate::tools::ctl(&a)
         }
         Command::Check(a) => {
             quiet_on_broken_pipe();

@@ -40,6 +40,7 @@ macro_rules! failpoint {
 pub mod bench;
 pub mod check;
 pub mod cli;
+pub mod control;
 pub mod convert;
 pub mod counters;
 pub mod device;

@@ -48,6 +48,8 @@ pub struct ServeOptions {
     /// Where an extblk image's restart log lives (`--restart-log`).
     pub restart_log: RestartLogAt,
     pub socket: PathBuf,
+    /// The control socket (`--control`), if any.
+    pub control: Option<PathBuf>,
     pub image: PathBuf,
     pub read_only: bool,
     pub num_queues: u16,
@@ -90,6 +92,8 @@ pub enum ServeError {
     Relay(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
+    #[error("control socket: {0}")]
+    Control(io::Error),
 }
 
 /// Why a file is not an image, in the words a user who passed the wrong file needs.
@@ -314,7 +318,7 @@ fn test_layers(
 fn run<E: BlockEngine>(
     engine: E,
     opts: &ServeOptions,
-    format: &str,
+    format: &'static str,
     sigset: libc::sigset_t,
 ) -> Result<(), ServeError> {
     let info = engine.info();
@@ -328,6 +332,16 @@ fn run<E: BlockEngine>(
         },
     )?;
     let listener = bind_socket(&opts.socket)?;
+    let control_listener = match &opts.control {
+        Some(path) => match bind_socket(path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&opts.socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     log::info!(
         "serving {} ({} bytes, {format}, {}) on {}: {} queue(s) of {}, logical block {}",
         opts.image.display(),
@@ -360,9 +374,37 @@ fn run<E: BlockEngine>(
         connection: Mutex::new(None),
     });
     spawn_signal_thread(sigset, control.clone(), device.clone()).map_err(ServeError::Signals)?;
+    let control_thread = match control_listener {
+        Some(l) => {
+            let info = crate::control::server::DaemonInfo {
+                image: opts.image.clone(),
+                socket: opts.socket.clone(),
+                format,
+                started: std::time::Instant::now(),
+            };
+            let stop = control
+                .stop_event
+                .try_clone()
+                .map_err(ServeError::Signals)?;
+            Some(
+                crate::control::server::spawn(l, device.clone(), info, stop)
+                    .map_err(ServeError::Control)?,
+            )
+        }
+        None => None,
+    };
 
     let result = accept_loop(&listener, &device, &control);
     let _ = std::fs::remove_file(&opts.socket);
+    // The accept loop ends on the stop event or an error: the control thread ends with the
+    // same event, written here too in case an error ended the loop.
+    let _ = control.stop_event.write(1);
+    if let Some(t) = control_thread {
+        let _ = t.join();
+    }
+    if let Some(path) = &opts.control {
+        let _ = std::fs::remove_file(path);
+    }
 
     device.stop_accepting();
     if !device.drain(DRAIN_TIMEOUT) {

@@ -389,3 +389,73 @@ pub fn compare(
         }
     }
 }
+
+/// `extblk ctl SOCKET COMMAND`.
+pub fn ctl(a: &crate::cli::CtlArgs) -> anyhow::Result<i32> {
+    use crate::cli::CtlCommand;
+    use crate::control::client::{self, Ctl};
+    use crate::control::Request;
+    let json = a.output == crate::cli::Output::Json;
+    let mut c = Ctl::connect(&a.socket)?;
+    let simple = |c: &mut Ctl, req: Request, done: &str| -> anyhow::Result<i32> {
+        let r = c.call(&req)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!("{done}");
+        }
+        Ok(0)
+    };
+    match &a.command {
+        CtlCommand::Info => {
+            let i = c.info()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print!("{}", client::format_info(&i));
+            }
+            Ok(0)
+        }
+        CtlCommand::Stats { watch: false, .. } => {
+            let s = c.stats()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", client::format_stats(&s));
+            }
+            Ok(0)
+        }
+        CtlCommand::Stats {
+            watch: true,
+            interval,
+            count,
+        } => {
+            use std::io::Write as _;
+            let mut prev = c.stats()?;
+            if !json {
+                println!("{}", client::WATCH_HEADER);
+            }
+            let mut n = 0u64;
+            while count.is_none_or(|max| n < max) {
+                std::thread::sleep(std::time::Duration::from_secs_f64(*interval));
+                let now = c.stats()?;
+                if json {
+                    println!("{}", serde_json::to_string(&now)?);
+                } else {
+                    println!("{}", client::watch_line(&prev, &now));
+                }
+                std::io::stdout().flush()?;
+                prev = now;
+                n += 1;
+            }
+            Ok(0)
+        }
+        CtlCommand::Flush => simple(&mut c, Request::Flush, "flushed"),
+        CtlCommand::Quiesce => simple(
+            &mut c,
+            Request::Quiesce,
+            "quiesced: the image is consistent until resume",
+        ),
+        CtlCommand::Resume => simple(&mut c, Request::Resume, "resumed"),
+    }
+}

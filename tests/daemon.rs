@@ -2386,3 +2386,179 @@ fn image_check_repair_applies_a_pending_restart_log() {
     assert!(log.contains("opened read-write since"), "{log}");
     image_clean(&img);
 }
+
+/// `extblk ctl SOCKET ARGS...`: its exit status and stdout.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = extblk().arg("ctl").arg(socket).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn ctl_json(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    let (code, out) = ctl(socket, &a);
+    assert_eq!(code, 0, "ctl {args:?}: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out}"))
+}
+
+/// Issue 17: the control socket answers `info` and `stats` (typed counters, per-queue request
+/// counts and latency histograms, a `--watch` line per interval), refuses what is not the
+/// protocol without harm, and `quiesce` really holds the guest's requests, with the image a
+/// consistent, complete copy meanwhile, until `resume` lets them through.
+#[test]
+fn the_control_socket_reports_stats_and_quiesce_holds_requests_until_resume() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let s = Scratch::new("control");
+    let (img, sock, cs) = (s.path("disk.img"), s.path("sock"), s.path("ctl.sock"));
+    create_image(&img, "16M");
+    let d = Daemon::start_image(
+        &img,
+        &sock,
+        &["--control", cs.to_str().unwrap(), "--queues", "2"],
+    );
+    d.wait_socket(&cs);
+    assert_eq!(
+        fs::metadata(&cs).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut c = Client::connect(&sock, 2);
+    for b in 0..20u64 {
+        assert_eq!(c.write((b % 2) as usize, b * 4096, &pattern(b, 4096)), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+
+    let info = ctl_json(&cs, &["info"]);
+    assert_eq!(info["capacity"], 16u64 << 20, "{info}");
+    assert_eq!(info["num_queues"], 2, "{info}");
+    assert_eq!(info["format"], "extblk image", "{info}");
+    assert_eq!(info["paused"], false, "{info}");
+    let stats = ctl_json(&cs, &["stats"]);
+    assert_eq!(stats["device"]["writes"], 20, "{stats}");
+    assert_eq!(stats["device"]["flushes"], 1, "{stats}");
+    assert!(stats["engine"].is_object(), "{stats}");
+    let queues = stats["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2, "{stats}");
+    for (i, q) in queues.iter().enumerate() {
+        let completed = q["completed"].as_u64().unwrap();
+        let in_hist: u64 = q["latency_us"]["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum();
+        // Queue 0: 10 writes and the flush; queue 1: 10 writes.
+        assert_eq!(completed, if i == 0 { 11 } else { 10 }, "{stats}");
+        assert_eq!(
+            in_hist, completed,
+            "every completion is in the histogram: {stats}"
+        );
+    }
+    let (code, text) = ctl(&cs, &["stats"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("queue 1: 10 completed"), "{text}");
+    let (code, watch) = ctl(
+        &cs,
+        &["stats", "--watch", "--interval", "0.2", "--count", "2"],
+    );
+    assert_eq!(code, 0, "{watch}");
+    assert_eq!(watch.lines().count(), 3, "a header and two lines: {watch}");
+    assert!(watch.lines().next().unwrap().contains("r/s"), "{watch}");
+
+    // Not the protocol: an error reply, the connection closed, the daemon unharmed.
+    let mut raw = UnixStream::connect(&cs).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(b"{\"command\":\"format\"}\n{\"command\":\"info\"}\n")
+        .unwrap();
+    let mut lines = BufReader::new(raw).lines();
+    let reply: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("bad request"),
+        "{reply}"
+    );
+    assert!(
+        lines.next().is_none(),
+        "the connection ends after a bad request"
+    );
+    let mut long = UnixStream::connect(&cs).unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    long.write_all(&vec![b'x'; 10_000]).unwrap();
+    let mut lines = BufReader::new(long).lines();
+    let reply: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(
+        reply["error"].as_str().unwrap().contains("longer"),
+        "{reply}"
+    );
+    assert_eq!(ctl(&cs, &["flush"]).0, 0);
+
+    // Quiesce: a write the guest sends now is not taken until resume.
+    let (code, out) = ctl(&cs, &["quiesce"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(ctl_json(&cs, &["info"])["paused"], true);
+    // Meanwhile the image is a consistent copy holding every completed write.
+    let copy = s.path("copy.img");
+    fs::copy(&img, &copy).unwrap();
+    let out = extblk()
+        .args(["check", "--restart-log", "none"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let raw_copy = s.path("copy.raw");
+    let out = extblk()
+        .args(["convert", "-O", "raw"])
+        .arg(&copy)
+        .arg(&raw_copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = fs::read(&raw_copy).unwrap();
+    for b in 0..20usize {
+        assert!(
+            bytes[b * 4096..(b + 1) * 4096] == pattern(b as u64, 4096)[..],
+            "block {b}"
+        );
+    }
+    c.buf(0, 4096).copy_from_slice(&pattern(99, 4096));
+    let addr = c.region.addr as *const u8;
+    c.queues[1].write(30 * 4096, addr, 4096, 0, ReqFlags::empty());
+    let mut done = [MaybeUninit::<Completion>::uninit()];
+    assert_eq!(c.queues[1].do_io(&mut done, 0, None, None).unwrap(), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.queues[1].do_io(&mut done, 0, None, None).unwrap(),
+        0,
+        "a request completed while quiesced"
+    );
+    let held = ctl_json(&cs, &["stats"]);
+    assert_eq!(held["device"]["writes"], 20, "taken while quiesced: {held}");
+    assert_eq!(held["inflight"], 0, "{held}");
+    let (code, out) = ctl(&cs, &["resume"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(Client::wait(&mut c.queues[1]), 0);
+    assert_eq!(c.read(0, 30 * 4096, 4096).unwrap(), pattern(99, 4096));
+    assert_eq!(ctl_json(&cs, &["info"])["paused"], false);
+
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!cs.exists(), "control socket left behind");
+    let (code, out) = ctl(&cs, &["info"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot connect"), "{out}");
+    image_clean(&img);
+}

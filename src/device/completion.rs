@@ -63,6 +63,8 @@ pub struct QueueShared {
     /// restarted queue resubmitted the request. The mutex makes "still this run?" and the
     /// used-ring write one step against a new run beginning; held for one used-ring write.
     epoch: Mutex<u64>,
+    /// Requests completed and their latency (the control socket's `stats`).
+    pub stats: super::stats::QueueStats,
 }
 
 impl QueueShared {
@@ -76,6 +78,7 @@ impl QueueShared {
             next_counter: AtomicU64::new(1),
             broken: AtomicBool::new(false),
             epoch: Mutex::new(0),
+            stats: super::stats::QueueStats::default(),
         }
     }
 
@@ -182,6 +185,8 @@ pub struct VirtioCompletion {
     pub inflight: Option<Arc<InflightRegion>>,
     /// The ring's run the request was taken in ([`QueueShared::epoch`]).
     pub epoch: u64,
+    /// When the queue thread took the chain off the ring (the latency histogram's start).
+    pub started: std::time::Instant,
     /// A test build's held request (`EXTBLK_HOLD_FROM`): carried out, never published.
     #[cfg(feature = "testing")]
     pub held: bool,
@@ -213,7 +218,7 @@ impl VirtioCompletion {
         }
         let region = self.inflight.as_deref();
         match publish_used(&self.vring, region, &self.queue, self.epoch, self.head, len) {
-            Ok(true) => {}
+            Ok(true) => self.queue.stats.record(self.started.elapsed()),
             Ok(false) => {
                 log::warn!(
                     "queue {}: request {} completed after its ring was stopped: not published",

@@ -12,6 +12,7 @@ pub mod config;
 pub mod inflight;
 pub mod relay;
 pub mod request;
+pub mod stats;
 
 #[cfg(test)]
 mod tests;
@@ -68,6 +69,15 @@ enum Drained {
     Stopped,
 }
 
+/// Why a quiesce did not happen (the device runs on).
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    #[error("{0} request(s) still in flight after {1:?}; the device resumed")]
+    Inflight(usize, Duration),
+    #[error("flush failed: {0}; the device resumed")]
+    Flush(EngineError),
+}
+
 /// Device settings from the command line.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {
@@ -87,6 +97,11 @@ struct Inner<E: BlockEngine> {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     accepting: AtomicBool,
+    /// Quiesced by the control socket: nothing is taken off the rings until `resume`.
+    paused: AtomicBool,
+    /// Each queue's kick eventfd on the current connection (from SET_VRING_KICK, through the
+    /// relay): `resume` kicks them, since the guest's kicks while paused were consumed.
+    kicks: Mutex<Vec<Option<std::fs::File>>>,
     mem: RwLock<Option<GuestMemAtomic>>,
     /// Bumped after every memory-table change: a queue thread holding an older snapshot
     /// reloads it before taking the next chain (the frontend may publish a request using a new
@@ -135,6 +150,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             max_write_zeroes_seg: MAX_DWZ_SEGMENTS,
             read_only: info.read_only,
         };
+        let num_queues = opts.num_queues;
         let mut queues = Vec::new();
         let mut shared = Vec::new();
         for i in 0..usize::from(opts.num_queues) {
@@ -151,6 +167,8 @@ impl<E: BlockEngine> BlockDevice<E> {
                 event_idx: AtomicBool::new(false),
                 acked_features: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
+                paused: AtomicBool::new(false),
+                kicks: Mutex::new((0..num_queues).map(|_| None).collect()),
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
                 queues,
@@ -163,6 +181,10 @@ impl<E: BlockEngine> BlockDevice<E> {
 
     pub fn engine(&self) -> &E {
         &self.inner.engine
+    }
+
+    pub fn options(&self) -> &DeviceOptions {
+        &self.inner.opts
     }
 
     pub fn counters(&self) -> &Counters {
@@ -209,6 +231,59 @@ impl<E: BlockEngine> BlockDevice<E> {
     /// Stops taking new requests off the rings (shutdown); in-flight ones still complete.
     pub fn stop_accepting(&self) {
         self.inner.accepting.store(false, Ordering::Release);
+    }
+
+    /// Whether queue threads take requests off the rings now: not after shutdown began, not
+    /// while quiesced.
+    fn taking(&self) -> bool {
+        self.inner.accepting.load(Ordering::Acquire) && !self.inner.paused.load(Ordering::Acquire)
+    }
+
+    /// Quiesces the device for a consistent copy of its backing: stops taking requests off the
+    /// rings (the guest's requests wait there, the guest sees a slow disk, not an error), waits
+    /// up to `timeout` for those in flight, then makes everything completed durable. If the
+    /// requests in flight do not finish in time, or the flush fails, the device resumes and the
+    /// error says so: a quiesce never leaves the guest stopped without a consistent image.
+    pub fn quiesce(&self, timeout: Duration) -> Result<(), QuiesceError> {
+        self.inner.paused.store(true, Ordering::Release);
+        if !self.drain(timeout) {
+            let n = self.inflight();
+            self.resume();
+            return Err(QuiesceError::Inflight(n, timeout));
+        }
+        if let Err(e) = self.inner.engine.flush() {
+            self.resume();
+            return Err(QuiesceError::Flush(e));
+        }
+        Ok(())
+    }
+
+    /// Takes requests again after [`quiesce`](Self::quiesce), and looks at every ring at once
+    /// (a kick of its own on each queue's eventfd) for the requests that waited.
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::Release);
+        for k in lock(&self.inner.kicks).iter().flatten() {
+            let mut k = k;
+            if let Err(e) = std::io::Write::write_all(&mut k, &1u64.to_ne_bytes()) {
+                log::warn!("resume: cannot kick a queue: {e}");
+            }
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.inner.paused.load(Ordering::Acquire)
+    }
+
+    /// Every queue's request count, requests in flight and latency histogram.
+    pub fn queue_stats(&self) -> Vec<stats::QueueStatsSnapshot> {
+        self.inner
+            .shared
+            .iter()
+            .map(|q| {
+                q.stats
+                    .snapshot(q.index, q.inflight.load(Ordering::Acquire))
+            })
+            .collect()
     }
 
     /// Waits until nothing is in flight, or `timeout` passes. Returns whether it drained.
@@ -319,7 +394,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                     break;
                 }
                 match vring.enable_notification() {
-                    Ok(true) if self.inner.accepting.load(Ordering::Acquire) => continue,
+                    Ok(true) if self.taking() => continue,
                     Ok(_) => break,
                     Err(e) => {
                         log::warn!("queue {q}: cannot enable notifications: {e}");
@@ -337,7 +412,7 @@ impl<E: BlockEngine> BlockDevice<E> {
         // Fixed for the connection once its queues run (SET_INFLIGHT_FD comes before).
         let region = self.inflight_region();
         let mut end = Drained::Stopped;
-        while self.inner.accepting.load(Ordering::Acquire) {
+        while self.taking() {
             if self.inner.mem_generation.load(Ordering::Acquire) != snapshot.0 {
                 match self.memory() {
                     Some(m) => *snapshot = m,
@@ -503,6 +578,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             queue: shared.clone(),
             inflight: region,
             epoch: shared.epoch(),
+            started: Instant::now(),
             #[cfg(feature = "testing")]
             held: false,
         };
@@ -738,5 +814,11 @@ impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
             q.restart();
         }
         Ok(())
+    }
+
+    fn vring_kick(&self, queue: usize, kick: std::fs::File) {
+        if let Some(slot) = lock(&self.inner.kicks).get_mut(queue) {
+            *slot = Some(kick);
+        }
     }
 }

@@ -45,6 +45,8 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// SET_VRING_KICK's payload: no descriptor attached (polling mode).
 const VRING_NOFD: u64 = 0x100;
+/// SET_VRING_KICK's payload: the queue index.
+const VRING_INDEX: u64 = 0xff;
 
 /// `VhostUserInflight`: mmap_size u64, mmap_offset u64, num_queues u16, queue_size u16,
 /// padded to 24 bytes as the C struct is.
@@ -61,6 +63,9 @@ pub trait InflightHandler: Send + Sync {
     ) -> Result<InflightRegion, InflightError>;
     /// The connection's region (SET_INFLIGHT_FD), already mapped and checked against its file.
     fn set_inflight_fd(&self, region: InflightRegion) -> Result<(), InflightError>;
+    /// Queue `queue`'s kick eventfd on this connection (SET_VRING_KICK), kept so that the
+    /// device can look at the ring again on its own (after a quiesce).
+    fn vring_kick(&self, queue: usize, kick: File);
 }
 
 #[derive(Debug, Error)]
@@ -243,6 +248,7 @@ fn from_frontend(m: Msg, handler: &dyn InflightHandler) -> Result<Action, RelayE
                 .ok_or(RelayError::Malformed(SET_VRING_KICK))?;
             match m.fds.first() {
                 Some(f) if v & VRING_NOFD == 0 => {
+                    handler.vring_kick((v & VRING_INDEX) as usize, f.try_clone()?);
                     let kick = f.try_clone()?;
                     Ok(Action::ForwardAndKick(m, kick))
                 }
@@ -368,6 +374,7 @@ mod tests {
     #[derive(Default)]
     struct Device {
         set: Mutex<Vec<(u16, u16)>>,
+        kicks: Mutex<Vec<usize>>,
     }
 
     impl InflightHandler for Device {
@@ -380,6 +387,9 @@ mod tests {
                 .unwrap()
                 .push((r.num_queues(), r.queue_size()));
             Ok(())
+        }
+        fn vring_kick(&self, queue: usize, _kick: File) {
+            self.kicks.lock().unwrap().push(queue);
         }
     }
 
@@ -464,8 +474,9 @@ mod tests {
             (got.request, got.payload.clone(), got.fds.len()),
             (SET_VRING_KICK, 1u64.to_le_bytes().to_vec(), 1)
         );
-        // ... and the relay kicked the queue once itself.
+        // ... and the relay kicked the queue once itself, and told the device its kick fd.
         assert_eq!(ev.read().unwrap(), 1);
+        assert_eq!(*dev.kicks.lock().unwrap(), vec![1]);
         send_msg(
             &back_peer,
             &msg(1, FLAG_REPLY, 7u64.to_le_bytes().to_vec(), vec![]),
