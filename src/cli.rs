@@ -59,15 +59,19 @@ pub enum Command {
 const CTL_ABOUT: &str = "Ask a running daemon through its control socket (`serve --control \
 PATH`).
 
-info     what it serves: image, format, capacity, queues, cache mode, quiesced or running.
-stats    the device's and the engine's counters, and per queue the requests completed, in \
-flight, and their latency (p50, p99, max, from a log2 histogram); --watch prints one line of \
-rates per interval, like iostat.
-flush    make every completed write durable now (a journal commit), as a guest flush does.
-quiesce  stop taking requests, wait for those in flight (at most 30 s) and flush: until \
-resume, the image file is consistent and can be copied (`cp --sparse=always`); the guest's \
-requests wait, they do not fail.
-resume   take requests again.
+info: what it serves: image, format, capacity, queues, cache mode, quiesced or running.
+
+stats: the device's and the engine's counters, and per queue the requests completed, in flight, \
+and their latency (p50, p99, max, from a log2 histogram). With --watch, one line of rates per \
+interval, like iostat.
+
+flush: make every completed write durable now (a journal commit), as a guest flush does.
+
+quiesce: stop taking requests, wait for those in flight (at most 30 s) and flush. Until resume, \
+the image file is consistent and can be copied (`cp --sparse=always`); the guest's requests \
+wait, they do not fail.
+
+resume: take requests again.
 
 Exit status 0 on success, 1 if the daemon refused or failed the request or cannot be reached.";
 
