@@ -46,6 +46,10 @@ pub enum Command {
     /// unwritten extents and 4 KiB blocks of zeroes are not written), like qemu-img convert.
     #[command(long_about = CONVERT_ABOUT)]
     Convert(ConvertArgs),
+    /// Grow (or, with --shrink, shrink) the disk of an image no process holds, like qemu-img
+    /// resize; the filesystem grows with it.
+    #[command(long_about = RESIZE_ABOUT)]
+    Resize(ResizeArgs),
     /// Compare the disks of two images, whatever their formats, like qemu-img compare (exit 0
     /// identical, 1 different, 2 error). A shorter disk reads as zeroes past its end.
     Compare(CompareArgs),
@@ -55,6 +59,23 @@ pub enum Command {
     #[command(long_about = CTL_ABOUT)]
     Ctl(CtlArgs),
 }
+
+const RESIZE_ABOUT: &str = "Grow (or, with --shrink, shrink) the virtual disk of an extblk image \
+that no process holds, like qemu-img resize. SIZE is absolute (20G), or relative with a sign \
+(+10G, -1G).
+
+Growing adds block groups to the filesystem (bitmaps, inode tables, descriptors, the \
+sparse_super2 backups moved to the new last group), in one journal transaction: a crash leaves \
+the old image or the new one, e2fsck-clean either way. The new part of the disk reads as zeroes. \
+The image file grows by what the new disk and its worst-case metadata need; it stays sparse.
+
+Shrinking needs --shrink and is refused when the cut range holds data (discard it in the guest \
+first): only /disk's size changes, the filesystem keeps its size (its free blocks cost no host \
+space).
+
+A daemon serving the image grows it online instead: `extblk ctl SOCKET resize SIZE`.
+
+Exit status 0 on success, 1 on any error (nothing changed then).";
 
 const CTL_ABOUT: &str = "Ask a running daemon through its control socket (`serve --control \
 PATH`).
@@ -175,6 +196,41 @@ pub struct ConvertArgs {
 
     /// Destination, created.
     pub dst: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResizeArgs {
+    /// Allow a smaller size (refused anyway if the cut range holds data).
+    #[arg(long)]
+    pub shrink: bool,
+
+    /// Where a killed daemon left its restart log (applied before the resize, as `serve`
+    /// would); `none` to leave it. Default: as `serve`.
+    #[arg(long, value_name = "PATH|none")]
+    pub restart_log: Option<PathBuf>,
+
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// The image.
+    pub image: PathBuf,
+
+    /// New size: 20G, or +10G / -1G relative to the current one.
+    #[arg(value_parser = parse_new_size, allow_hyphen_values = true)]
+    pub size: crate::resize::NewSize,
+}
+
+/// `[+|-]SIZE`.
+pub fn parse_new_size(s: &str) -> Result<crate::resize::NewSize, String> {
+    use crate::resize::NewSize;
+    if let Some(r) = s.strip_prefix('+') {
+        Ok(NewSize::Grow(parse_size_arg(r)?))
+    } else if let Some(r) = s.strip_prefix('-') {
+        Ok(NewSize::Shrink(parse_size_arg(r)?))
+    } else {
+        Ok(NewSize::Absolute(parse_size_arg(s)?))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -595,6 +651,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 journal_blocks: a.journal_size.map(|j| j / 4096),
             };
             crate::tools::convert(&a.src, &a.dst, &opts, a.output == Output::Json)
+        }
+        Command::Resize(a) => {
+            quiet_tool_logs();
+            crate::resize::resize(
+                &a.image,
+                a.size,
+                a.shrink,
+                a.output == Output::Json,
+                &restart_log_at(a.restart_log),
+            )
         }
         Command::Compare(a) => {
             quiet_on_broken_pipe();

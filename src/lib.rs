@@ -54,6 +54,7 @@ pub mod jbd2;
 pub mod mapping;
 pub mod notify;
 pub mod repair;
+pub mod resize;
 pub mod restart_log;
 pub mod rng;
 pub mod serve;

@@ -840,14 +840,14 @@ impl Drop for Served {
 
 /// A tool that would write an image a daemon holds must refuse before touching it: one line
 /// naming the lock, a non-zero exit, and the file byte for byte as the daemon has it.
-fn refused_while_served(what: &str, args: &[&str]) {
+fn refused_while_served(what: &str, args: &[&str], tail: &[&str]) {
     let s = Scratch::new(&format!("held-{what}"));
     let p = s.path("held.img");
     fragmented_image(&p);
     let runs = open(&p, true).runs();
     let served = Served::start(&p, &s.path("sock"));
     let before = std::fs::read(&p).unwrap();
-    let out = extblk().args(args).arg(&p).output().unwrap();
+    let out = extblk().args(args).arg(&p).args(tail).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
@@ -880,7 +880,7 @@ fn refused_while_served(what: &str, args: &[&str]) {
         "{what}: the disk's mapping changed"
     );
     // With the daemon gone the same command goes ahead: it was the lock that stopped it.
-    let out = extblk().args(args).arg(&p).output().unwrap();
+    let out = extblk().args(args).arg(&p).args(tail).output().unwrap();
     assert!(
         out.status.success(),
         "{what} after the daemon stopped: {}",
@@ -891,12 +891,17 @@ fn refused_while_served(what: &str, args: &[&str]) {
 
 #[test]
 fn create_force_on_a_served_image_is_refused_and_changes_nothing() {
-    refused_while_served("create", &["create", "--force", "--size", "1G"]);
+    refused_while_served("create", &["create", "--force", "--size", "1G"], &[]);
 }
 
 #[test]
 fn check_repair_on_a_served_image_is_refused_and_changes_nothing() {
-    refused_while_served("repair", &["check", "--repair"]);
+    refused_while_served("repair", &["check", "--repair"], &[]);
+}
+
+#[test]
+fn resize_of_a_served_image_is_refused_and_changes_nothing() {
+    refused_while_served("resize", &["resize"], &["+1G"]);
 }
 
 /// The daemon's panic hook, in a child copy of this test binary: a panic on a named thread is
@@ -1457,4 +1462,144 @@ fn convert_reads_qcow2_through_qemu_img() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-img failed"));
     assert!(!s.path("b.img").exists());
+}
+
+/// `extblk resize`: the disk grows and the filesystem with it — from one group to several, then
+/// past a larger descriptor table (group 0's metadata moved) — e2fsck-clean, readable by
+/// dumpe2fs, the data kept and the new part reading as zeroes; shrinking only when asked and
+/// only over holes.
+#[test]
+fn resize_grows_the_filesystem_keeps_the_data_and_shrinks_only_over_holes() {
+    use std::ffi::OsStr;
+    let s = Scratch::new("resize");
+    let raw = s.path("disk.raw");
+    let size = 64u64 << 20;
+    let want = raw_disk(&raw, size);
+    let img = s.path("disk.img");
+    run_ok(extblk().arg("convert").arg(&raw).arg(&img));
+    let grow = |arg: &str| {
+        tool_json(&[
+            OsStr::new("resize"),
+            OsStr::new("--output"),
+            OsStr::new("json"),
+            img.as_os_str(),
+            OsStr::new(arg),
+        ])
+    };
+    let v = grow("+300M");
+    assert_eq!(v["old_size"], size, "{v}");
+    assert_eq!(v["new_size"], size + (300 << 20), "{v}");
+    assert_eq!(v["old_groups"], 1, "{v}");
+    assert!(v["new_groups"].as_u64().unwrap() >= 3, "{v}");
+    let last = v["new_groups"].as_u64().unwrap() - 1;
+    assert_eq!(v["backup_groups"], serde_json::json!([1, last]), "{v}");
+    e2fsck_clean(&img);
+    dumpe2fs_ok(&img);
+    assert_eq!(
+        compare(&raw, &img),
+        (
+            0,
+            "Warning: Image size mismatch!\nImages are identical.\n".into()
+        )
+    );
+    let info = tool_json(&[
+        OsStr::new("info"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img.as_os_str(),
+    ]);
+    assert_eq!(info["virtual_size"], size + (300 << 20));
+    assert_eq!(info["state"], "clean", "{info}");
+
+    // Past 64 groups: the descriptor table takes a second block, where group 0's metadata was.
+    let v = grow("9G");
+    assert_eq!(v["new_gdt_blocks"], 2, "{v}");
+    assert!(!v["moved"].as_array().unwrap().is_empty(), "{v}");
+    e2fsck_clean(&img);
+    dumpe2fs_ok(&img);
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let groups = v["new_groups"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("Block count:              {}", groups * 32768)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(" {} ", groups - 1)) && text.contains("Backup block groups:"),
+        "{text}"
+    );
+    assert_eq!(
+        compare(&raw, &img),
+        (
+            0,
+            "Warning: Image size mismatch!\nImages are identical.\n".into()
+        )
+    );
+    let out = extblk().arg("check").arg(&img).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The grown disk takes writes everywhere: a raw disk of the new size converted in, data at
+    // its end included, round-trips.
+    let big = s.path("big.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(9 << 30).unwrap();
+        f.write_all_at(&want[..4 << 20], 0).unwrap();
+        f.write_all_at(&[0xAB; 8192], (9 << 30) - 8192).unwrap();
+    }
+    let img2 = s.path("big.img");
+    run_ok(extblk().arg("create").arg("--size").arg("64M").arg(&img2));
+    run_ok(extblk().arg("resize").arg(&img2).arg("9G"));
+    run_ok(
+        extblk()
+            .args(["convert", "--force", "-f", "raw"])
+            .arg(&big)
+            .arg(&img2),
+    );
+    assert_eq!(compare(&big, &img2).0, 0);
+
+    // Shrinking: refused without --shrink, refused over data, allowed over holes.
+    let before = std::fs::read(&img).unwrap();
+    let out = extblk()
+        .arg("resize")
+        .arg(&img)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --shrink"));
+    let out = extblk()
+        .args(["resize", "--shrink"])
+        .arg(&img)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds data at byte"), "{err}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused resize changed the image"
+    );
+    let v = tool_json(&[
+        OsStr::new("resize"),
+        OsStr::new("--shrink"),
+        OsStr::new("--output"),
+        OsStr::new("json"),
+        img.as_os_str(),
+        OsStr::new("64M"),
+    ]);
+    assert_eq!(v["new_size"], size, "{v}");
+    e2fsck_clean(&img);
+    assert_eq!(compare(&raw, &img), (0, "Images are identical.\n".into()));
 }

@@ -13,6 +13,7 @@ mod pool;
 mod reapply;
 #[doc(hidden)]
 pub mod reseal;
+pub mod resize;
 #[cfg(test)]
 mod tests;
 

@@ -393,6 +393,12 @@ impl Image {
         Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Rebuilding)
     }
 
+    /// A read-write open of an image this process already holds, after it changed the
+    /// geometry under the in-memory one (`resize`): the session count stays.
+    pub(super) fn reopen(io: Arc<dyn BlockIo>) -> Result<Image, ImageError> {
+        Image::open_with(io, OpenOptions { read_only: false }, Bitmaps::Trusted)
+    }
+
     fn open_with(
         io: Arc<dyn BlockIo>,
         opts: OpenOptions,
@@ -595,8 +601,14 @@ fn apply_replay(
     jsb: &mut JournalSuperblock,
     out: &replay::ReplayOutcome,
 ) -> Result<(), ImageError> {
-    for (blk, data) in &out.blocks {
+    // The superblock's block last, after a barrier, as a checkpoint writes it (jbd2's
+    // `Journal::checkpoint`): a geometry change must never be home before its descriptors.
+    for (blk, data) in out.blocks.range(1..) {
         io.write_at(data, blk * BLOCK_SIZE_U64)?;
+    }
+    if let Some(data) = out.blocks.get(&0) {
+        io.flush()?;
+        io.write_at(data, 0)?;
     }
     io.flush()?;
     jsb.start = 0;

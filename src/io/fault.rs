@@ -118,6 +118,10 @@ impl BlockIo for FaultIo {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        self.inner.grow(len)
+    }
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {
         if let Err(e) = self.maybe_fail(FaultOp::Data) {
             if self.spec.short {

@@ -67,4 +67,13 @@ impl BlockIo for MemIo {
     fn size(&self) -> u64 {
         self.lock().len() as u64
     }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut d = self.lock();
+        if n > d.len() {
+            d.resize(n, 0);
+        }
+        Ok(())
+    }
 }

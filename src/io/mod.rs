@@ -21,6 +21,17 @@ pub trait BlockIo: Send + Sync {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Size of the backing in bytes.
     fn size(&self) -> u64;
+    /// Makes the backing at least `len` bytes long (`resize`): a file is extended (the new
+    /// part reads as zeroes), a device must already be that large. Never shrinks.
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if len <= self.size() {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this backing cannot grow",
+        ))
+    }
 
     /// The file descriptor behind this backing, for engines that submit data I/O to an
     /// io_uring themselves. Layers that must see every I/O return `None` (fault injection),
@@ -98,6 +109,8 @@ pub mod uring;
 /// A regular file or a block device.
 pub struct FileIo {
     backing: Backing,
+    /// The backing's size, which `grow` changes while queues read it.
+    size: std::sync::atomic::AtomicU64,
     /// O_DIRECT descriptor for data I/O (`--cache none`), if the filesystem allows it.
     direct: Option<File>,
 }
@@ -113,6 +126,7 @@ impl FileIo {
 
     pub fn new(backing: Backing) -> FileIo {
         FileIo {
+            size: std::sync::atomic::AtomicU64::new(backing.size),
             backing,
             direct: None,
         }
@@ -158,7 +172,27 @@ impl BlockIo for FileIo {
     }
 
     fn size(&self) -> u64 {
-        self.backing.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if len <= self.size() {
+            return Ok(());
+        }
+        if self.backing.is_block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: the device holds {} bytes, {len} are needed",
+                    self.backing.path.display(),
+                    self.size()
+                ),
+            ));
+        }
+        self.file().set_len(len)?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
     }
 
     fn writev_at(&self, iovs: &[libc::iovec], offset: u64, dsync: bool) -> io::Result<()> {

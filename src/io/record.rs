@@ -304,6 +304,10 @@ impl BlockIo for RecordingIo {
         self.inner.size()
     }
 
+    fn grow(&self, len: u64) -> io::Result<()> {
+        self.inner.grow(len)
+    }
+
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         self.inner.raw_fd().filter(|_| self.ring)
     }

@@ -355,12 +355,22 @@ impl Journal {
             return Ok(());
         }
         let mut buf = vec![0u8; BLOCK_SIZE_U64 as usize];
-        for (&blk, copy) in &self.checkpoint {
+        // Block 0 (the primary superblock) goes home last, after a barrier: when it changes the
+        // geometry (`resize`), a crash between the two must not pair a new superblock with
+        // descriptor blocks still old, which no open could read to find the journal again.
+        let mut home = |blk: u64, copy: &LogCopy| -> io::Result<()> {
             io.read_at(&mut buf, self.map.byte_offset(copy.pos))?;
             if copy.escaped {
                 format::unescape(&mut buf);
             }
-            io.write_at(&buf, blk * BLOCK_SIZE_U64)?;
+            io.write_at(&buf, blk * BLOCK_SIZE_U64)
+        };
+        for (&blk, copy) in self.checkpoint.range(1..) {
+            home(blk, copy)?;
+        }
+        if let Some(copy) = self.checkpoint.get(&0) {
+            io.flush()?;
+            home(0, copy)?;
         }
         io.flush()?;
         self.sb.start = 0;
