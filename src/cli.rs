@@ -94,6 +94,12 @@ wait, they do not fail.
 
 resume: take requests again.
 
+resize SIZE (or +SIZE): grow the disk while the guest runs. The daemon quiesces, grows the image \
+in one journal transaction, advertises the new capacity and resumes; a frontend that gave it a \
+backend channel (QEMU does) is told at once (CONFIG_CHANGE_MSG) and the guest sees the new size \
+(/sys/block/vda/size); any other frontend sees it when it next reads the config space or \
+reconnects. A served disk only grows: shrink it offline (`extblk resize --shrink`).
+
 Exit status 0 on success, 1 if the daemon refused or failed the request or cannot be reached.";
 
 #[derive(Debug, clap::Args)]
@@ -131,6 +137,11 @@ pub enum CtlCommand {
     Quiesce,
     /// Take requests again after `quiesce`.
     Resume,
+    /// Grow the disk while the guest runs: SIZE, or +SIZE more.
+    Resize {
+        #[arg(value_parser = parse_new_size)]
+        size: crate::resize::NewSize,
+    },
 }
 
 const CONVERT_ABOUT: &str = "Copy a virtual disk into a new extblk image or raw file, keeping it \
@@ -222,15 +233,8 @@ pub struct ResizeArgs {
 }
 
 /// `[+|-]SIZE`.
-pub fn parse_new_size(s: &str) -> Result<crate::resize::NewSize, String> {
-    use crate::resize::NewSize;
-    if let Some(r) = s.strip_prefix('+') {
-        Ok(NewSize::Grow(parse_size_arg(r)?))
-    } else if let Some(r) = s.strip_prefix('-') {
-        Ok(NewSize::Shrink(parse_size_arg(r)?))
-    } else {
-        Ok(NewSize::Absolute(parse_size_arg(s)?))
-    }
+fn parse_new_size(s: &str) -> Result<crate::resize::NewSize, String> {
+    crate::resize::NewSize::parse(s)
 }
 
 #[derive(Debug, clap::Args)]

@@ -22,17 +22,24 @@ pub enum NewSize {
 }
 
 impl NewSize {
-    /// The new size in bytes for a disk of `old` bytes.
-    pub fn resolve(self, old: u64) -> anyhow::Result<u64> {
+    /// `20G`, `+10G` or `-1G` (sizes as `crate::units::parse_size` reads them).
+    pub fn parse(s: &str) -> Result<NewSize, String> {
+        let size = |r: &str| crate::units::parse_size(r).map(|b| b.0);
+        if let Some(r) = s.strip_prefix('+') {
+            Ok(NewSize::Grow(size(r)?))
+        } else if let Some(r) = s.strip_prefix('-') {
+            Ok(NewSize::Shrink(size(r)?))
+        } else {
+            Ok(NewSize::Absolute(size(s)?))
+        }
+    }
+
+    /// The new size in bytes for a disk of `old` bytes; `None` if it is not a positive size.
+    pub fn resolve(self, old: u64) -> Option<u64> {
         match self {
-            NewSize::Absolute(n) => Ok(n),
-            NewSize::Grow(d) => old
-                .checked_add(d)
-                .ok_or_else(|| anyhow::anyhow!("size overflows")),
-            NewSize::Shrink(d) => old
-                .checked_sub(d)
-                .filter(|&n| n > 0)
-                .ok_or_else(|| anyhow::anyhow!("cannot shrink a {old}-byte disk by {d} bytes")),
+            NewSize::Absolute(n) => Some(n),
+            NewSize::Grow(d) => old.checked_add(d),
+            NewSize::Shrink(d) => old.checked_sub(d).filter(|&n| n > 0),
         }
     }
 }
@@ -49,7 +56,9 @@ pub fn resize(
         let io: Arc<dyn BlockIo> = Arc::new(FileIo::open(path, true)?);
         let img = Image::open(io, OpenOptions { read_only: true })
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        let new = size.resolve(img.disk_size())?;
+        let new = size.resolve(img.disk_size()).ok_or_else(|| {
+            anyhow::anyhow!("{name}: {size:?} from {} bytes is no size", img.disk_size())
+        })?;
         img.resize_plan(new, allow_shrink)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
     };

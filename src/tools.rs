@@ -457,5 +457,31 @@ pub fn ctl(a: &crate::cli::CtlArgs) -> anyhow::Result<i32> {
             "quiesced: the image is consistent until resume",
         ),
         CtlCommand::Resume => simple(&mut c, Request::Resume, "resumed"),
+        CtlCommand::Resize { size } => {
+            let size = match size {
+                crate::resize::NewSize::Absolute(n) => n.to_string(),
+                crate::resize::NewSize::Grow(n) => format!("+{n}"),
+                crate::resize::NewSize::Shrink(n) => format!("-{n}"),
+            };
+            let r = c.call(&Request::Resize { size })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let p = &r["plan"];
+                println!(
+                    "resized: disk {} -> {} bytes, filesystem {} -> {} groups; {}",
+                    p["old_size"],
+                    p["new_size"],
+                    p["old_groups"],
+                    p["new_groups"],
+                    if r["frontend_notified"] == true {
+                        "the frontend was told"
+                    } else {
+                        "the frontend sees it at its next config read or connection"
+                    }
+                );
+            }
+            Ok(0)
+        }
     }
 }

@@ -2562,3 +2562,62 @@ fn the_control_socket_reports_stats_and_quiesce_holds_requests_until_resume() {
     assert!(out.contains("cannot connect"), "{out}");
     image_clean(&img);
 }
+
+/// Issue 17: `ctl resize` grows a served disk while a client is connected (libblkio, which
+/// keeps no backend channel, sees the new size at its next connection), refuses an online
+/// shrink, and leaves an image e2fsck calls clean, with every write in place.
+#[test]
+fn ctl_resize_grows_a_served_disk_and_refuses_to_shrink_it() {
+    let s = Scratch::new("ctl-resize");
+    let (img, sock, cs) = (s.path("disk.img"), s.path("sock"), s.path("ctl.sock"));
+    create_image(&img, "16M");
+    let d = Daemon::start_image(&img, &sock, &["--control", cs.to_str().unwrap()]);
+    d.wait_socket(&cs);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.capacity(), 16 << 20);
+    let last = (16 << 20) - 4096;
+    assert_eq!(c.write(0, 0, &pattern(1, 4096)), 0);
+    assert_eq!(c.write(0, last, &pattern(2, 4096)), 0);
+
+    let r = ctl_json(&cs, &["resize", "+48M"]);
+    assert_eq!(r["capacity"], 64u64 << 20, "{r}");
+    assert_eq!(r["plan"]["old_size"], 16u64 << 20, "{r}");
+    assert_eq!(r["plan"]["new_size"], 64u64 << 20, "{r}");
+    assert_eq!(ctl_json(&cs, &["info"])["capacity"], 64u64 << 20);
+    assert_eq!(ctl_json(&cs, &["info"])["paused"], false);
+    // The connected client goes on.
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(1, 4096));
+    drop(c);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.capacity(), 64 << 20, "a new connection sees the new size");
+    let end = (64 << 20) - 4096;
+    assert_eq!(c.write(0, end, &pattern(3, 4096)), 0);
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(c.read(0, end, 4096).unwrap(), pattern(3, 4096));
+    assert_eq!(c.read(0, last, 4096).unwrap(), pattern(2, 4096));
+    assert_eq!(
+        c.read(0, 32 << 20, 4096).unwrap(),
+        vec![0u8; 4096],
+        "the new part reads as zeroes"
+    );
+
+    let (code, out) = ctl(&cs, &["resize", "32M"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("only grows"), "{out}");
+    let (code, out) = ctl(&cs, &["resize", "1000"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("multiple of the logical block size"), "{out}");
+    assert_eq!(ctl_json(&cs, &["info"])["capacity"], 64u64 << 20);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("resized: disk"), "{log}");
+    image_clean(&img);
+    let out = extblk()
+        .args(["info", "--output", "json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["virtual_size"], 64u64 << 20, "{v}");
+}

@@ -33,7 +33,7 @@ use common::exit_counter;
 use common::{skip_or_fail, Scratch};
 use daemon::{Daemon, Start};
 use guest::*;
-use session::{inflight_queue_bytes, AddrOverride, Session};
+use session::{check, inflight_queue_bytes, AddrOverride, Session};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -1057,4 +1057,89 @@ fn a_used_ring_outside_guest_memory_is_refused_or_never_written() {
     }
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+/// Issue 17: `ctl resize` grows a served extblk disk; a frontend that gave the daemon a backend
+/// channel (SET_BACKEND_REQ_FD, as QEMU does once BACKEND_REQ is negotiated) gets
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on it, and GET_CONFIG then reads the new capacity; the
+/// session goes on, the old data intact and the new range writable.
+#[test]
+fn an_online_resize_tells_the_frontend_on_its_backend_channel() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let s = Scratch::new("fe-resize");
+    let img = extblk_image(&s);
+    let sock = s.path("sock");
+    let cs = s.path("ctl.sock");
+    let d = Daemon::start(
+        &img,
+        &sock,
+        &Start {
+            args: vec!["--control", cs.to_str().unwrap()],
+            env: vec![],
+        },
+    );
+    let mut g = Guest::new(LAYOUT, 1, QUEUE_SIZE);
+    let mut sess = Session::qemu_connect(&sock, 1, true);
+    assert!(
+        sess.protocol
+            .contains(vhost::vhost_user::message::VhostUserProtocolFeatures::BACKEND_REQ),
+        "the daemon does not offer BACKEND_REQ: {:?}",
+        sess.backend_protocol
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    check(
+        sess.fe().set_backend_request_fd(&theirs),
+        "SET_BACKEND_REQ_FD",
+    );
+    drop(theirs);
+    sess.qemu_start(&g, None, &[0]);
+    assert_eq!(sess.capacity(), 16 << 20);
+    let data = pattern(0x51, 4096);
+    let w = g.post_write(0, (16 << 20) / 512 - 8, &data);
+    g.kick(0);
+    complete(&mut g, &[w], "a write into the last block");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_extblk"))
+        .args(["ctl", "--output", "json"])
+        .arg(&cs)
+        .args(["resize", "+48M"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ctl resize: {text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["capacity"], 64u64 << 20, "{v}");
+    assert_eq!(v["frontend_notified"], true, "{v}");
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    (&ours)
+        .read_exact(&mut hdr)
+        .expect("no message on the backend channel");
+    assert_eq!(
+        u32::from_le_bytes(hdr[0..4].try_into().unwrap()),
+        2,
+        "not CONFIG_CHANGE_MSG: {hdr:?}"
+    );
+    assert_eq!(
+        u32::from_le_bytes(hdr[8..12].try_into().unwrap()),
+        0,
+        "a payload: {hdr:?}"
+    );
+    assert_eq!(sess.capacity(), 64 << 20, "GET_CONFIG after the change");
+
+    // The same session: old data intact, the new end writable.
+    assert!(read_back(&mut g, 0, (16 << 20) / 512 - 8, 4096) == data);
+    let end = pattern(0x52, 4096);
+    let w = g.post_write(0, (64 << 20) / 512 - 8, &end);
+    g.kick(0);
+    complete(&mut g, &[w], "a write into the grown disk's last block");
+    assert!(read_back(&mut g, 0, (64 << 20) / 512 - 8, 4096) == end);
+    drop(sess);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    common::e2fsck_clean(&img);
 }

@@ -15,6 +15,9 @@
 #           again; QEMU (chardev reconnect=1) reconnects and the guest verifies every file
 #   raw     a raw file (--format raw): fio writes 64M with crc32c headers straight to /dev/vda, the
 #           guest pauses, then verifies everything again
+#   resize  ext4 on a 64M disk, mounted; the host runs `extblk ctl resize +128M`; the guest must see
+#           /sys/block/vda/size change to 192M (CONFIG_CHANGE_MSG), grow ext4 with resize2fs,
+#           write past the old end and verify; e2fsck in the guest, the image checked on the host
 #   killed  fio randwrite 4k QD32 direct with crc32c verify straight to /dev/vda (2 queues) while the
 #           host SIGKILLs the daemon three times, 6 s apart, restarting it 1 s after each kill (more
 #           kills, up to 10, until one finds requests in flight); QEMU
@@ -39,7 +42,7 @@
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
 # "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
-# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw killed killed-held killed-control xfstests"
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw resize killed killed-held killed-control xfstests"
 # (subset), EXTBLK_TEST_BIN (the test build for killed-held/-control; default target/debug/extblk),
 # EXTBLK_E2E_KILL_SIZE (fio --size of `killed`, default 1G), RUST_LOG.
 set -uo pipefail
@@ -345,6 +348,36 @@ fi
 [ "$rc" -eq 0 ] && grep -q 'err= 0' /tmp/fio.out
 EOF
 
+cat > "$T/resize.sh" <<'EOF'
+# ext4 on the disk; the host grows the disk online (extblk ctl resize); the guest sees the new
+# size in /sys/block/vda/size (CONFIG_CHANGE_MSG -> config interrupt), grows ext4 online with
+# resize2fs, writes past the old end, verifies, checks
+set -euo pipefail
+B=busybox
+s0=$(cat /sys/block/vda/size)
+echo "SIZE0 $s0"
+mkfs.ext4 -F -q /dev/vda
+mount /dev/vda /mnt
+$B dd if=/xfer/pool of=/mnt/before bs=1M conv=fsync 2>/dev/null
+echo "RESIZE-READY"
+i=0
+while [ ! -e /xfer/resize-go ]; do sleep 0.2; i=$((i + 1)); [ $i -lt 600 ] || { echo "host never said go"; exit 1; }; done
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$s0" ]; do
+  sleep 0.2; i=$((i + 1)); [ $i -lt 300 ] || { echo "the disk never changed size"; exit 1; }
+done
+s1=$(cat /sys/block/vda/size)
+echo "SIZE1 $s1"
+resize2fs /dev/vda 2>&1 | tail -1
+df -k /mnt | tail -1
+for k in 1 2 3 4 5 6; do $B dd if=/xfer/pool of=/mnt/after$k bs=1M conv=fsync 2>/dev/null; done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+cmp /xfer/pool /mnt/before && cmp /xfer/pool /mnt/after6 && echo "files verified after the resize"
+umount /mnt
+e2fsck -fn /dev/vda > /dev/null 2>&1 && echo "e2fsck -fn /dev/vda: clean"
+EOF
+
 # ---------------------------------------------------------------- tests
 fs_test() {  # ext4|xfs
   local fs=$1 img=$T/$1.img before after sock=$T/$1.sock
@@ -468,6 +501,36 @@ test_raw() {
   sed 's/^/    | /' "$T/raw.out"
   [ $rc -eq 0 ] || { echo "  guest exited $rc"; stop_daemon; return 1; }
   stop_daemon
+}
+
+test_resize() {
+  local img=$T/resize.img sock=$T/resize.sock gpid i rc out
+  "$BIN" create --size 64M "$img" > /dev/null || return 1
+  start_daemon resize "$img" --control "$T/resize.ctl" || return 1
+  rm -f "$T/xfer/resize-go"
+  echo "  guest: ext4 on a 64M disk; the host grows it to 192M online; resize2fs in the guest"
+  "$RUN_GUEST" --timeout 240 --queues 2 --xfer "$T/xfer" --log "$T/resize.serial" \
+    --disk "$sock" --script "$T/resize.sh" > "$T/resize.out" 2>&1 &
+  gpid=$!
+  BGPIDS+=("$gpid")
+  for i in $(seq 1800); do
+    grep -q '^RESIZE-READY' "$T/resize.out" && break
+    kill -0 "$gpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q '^RESIZE-READY' "$T/resize.out" || { echo "  the guest never got ready"; sed 's/^/    | /' "$T/resize.out" | tail; kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1; }
+  out=$("$BIN" ctl "$T/resize.ctl" resize +128M 2>&1) || { echo "  ctl resize failed: $out"; kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1; }
+  echo "  host: $out"
+  touch "$T/xfer/resize-go"
+  wait "$gpid"; rc=$?
+  sed 's/^/    | /' "$T/resize.out"
+  [ $rc -eq 0 ] || { echo "  guest exited $rc"; stop_daemon; return 1; }
+  grep -q "^SIZE0 131072" "$T/resize.out" || { echo "  the guest did not start at 64M"; stop_daemon; return 1; }
+  grep -q "^SIZE1 393216" "$T/resize.out" || { echo "  the guest did not see 192M"; stop_daemon; return 1; }
+  grep -q "files verified after the resize" "$T/resize.out" || { stop_daemon; return 1; }
+  grep -q "e2fsck -fn /dev/vda: clean" "$T/resize.out" || { stop_daemon; return 1; }
+  stop_daemon || return 1
+  host_checks "$img"
 }
 
 resubmitted() {  # NAME: requests the daemon resubmitted from the inflight region, over its restarts
@@ -616,7 +679,7 @@ test_xfstests() {
   [ "$passed" -gt 0 ] || { echo "  no test passed"; return 1; }
 }
 
-TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw killed killed-held killed-control xfstests}
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw resize killed killed-held killed-control xfstests}
 for t in $TESTS; do
   run_test "$t" "test_$t"
 done

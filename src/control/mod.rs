@@ -1,7 +1,8 @@
 //! The control socket (`serve --control PATH`): a running daemon answers questions and takes
 //! orders from `extblk ctl`, one JSON object per line each way.
 //!
-//! Requests are `{"command":"info"}`, `stats`, `flush`, `quiesce` and `resume`; replies are
+//! Requests are `{"command":"info"}`, `stats`, `flush`, `quiesce`, `resume` and
+//! `{"command":"resize","size":"20G"}`; replies are
 //! `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`. One request gets one reply, in
 //! order; a client may send many on one connection (`ctl stats --watch` does). The wire format is
 //! described in docs/operations.md; this module holds its types, [`server`] the daemon's side
@@ -34,6 +35,8 @@ pub enum Request {
     Quiesce,
     /// Take requests again after `quiesce`.
     Resume,
+    /// Grow the disk while served: `size` is `20G`, or `+10G` more.
+    Resize { size: String },
 }
 
 /// A reply line.

@@ -298,6 +298,19 @@ impl<E: BlockEngine> Server<E> {
                 }
                 Err(e) => Reply::error(format!("quiesce failed: {e}")),
             },
+            Request::Resize { size } => {
+                let new = crate::resize::NewSize::parse(&size)
+                    .map_err(|e| format!("size {size:?}: {e}"))
+                    .and_then(|n| {
+                        n.resolve(d.capacity().0)
+                            .ok_or_else(|| format!("size {size:?}: not a positive size"))
+                    });
+                match new.map(|n| d.resize(n, QUIESCE_TIMEOUT)) {
+                    Err(e) => Reply::error(format!("resize: {e}")),
+                    Ok(Err(e)) => Reply::error(format!("resize failed: {e}")),
+                    Ok(Ok(r)) => to_reply(&r),
+                }
+            }
             Request::Resume => {
                 let was = d.is_paused();
                 d.resume();

@@ -35,7 +35,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::engine::{BlockEngine, EngineError, EngineInfo, EngineOp, EngineQueue};
-use crate::units::SECTOR_SIZE;
+use crate::units::{Bytes, SECTOR_SIZE};
 use completion::{
     publish_used, BatchScope, Counters, GuestMem, GuestMemAtomic, QueueShared, VirtioCompletion,
     Vring,
@@ -78,6 +78,28 @@ pub enum QuiesceError {
     Flush(EngineError),
 }
 
+/// Why an online resize did not happen (the disk keeps its size and the device runs on).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceResizeError {
+    #[error("{0} bytes is not a multiple of the logical block size ({1})")]
+    Unaligned(u64, u32),
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+}
+
+/// What an online resize did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Resized {
+    pub plan: crate::image::resize::ResizePlan,
+    /// The capacity the device advertises now, in bytes.
+    pub capacity: u64,
+    /// The frontend was told (CONFIG_CHANGE_MSG on the backend channel); otherwise it sees the
+    /// new size at its next connection or when it reads the config space again.
+    pub frontend_notified: bool,
+}
+
 /// Device settings from the command line.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {
@@ -92,7 +114,12 @@ struct Inner<E: BlockEngine> {
     engine: E,
     info: EngineInfo,
     opts: DeviceOptions,
+    /// As advertised, but for the capacity, which `resize` changes: see `capacity`.
     limits: Limits,
+    /// The disk's size in bytes (config space, and the range requests are checked against).
+    capacity: AtomicU64,
+    /// The current connection's backend channel (SET_BACKEND_REQ_FD, through the relay).
+    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
     writeback: AtomicBool,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
@@ -162,6 +189,8 @@ impl<E: BlockEngine> BlockDevice<E> {
                 engine,
                 info,
                 opts,
+                backend_channel: Mutex::new(None),
+                capacity: AtomicU64::new(limits.capacity.0),
                 limits,
                 writeback: AtomicBool::new(true),
                 event_idx: AtomicBool::new(false),
@@ -197,7 +226,7 @@ impl<E: BlockEngine> BlockDevice<E> {
         let lbs = i.opts.logical_block_size;
         let pbs = i.info.physical_block_size.max(lbs);
         BlkConfig {
-            capacity_sectors: i.info.capacity.to_sectors().0,
+            capacity_sectors: self.capacity().to_sectors().0,
             size_max: i.limits.size_max,
             seg_max: i.limits.seg_max,
             blk_size: lbs,
@@ -266,6 +295,72 @@ impl<E: BlockEngine> BlockDevice<E> {
             let mut k = k;
             if let Err(e) = std::io::Write::write_all(&mut k, &1u64.to_ne_bytes()) {
                 log::warn!("resume: cannot kick a queue: {e}");
+            }
+        }
+    }
+
+    /// The disk's size now.
+    pub fn capacity(&self) -> Bytes {
+        Bytes(self.inner.capacity.load(Ordering::Acquire))
+    }
+
+    /// The limits requests are held to, with the capacity as it is now.
+    fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.capacity(),
+            ..self.inner.limits.clone()
+        }
+    }
+
+    /// Grows the disk to `new_size` bytes while it is served: quiesces (the guest's requests
+    /// wait on the rings, at most `timeout` for those in flight), has the engine grow the
+    /// image, advertises the new capacity, resumes (unless the device was quiesced already)
+    /// and tells the frontend with CONFIG_CHANGE_MSG where it gave a backend channel.
+    pub fn resize(&self, new_size: u64, timeout: Duration) -> Result<Resized, DeviceResizeError> {
+        let lbs = self.inner.opts.logical_block_size;
+        if new_size == 0 || new_size % u64::from(lbs) != 0 {
+            return Err(DeviceResizeError::Unaligned(new_size, lbs));
+        }
+        let was_paused = self.is_paused();
+        self.quiesce(timeout)?;
+        let r = self.inner.engine.resize(new_size);
+        if r.is_ok() {
+            let cap = self.inner.engine.info().capacity;
+            self.inner.capacity.store(cap.0, Ordering::Release);
+        }
+        if !was_paused {
+            self.resume();
+        }
+        let plan = r?;
+        let frontend_notified = self.notify_config_change();
+        Ok(Resized {
+            plan,
+            capacity: self.capacity().0,
+            frontend_notified,
+        })
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend channel: a bare header
+    /// (request 2, version 1, no payload, no reply asked). Returns whether it was sent.
+    fn notify_config_change(&self) -> bool {
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const VERSION: u32 = 0x1;
+        let mut hdr = [0u8; 12];
+        hdr[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+        hdr[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        let ch = lock(&self.inner.backend_channel);
+        let Some(mut sock) = ch.as_ref() else {
+            log::info!("resize: the frontend has no backend channel; it sees the new size when it reads the config again");
+            return false;
+        };
+        match std::io::Write::write_all(&mut sock, &hdr) {
+            Ok(()) => {
+                log::info!("resize: told the frontend (CONFIG_CHANGE_MSG)");
+                true
+            }
+            Err(e) => {
+                log::warn!("resize: cannot tell the frontend: {e}");
+                false
             }
         }
     }
@@ -451,7 +546,7 @@ impl<E: BlockEngine> BlockDevice<E> {
                 chain
             };
             let Some(chain) = chain else { break };
-            let parsed = request::parse(chain, mem, &self.inner.limits);
+            let parsed = request::parse(chain, mem, &self.limits());
             self.dispatch(q, vring, mem, parsed, region.clone());
         }
         // One io_uring_enter for the whole batch.
@@ -533,7 +628,7 @@ impl<E: BlockEngine> BlockDevice<E> {
         for head in heads {
             let parsed = match chain::walk(&**mem, vm_memory::GuestAddress(desc_table), size, head)
             {
-                Some(descs) => request::parse_descs(head, descs, mem, &self.inner.limits),
+                Some(descs) => request::parse_descs(head, descs, mem, &self.limits()),
                 None => Parsed {
                     head,
                     status: None,
@@ -689,7 +784,9 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             // GET/SET_INFLIGHT_FD never reach vhost-user-backend (which refuses them): the
             // relay in front of it answers them (`relay.rs`).
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The backend channel: CONFIG_CHANGE_MSG after an online resize (`resize`).
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         #[cfg(feature = "testing")]
         if crate::testing::no_inflight() {
             // The guest test's control run: a frontend that reconnects without the region.
@@ -786,7 +883,7 @@ impl<E: BlockEngine> VhostUserBackend for BlockDevice<E> {
     }
 }
 
-impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
+impl<E: BlockEngine> relay::RelayHandler for BlockDevice<E> {
     fn get_inflight_fd(
         &self,
         num_queues: u16,
@@ -820,5 +917,13 @@ impl<E: BlockEngine> relay::InflightHandler for BlockDevice<E> {
         if let Some(slot) = lock(&self.inner.kicks).get_mut(queue) {
             *slot = Some(kick);
         }
+    }
+
+    fn backend_channel(&self, channel: std::os::unix::net::UnixStream) {
+        // A frontend that stops reading must not hold `resize` (and the control thread).
+        if let Err(e) = channel.set_write_timeout(Some(Duration::from_secs(5))) {
+            log::warn!("backend channel: cannot set a write timeout: {e}");
+        }
+        *lock(&self.inner.backend_channel) = Some(channel);
     }
 }

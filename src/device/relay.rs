@@ -6,11 +6,14 @@
 //! socket on one side, a private socket to the crate's `VhostUserDaemon` on the other. Every
 //! message is passed through unchanged, file descriptors included, except:
 //!
-//! - GET_INFLIGHT_FD / SET_INFLIGHT_FD, answered here through [`InflightHandler`] (the device
+//! - GET_INFLIGHT_FD / SET_INFLIGHT_FD, answered here through [`RelayHandler`] (the device
 //!   keeps the region; `inflight.rs`);
 //! - SET_VRING_KICK, passed on and then followed by one kick of our own on that eventfd: a
 //!   restarted daemon must look at its ring even if the guest, told by a stale
 //!   `avail_event` (EVENT_IDX) written by the previous process, sends no kick.
+//! - SET_BACKEND_REQ_FD, passed on, with a copy of the backend channel kept by the device: the
+//!   crate's `Backend` cannot send CONFIG_CHANGE_MSG (its handler answers ENOSYS), and a
+//!   grown disk must tell the frontend (`BlockDevice::resize`).
 //!
 //! The relay reads one whole message at a time (a 12-byte header, at most `MAX_PAYLOAD` bytes
 //! of payload, at most `MAX_FDS` descriptors): anything larger or malformed ends the
@@ -37,6 +40,7 @@ const HEADER: usize = 12;
 const STALLED_MESSAGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 const SET_VRING_KICK: u32 = 12;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 
@@ -54,7 +58,7 @@ const INFLIGHT_PAYLOAD: usize = 24;
 const INFLIGHT_MIN: usize = 20;
 
 /// What the relay asks the device for.
-pub trait InflightHandler: Send + Sync {
+pub trait RelayHandler: Send + Sync {
     /// A new region for `num_queues` queues of `queue_size` descriptors (GET_INFLIGHT_FD).
     fn get_inflight_fd(
         &self,
@@ -66,6 +70,9 @@ pub trait InflightHandler: Send + Sync {
     /// Queue `queue`'s kick eventfd on this connection (SET_VRING_KICK), kept so that the
     /// device can look at the ring again on its own (after a quiesce).
     fn vring_kick(&self, queue: usize, kick: File);
+    /// The backend channel's socket on this connection (SET_BACKEND_REQ_FD): the frontend
+    /// negotiated BACKEND_REQ and listens there for CONFIG_CHANGE_MSG.
+    fn backend_channel(&self, channel: UnixStream);
 }
 
 #[derive(Debug, Error)]
@@ -194,7 +201,7 @@ enum Action {
     ForwardAndKick(Msg, File),
 }
 
-fn from_frontend(m: Msg, handler: &dyn InflightHandler) -> Result<Action, RelayError> {
+fn from_frontend(m: Msg, handler: &dyn RelayHandler) -> Result<Action, RelayError> {
     match m.request {
         GET_INFLIGHT_FD => {
             let (_, _, num_queues, queue_size) = inflight_fields(&m)?;
@@ -255,13 +262,20 @@ fn from_frontend(m: Msg, handler: &dyn InflightHandler) -> Result<Action, RelayE
                 _ => Ok(Action::Forward(m)),
             }
         }
+        SET_BACKEND_REQ_FD => {
+            if let [f] = &m.fds[..] {
+                handler
+                    .backend_channel(UnixStream::from(std::os::fd::OwnedFd::from(f.try_clone()?)));
+            }
+            Ok(Action::Forward(m))
+        }
         _ => Ok(Action::Forward(m)),
     }
 }
 
 /// Relays one connection until either side closes. `frontend` is the accepted frontend
 /// socket, `backend` a connected socket whose peer `VhostUserDaemon` serves.
-pub fn run(frontend: UnixStream, backend: UnixStream, handler: &dyn InflightHandler) {
+pub fn run(frontend: UnixStream, backend: UnixStream, handler: &dyn RelayHandler) {
     // A read only starts once poll says a message is there; a peer that sends part of one and
     // stalls ends the connection instead of holding the relay (and a shutdown) for ever.
     for s in [&frontend, &backend] {
@@ -282,7 +296,7 @@ pub fn run(frontend: UnixStream, backend: UnixStream, handler: &dyn InflightHand
 fn relay(
     frontend: &UnixStream,
     backend: &UnixStream,
-    handler: &dyn InflightHandler,
+    handler: &dyn RelayHandler,
 ) -> Result<(), RelayError> {
     loop {
         let [from_front, from_back] =
@@ -377,7 +391,7 @@ mod tests {
         kicks: Mutex<Vec<usize>>,
     }
 
-    impl InflightHandler for Device {
+    impl RelayHandler for Device {
         fn get_inflight_fd(&self, nq: u16, qs: u16) -> Result<InflightRegion, InflightError> {
             InflightRegion::create(nq, qs)
         }
@@ -391,6 +405,7 @@ mod tests {
         fn vring_kick(&self, queue: usize, _kick: File) {
             self.kicks.lock().unwrap().push(queue);
         }
+        fn backend_channel(&self, _channel: UnixStream) {}
     }
 
     fn msg(request: u32, flags: u32, payload: Vec<u8>, fds: Vec<File>) -> Msg {

@@ -691,7 +691,7 @@ fn a_request_completing_after_its_ring_was_restarted_is_not_published() {
 #[test]
 fn a_ring_larger_than_its_inflight_region_is_refused_until_reset() {
     use super::inflight::InflightRegion;
-    use super::relay::InflightHandler;
+    use super::relay::RelayHandler;
     let mut r = Rig::new("region-small", false);
     let m = r.atomic.memory();
     // A region for 16 descriptors, a ring of QSIZE (64): heads 16.. could not be marked.

@@ -39,6 +39,8 @@ pub enum EngineError {
     Image(#[source] crate::image::ImageError),
     #[error(transparent)]
     Stopped(#[from] Stopped),
+    #[error(transparent)]
+    Resize(#[from] crate::image::resize::ResizeError),
 }
 
 /// Why an engine can no longer serve requests that change the disk, or answer a waiter.
@@ -195,6 +197,16 @@ pub trait BlockEngine: Send + Sync + 'static {
     /// Flushes and releases the backing cleanly (an image is marked clean).
     fn close(&self) -> Result<(), EngineError> {
         self.flush()
+    }
+
+    /// Grows the disk to `new_size` bytes while it is served (`ctl resize`). The device calls
+    /// it quiesced — nothing in flight, everything completed durable — and then advertises
+    /// [`BlockEngine::info`]'s new capacity.
+    fn resize(&self, new_size: u64) -> Result<crate::image::resize::ResizePlan, EngineError> {
+        let _ = new_size;
+        Err(EngineError::Unsupported(
+            "resize (only an extblk image grows while served)",
+        ))
     }
 
     /// The engine's counters: formatted for the logs (SIGUSR1, exit), serialised for tools.

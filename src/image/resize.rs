@@ -50,6 +50,8 @@ pub enum ResizeError {
     ShrinkNotAllowed { old: u64, new: u64 },
     #[error("cannot shrink to {new} bytes: the disk holds data at byte {at} (discard it first)")]
     DataInCutRange { new: u64, at: u64 },
+    #[error("a served disk only grows ({old} -> {new} bytes): stop the daemon and run `extblk resize --shrink`")]
+    OnlineShrink { old: u64, new: u64 },
     #[error("cannot grow this image: {0}")]
     Unsupported(String),
     #[error(transparent)]

@@ -329,7 +329,7 @@ pub fn ch_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
-fn check<T>(r: vhost::Result<T>, what: &str) -> T {
+pub fn check<T>(r: vhost::Result<T>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("{what} failed: {e}"))
 }
 

@@ -41,6 +41,11 @@ pub(super) enum Waiter {
     Sync(Sender<Result<(), Stopped>>),
     /// Nothing waits; the log is filling up, or writes are parked until the next commit.
     Nudge,
+    /// `resize()`: grow the disk after this commit (the device is quiesced).
+    Resize {
+        size: u64,
+        reply: Sender<Result<crate::image::resize::ResizePlan, EngineError>>,
+    },
 }
 
 /// Work waiting in `Locked::parked` for a commit.
@@ -67,6 +72,9 @@ pub(super) fn answer(w: Waiter, r: Result<(), Stopped>) {
             let _ = reply.send(r);
         }
         Waiter::Nudge => {}
+        Waiter::Resize { reply, .. } => {
+            let _ = reply.send(Err(r.err().unwrap_or(Stopped::Closed).into()));
+        }
     }
 }
 
@@ -98,7 +106,7 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
         }
         let durable = waiters
             .iter()
-            .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_)));
+            .any(|w| matches!(w, Waiter::Done(_) | Waiter::Sync(_) | Waiter::Resize { .. }));
         let r = s.commit(durable);
         last_commit = Instant::now();
         again = matches!(r, Ok(true));
@@ -109,13 +117,53 @@ pub(super) fn run(s: Arc<Shared>, rx: Receiver<Waiter>, interval: Duration) {
                 _ => None,
             });
             for w in waiters {
-                answer(w, r.clone());
+                match (w, &r) {
+                    (Waiter::Resize { size, reply }, Ok(())) => {
+                        let _ = reply.send(s.resize(size));
+                    }
+                    (w, r) => answer(w, r.clone()),
+                }
             }
         }
     }
 }
 
 impl Shared {
+    /// Grows the image on the committer thread, right after a commit: the device is quiesced,
+    /// so nothing is in flight and nothing waits, and no other commit can run meanwhile.
+    fn resize(&self, size: u64) -> Result<crate::image::resize::ResizePlan, EngineError> {
+        use crate::image::resize::ResizeError;
+        self.writable()?;
+        let mut st = lock(&self.state);
+        let old = st.image.disk_size();
+        if size < old {
+            return Err(ResizeError::OnlineShrink { old, new: size }.into());
+        }
+        if !st.parked.is_empty() || !st.restart_pending.is_empty() {
+            return Err(ResizeError::Unsupported(
+                "requests are still waiting for a commit (quiesce first)".into(),
+            )
+            .into());
+        }
+        let r = st.image.resize(size, false);
+        if st.image.is_aborted() {
+            self.aborted.store(true, Ordering::Release);
+        }
+        let plan = r?;
+        let bytes = plan.new_size - plan.new_size % crate::units::SECTOR_SIZE;
+        self.capacity.store(bytes, Ordering::Release);
+        // The image was reopened: no queue's cached mapping may outlive it.
+        self.unmap_seq.fetch_add(1, Ordering::AcqRel);
+        log::info!(
+            "resized: disk {} -> {} bytes, filesystem {} -> {} groups",
+            plan.old_size,
+            plan.new_size,
+            plan.old_groups,
+            plan.new_groups
+        );
+        Ok(plan)
+    }
+
     pub(super) fn to_committer(&self, w: Waiter) {
         let tx = lock(&self.committer).clone();
         match tx {

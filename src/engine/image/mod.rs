@@ -174,7 +174,10 @@ struct Shared {
     /// ext4 makes an O_DSYNC write commit the inode's transaction (`i_datasync_tid`).
     meta_seq: AtomicU64,
     durable_seq: AtomicU64,
+    /// `info` as opened, but for the capacity, which a resize changes: see `capacity`.
     info: EngineInfo,
+    /// The disk's size in bytes, rounded down to sectors (`resize` grows it).
+    capacity: AtomicU64,
     aborted: AtomicBool,
     stats: EngineStats,
     worker: Mutex<Option<Sender<Work>>>,
@@ -258,6 +261,7 @@ impl ImageEngine {
                 restart_pending: Vec::new(),
             }),
             io,
+            capacity: AtomicU64::new(disk_bytes),
             fence: Arc::new(IoFence::default()),
             unmap_seq: AtomicU64::new(0),
             meta_seq: AtomicU64::new(0),
@@ -345,7 +349,21 @@ impl BlockEngine for ImageEngine {
     type Queue<C: Completion> = ImageQueue<C>;
 
     fn info(&self) -> EngineInfo {
-        self.shared.info.clone()
+        EngineInfo {
+            capacity: Bytes(self.shared.capacity.load(Ordering::Acquire)),
+            ..self.shared.info.clone()
+        }
+    }
+
+    fn resize(&self, new_size: u64) -> Result<crate::image::resize::ResizePlan, EngineError> {
+        self.shared.writable()?;
+        // The committer does it, between two of its commits: only it commits (commit.rs).
+        let (tx, rx) = mpsc::channel();
+        self.shared.to_committer(Waiter::Resize {
+            size: new_size,
+            reply: tx,
+        });
+        rx.recv().map_err(|_| Stopped::CommitterGone)?
     }
 
     fn open_queue<C: Completion>(&self, _index: usize) -> Result<ImageQueue<C>, EngineError> {
