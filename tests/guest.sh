@@ -368,8 +368,10 @@ while [ "$(cat /sys/block/vda/size)" = "$s0" ]; do
 done
 s1=$(cat /sys/block/vda/size)
 echo "SIZE1 $s1"
-resize2fs /dev/vda 2>&1 | tail -1
-df -k /mnt | tail -1
+resize2fs /dev/vda 2>&1 | grep -i 'is now'
+total=$(df -k /mnt | tail -1 | $B awk '{print $2}')
+[ "$total" -gt 150000 ] || { echo "ext4 did not grow: $total KiB"; exit 1; }
+echo "ext4 grown online to $total KiB"
 for k in 1 2 3 4 5 6; do $B dd if=/xfer/pool of=/mnt/after$k bs=1M conv=fsync 2>/dev/null; done
 sync
 echo 3 > /proc/sys/vm/drop_caches
