@@ -1012,12 +1012,7 @@ fn image_a_data_write_error_aborts_the_journal_and_is_recorded() {
     let (_, log) = d.stop();
     assert!(log.contains("aborting the journal"), "{log}");
     // The error is in the image: info and check show it; e2fsck replays and clears it.
-    let out = extblk()
-        .args(["info", "--output", "json"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = image_info(&img);
     assert_eq!(v["state"], "error");
     assert_eq!(
         extblk()
@@ -2388,6 +2383,16 @@ fn image_check_repair_applies_a_pending_restart_log() {
 }
 
 /// `extblk ctl SOCKET ARGS...`: its exit status and stdout.
+/// `extblk info --output json IMAGE`.
+fn image_info(img: &Path) -> serde_json::Value {
+    let out = extblk()
+        .args(["info", "--output", "json"])
+        .arg(img)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
     let out = extblk().arg("ctl").arg(socket).args(args).output().unwrap();
     (
@@ -2613,11 +2618,6 @@ fn ctl_resize_grows_a_served_disk_and_refuses_to_shrink_it() {
     assert!(status.success(), "{log}");
     assert!(log.contains("resized: disk"), "{log}");
     image_clean(&img);
-    let out = extblk()
-        .args(["info", "--output", "json"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = image_info(&img);
     assert_eq!(v["virtual_size"], 64u64 << 20, "{v}");
 }

@@ -136,6 +136,15 @@ guest() {  # NAME SOCK SCRIPT [ARGS...]: run a guest script, output to $T/NAME.o
   [ $rc -eq 0 ] || echo "  guest $name exited $rc"
   return $rc
 }
+wait_marker() {  # FILE MARKER PID: until a line of FILE starts with MARKER (3 min), or PID ends
+  local i
+  for i in $(seq 1800); do
+    grep -q "^$2" "$1" && return 0
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q "^$2" "$1"
+}
 allocated() { "$BIN" info --output json "$1" | sed -n 's/.*"allocated_bytes": *\([0-9]*\).*/\1/p'; }
 host_checks() {  # IMAGE: extblk check and e2fsck -fn of the image, both must be clean
   local out
@@ -481,12 +490,7 @@ test_raw() {
     --disk "$sock" --script "$T/raw.sh" > "$T/raw.out" 2>&1 &
   gpid=$!
   BGPIDS+=("$gpid")
-  for i in $(seq 1800); do
-    grep -q '^RAW-WRITTEN' "$T/raw.out" && break
-    kill -0 "$gpid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if ! grep -q '^RAW-WRITTEN' "$T/raw.out"; then
+  if ! wait_marker "$T/raw.out" RAW-WRITTEN "$gpid"; then
     echo "  the guest never reported RAW-WRITTEN"; sed 's/^/    | /' "$T/raw.out" | tail -20
     kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1
   fi
@@ -515,12 +519,7 @@ test_resize() {
     --disk "$sock" --script "$T/resize.sh" > "$T/resize.out" 2>&1 &
   gpid=$!
   BGPIDS+=("$gpid")
-  for i in $(seq 1800); do
-    grep -q '^RESIZE-READY' "$T/resize.out" && break
-    kill -0 "$gpid" 2>/dev/null || break
-    sleep 0.1
-  done
-  grep -q '^RESIZE-READY' "$T/resize.out" || { echo "  the guest never got ready"; sed 's/^/    | /' "$T/resize.out" | tail; kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1; }
+  wait_marker "$T/resize.out" RESIZE-READY "$gpid" || { echo "  the guest never got ready"; sed 's/^/    | /' "$T/resize.out" | tail; kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1; }
   out=$("$BIN" ctl "$T/resize.ctl" resize +128M 2>&1) || { echo "  ctl resize failed: $out"; kill -TERM "$gpid"; wait "$gpid"; stop_daemon; return 1; }
   echo "  host: $out"
   touch "$T/xfer/resize-go"

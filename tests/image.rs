@@ -1148,6 +1148,17 @@ mod space_rule {
     }
 }
 
+/// `extblk check IMAGE` exits 0.
+fn extblk_check_clean(img: &Path) {
+    let out = extblk().arg("check").arg(img).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Runs an extblk tool that must succeed and print JSON on stdout.
 fn tool_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
     let out = extblk().args(args).output().unwrap();
@@ -1539,13 +1550,7 @@ fn resize_grows_the_filesystem_keeps_the_data_and_shrinks_only_over_holes() {
             "Warning: Image size mismatch!\nImages are identical.\n".into()
         )
     );
-    let out = extblk().arg("check").arg(&img).output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    extblk_check_clean(&img);
 
     // The grown disk takes writes everywhere: a raw disk of the new size converted in, data at
     // its end included, round-trips.
