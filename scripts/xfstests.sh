@@ -265,9 +265,13 @@ export SCRATCH_MNT=/mnt/scratch
 export RESULT_BASE=/xfer/results
 export LOGGER_PROG=true
 # No udev runs in the guest: libdevmapper (dmsetup, for the dm-flakey and dm-log-writes tests)
-# must make the device nodes itself rather than wait for udev to. (generic/322 still stops
-# after its mkfs in this guest, with or without it: under investigation, see docs/guests.md.)
+# must make the device nodes itself rather than wait for udev to, and xfstests must not wait for
+# udev either: with the host's udevadm in the overlay it picks "udevadm wait /dev/mapper/NAME",
+# which waits for ever for a udev database entry no udevd will write (generic/322 stopped right
+# after its mkfs, in _dmsetup_create). xfstests' own fallback for a system without udev:
 export DM_DISABLE_UDEV=1
+export UDEV_SETTLE_PROG="sleep 1"
+unset UDEV_WAIT_PROG
 ${MKFS_OPTIONS:+export MKFS_OPTIONS="$MKFS_OPTIONS"}
 ${MOUNT_OPTIONS:+export MOUNT_OPTIONS="$MOUNT_OPTIONS"}
 EOF
