@@ -56,6 +56,7 @@ pub mod notify;
 pub mod repair;
 pub mod restart_log;
 pub mod rng;
+pub mod sandbox;
 pub mod serve;
 #[cfg(feature = "testing")]
 pub mod testing;
