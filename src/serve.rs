@@ -323,7 +323,8 @@ fn restrict_files(opts: &ServeOptions, private: &PrivateSocket) -> Result<(), Se
     let access = FileAccess {
         image: opts.image.clone(),
         read_only: opts.read_only,
-        restart_log_dir: if opts.raw {
+        // A raw disk has no restart log, and a read-only image writes none.
+        restart_log_dir: if opts.raw || opts.read_only {
             None
         } else {
             opts.restart_log.dir().map(|(d, _)| d)
