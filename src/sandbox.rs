@@ -60,6 +60,8 @@ pub enum Mode {
     None,
 }
 
+// The inner errors are part of the message, not a `source` (hence the hand-written `From`s):
+// the CLI prints the chain, and would print them twice.
 #[derive(Debug, Error)]
 pub enum SandboxError {
     #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
@@ -69,13 +71,37 @@ pub enum SandboxError {
     #[error("cannot create the restart log's directory {0}: {1}")]
     RestartLogDir(PathBuf, io::Error),
     #[error("landlock: {0}")]
-    Landlock(#[from] landlock::RulesetError),
+    Landlock(landlock::RulesetError),
     #[error("landlock: {0}")]
-    LandlockPath(#[from] landlock::PathFdError),
+    LandlockPath(landlock::PathFdError),
     #[error("seccomp: cannot build the filter: {0}")]
-    SeccompBuild(#[from] seccompiler::BackendError),
+    SeccompBuild(seccompiler::BackendError),
     #[error("seccomp: cannot install the filter: {0}")]
-    SeccompApply(#[from] seccompiler::Error),
+    SeccompApply(seccompiler::Error),
+}
+
+impl From<landlock::RulesetError> for SandboxError {
+    fn from(e: landlock::RulesetError) -> Self {
+        SandboxError::Landlock(e)
+    }
+}
+
+impl From<landlock::PathFdError> for SandboxError {
+    fn from(e: landlock::PathFdError) -> Self {
+        SandboxError::LandlockPath(e)
+    }
+}
+
+impl From<seccompiler::BackendError> for SandboxError {
+    fn from(e: seccompiler::BackendError) -> Self {
+        SandboxError::SeccompBuild(e)
+    }
+}
+
+impl From<seccompiler::Error> for SandboxError {
+    fn from(e: seccompiler::Error) -> Self {
+        SandboxError::SeccompApply(e)
+    }
 }
 
 /// What the running daemon may reach on the filesystem (step 1).
@@ -84,7 +110,7 @@ pub struct FileAccess {
     /// The image: read, and written unless read-only.
     pub image: PathBuf,
     pub read_only: bool,
-    /// The restart log's directory (created if missing, as the log would create it): its files
+    /// The restart log's directory (created if missing: pass only one the log may create): its files
     /// are created, written, truncated, renamed over each other and removed.
     pub restart_log_dir: Option<PathBuf>,
     /// Directories of the listening sockets: each socket is bound under a temporary name,

@@ -97,8 +97,15 @@ pub enum ServeError {
     Signals(io::Error),
     #[error("control socket: {0}")]
     Control(io::Error),
+    // Not a `source`, as above.
     #[error("sandbox: {0}")]
-    Sandbox(#[from] SandboxError),
+    Sandbox(SandboxError),
+}
+
+impl From<SandboxError> for ServeError {
+    fn from(e: SandboxError) -> Self {
+        ServeError::Sandbox(e)
+    }
 }
 
 /// Why a file is not an image, in the words a user who passed the wrong file needs.
@@ -323,11 +330,15 @@ fn restrict_files(opts: &ServeOptions, private: &PrivateSocket) -> Result<(), Se
     let access = FileAccess {
         image: opts.image.clone(),
         read_only: opts.read_only,
-        // A raw disk has no restart log, and a read-only image writes none.
+        // A raw disk has no restart log, and a read-only image writes none. A `--restart-log
+        // FILE` whose directory is missing is not created (the engine reports it as before).
         restart_log_dir: if opts.raw || opts.read_only {
             None
         } else {
-            opts.restart_log.dir().map(|(d, _)| d)
+            opts.restart_log
+                .dir()
+                .filter(|(d, may_create)| *may_create || d.is_dir())
+                .map(|(d, _)| d)
         },
         socket_dirs,
         relay_dir: Some(private.dir().to_path_buf()),
