@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=target/release/extblk
 fail() { echo "check-release: $*" >&2; exit 1; }
-for s in EXTBLK_RECORD EXTBLK_FAULT EXTBLK_REAPPLY_EXIT_AFTER; do
+# test-open and test-socket: the control requests that probe the sandbox from inside.
+for s in EXTBLK_RECORD EXTBLK_FAULT EXTBLK_REAPPLY_EXIT_AFTER test-open test-socket; do
   n=$(strings "$bin" | grep -c "$s" || true)
   [ "$n" -eq 0 ] || fail "$bin contains $s ($n times): the testing feature is in the release build"
 done

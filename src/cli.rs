@@ -432,6 +432,24 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ID", value_parser = parse_serial)]
     pub serial: Option<String>,
 
+    /// Confinement of the running daemon.
+    ///
+    /// `enforce` (the default): once the image is open and the sockets listen, the daemon keeps
+    /// no capability, cannot gain privileges (no_new_privs), reaches through the filesystem
+    /// only its image, its restart log's directory and its sockets' directories (Landlock,
+    /// where the kernel has it; a warning otherwise), and may make only the system calls it
+    /// needs (seccomp, on every thread): any other fails with EPERM, which the daemon reports
+    /// as the error of the operation that needed it rather than dying with the guest's disk.
+    ///
+    /// `log`: the same, except that a system call outside the list is allowed and logged by the
+    /// kernel (an audit record `type=1326 ... pid=PID ... syscall=NR` in `dmesg`): run a
+    /// workload under it to find a call the list lacks.
+    ///
+    /// `none`: no confinement at all. The io_uring rings are restricted to reads and writes
+    /// whatever this says. See docs/operations.md, "Confinement".
+    #[arg(long, value_enum, default_value_t = SandboxArg::Enforce, value_name = "MODE")]
+    pub sandbox: SandboxArg,
+
     /// Benchmark only (the seed's experiment): serve reads and overwrites the `fast` way, or
     /// complete them through the completion worker, or look every mapping up under the lock.
     /// Only in builds with the `testing` feature: a shipped daemon always serves the fast way.
@@ -444,6 +462,28 @@ pub struct ServeArgs {
 }
 
 use crate::engine::image::{HotPath, RestartLogAt};
+
+/// `serve --sandbox`, mapped onto [`crate::sandbox::Mode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxArg {
+    /// Landlock, no capabilities, seccomp denying every other call with EPERM.
+    Enforce,
+    /// As enforce, but seccomp logs other calls and lets them through.
+    Log,
+    /// Unconfined.
+    #[value(name = "none")]
+    Off,
+}
+
+impl From<SandboxArg> for crate::sandbox::Mode {
+    fn from(a: SandboxArg) -> crate::sandbox::Mode {
+        match a {
+            SandboxArg::Enforce => crate::sandbox::Mode::Enforce,
+            SandboxArg::Log => crate::sandbox::Mode::Log,
+            SandboxArg::Off => crate::sandbox::Mode::None,
+        }
+    }
+}
 
 /// `--hot-path` as clap parses it, mapped onto the engine's [`HotPath`] (the engine knows
 /// nothing of the command line).
@@ -576,6 +616,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 queue_size: a.queue_size,
                 logical_block_size: a.logical_block_size,
                 serial: a.serial,
+                sandbox: a.sandbox.into(),
             })?;
             Ok(0)
         }

@@ -57,6 +57,7 @@ pub mod repair;
 pub mod resize;
 pub mod restart_log;
 pub mod rng;
+pub mod sandbox;
 pub mod serve;
 #[cfg(feature = "testing")]
 pub mod testing;

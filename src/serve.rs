@@ -24,6 +24,7 @@ use crate::engine::{BlockEngine, EngineError};
 use crate::ext4::FormatError;
 use crate::image::ImageError;
 use crate::io::backing::{Backing, OpenError};
+use crate::sandbox::{self, FileAccess, FilesOutcome, Mode, SandboxError};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,6 +57,8 @@ pub struct ServeOptions {
     pub queue_size: u16,
     pub logical_block_size: u32,
     pub serial: Option<String>,
+    /// Confinement (`--sandbox`).
+    pub sandbox: Mode,
 }
 
 #[derive(Debug, Error)]
@@ -94,6 +97,15 @@ pub enum ServeError {
     Signals(io::Error),
     #[error("control socket: {0}")]
     Control(io::Error),
+    // Not a `source`, as above.
+    #[error("sandbox: {0}")]
+    Sandbox(SandboxError),
+}
+
+impl From<SandboxError> for ServeError {
+    fn from(e: SandboxError) -> Self {
+        ServeError::Sandbox(e)
+    }
 }
 
 /// Why a file is not an image, in the words a user who passed the wrong file needs.
@@ -146,10 +158,7 @@ pub fn default_restart_log() -> RestartLogAt {
 
 /// Checks the socket path and binds it with mode 0600.
 fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = sandbox::socket_dir(path);
     if !dir.is_dir() {
         return Err(ServeError::SocketDir(dir));
     }
@@ -254,13 +263,21 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     } else {
         None
     };
+    // Frontends talk to the relay (device::relay), which answers what vhost-user-backend
+    // cannot (inflight tracking) and passes the rest to the daemon over this private socket.
+    // Made before the sandbox, which then grants its directory only.
+    let private = PrivateSocket::new().map_err(ServeError::Relay)?;
     if opts.raw {
+        restrict_files(opts, &private)?;
         let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size, direct)?;
-        return run(engine, opts, "raw", sigset);
+        return run(engine, opts, "raw", sigset, private);
     }
     let io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::with_direct(backing, direct));
     #[cfg(feature = "testing")]
     let io = test_layers(io, opts)?;
+    // Before the engine starts its threads: Landlock binds only the threads created after it
+    // (see sandbox). The image and the testing layers' files are open by now.
+    restrict_files(opts, &private)?;
     let eopts = crate::engine::image::EngineOptions {
         read_only: opts.read_only,
         commit_interval: opts.commit_interval,
@@ -272,6 +289,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         },
         alloc_unit: opts.alloc_unit,
         restart_log: opts.restart_log.for_image(&opts.image),
+        thread_start: (opts.sandbox != Mode::None)
+            .then_some(sandbox::drop_thread_capabilities as fn()),
     };
     let engine = ImageEngine::open(io, eopts).map_err(|e| match e {
         ImageError::Format(f @ (FormatError::BadMagic(_) | FormatError::NoDiskFile)) => {
@@ -279,7 +298,63 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         }
         other => ServeError::Image(opts.image.clone(), other),
     })?;
-    run(engine, opts, "extblk image", sigset)
+    run(engine, opts, "extblk image", sigset, private)
+}
+
+/// The sandbox's first step (`no_new_privs` and Landlock), for what `opts` serves.
+fn restrict_files(opts: &ServeOptions, private: &PrivateSocket) -> Result<(), ServeError> {
+    match opts.sandbox {
+        Mode::None => {
+            log::warn!("--sandbox none: the daemon runs unconfined");
+            return Ok(());
+        }
+        Mode::Log => log::warn!(
+            "--sandbox log: system calls outside the allow list are logged by the kernel \
+             (audit type=1326) and allowed, not denied"
+        ),
+        Mode::Enforce => {}
+    }
+    let mut socket_dirs = vec![sandbox::socket_dir(&opts.socket)];
+    if let Some(c) = &opts.control {
+        socket_dirs.push(sandbox::socket_dir(c));
+    }
+    // The error bind_socket would give later, rather than Landlock's about a path it cannot
+    // open for its rule.
+    if let Some(missing) = socket_dirs.iter().find(|d| !d.is_dir()) {
+        return Err(ServeError::SocketDir(missing.clone()));
+    }
+    let notify_dir = std::env::var_os("NOTIFY_SOCKET")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .map(|p| sandbox::socket_dir(&p));
+    let access = FileAccess {
+        image: opts.image.clone(),
+        read_only: opts.read_only,
+        // A raw disk has no restart log, and a read-only image writes none. A `--restart-log
+        // FILE` whose directory is missing is not created (the engine reports it as before).
+        restart_log_dir: if opts.raw || opts.read_only {
+            None
+        } else {
+            opts.restart_log
+                .dir()
+                .filter(|(d, may_create)| *may_create || d.is_dir())
+                .map(|(d, _)| d)
+        },
+        socket_dirs,
+        relay_dir: Some(private.dir().to_path_buf()),
+        notify_dir,
+    };
+    match sandbox::restrict_files(&access)? {
+        FilesOutcome::Full => log::info!("sandbox: landlock confines file access"),
+        FilesOutcome::Partial => {
+            log::info!("sandbox: landlock confines file access (with the rights this kernel knows)")
+        }
+        FilesOutcome::Unsupported => log::warn!(
+            "sandbox: landlock ABI not supported by this kernel: file access is not confined \
+             (seccomp and the dropped capabilities still are)"
+        ),
+    }
+    Ok(())
 }
 
 /// The `testing` feature's layers under the engine, from the environment: `EXTBLK_RECORD=FILE`
@@ -320,6 +395,7 @@ fn run<E: BlockEngine>(
     opts: &ServeOptions,
     format: &'static str,
     sigset: libc::sigset_t,
+    private: PrivateSocket,
 ) -> Result<(), ServeError> {
     let info = engine.info();
     let device = BlockDevice::new(
@@ -342,6 +418,27 @@ fn run<E: BlockEngine>(
         },
         None => None,
     };
+    // Everything the daemon sets up exists now (the image and its engine, the rings, the
+    // listening sockets), and no thread it starts from here on needs more than the allow list.
+    // The signal, control and vhost-user threads start after this and inherit it; seccomp
+    // reaches the engine's threads, already running, through TSYNC.
+    if let Err(e) = sandbox::confine(opts.sandbox) {
+        let _ = std::fs::remove_file(&opts.socket);
+        if let Some(path) = &opts.control {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e.into());
+    }
+    if opts.sandbox != Mode::None {
+        log::info!(
+            "sandbox: no capabilities, seccomp filter on every thread ({})",
+            if opts.sandbox == Mode::Log {
+                "logging"
+            } else {
+                "denying with EPERM"
+            }
+        );
+    }
     log::info!(
         "serving {} ({} bytes, {format}, {}) on {}: {} queue(s) of {}, logical block {}",
         opts.image.display(),
@@ -394,7 +491,7 @@ fn run<E: BlockEngine>(
         None => None,
     };
 
-    let result = accept_loop(&listener, &device, &control);
+    let result = accept_loop(&listener, &device, &control, &private);
     let _ = std::fs::remove_file(&opts.socket);
     // The accept loop ends on the stop event or an error: the control thread ends with the
     // same event, written here too in case an error ended the loop.
@@ -466,10 +563,8 @@ fn accept_loop<E: BlockEngine>(
     listener: &UnixListener,
     device: &BlockDevice<E>,
     control: &Control,
+    private: &PrivateSocket,
 ) -> Result<(), ServeError> {
-    // Frontends talk to the relay (device::relay), which answers what vhost-user-backend
-    // cannot (inflight tracking) and passes the rest to the daemon over this private socket.
-    let private = PrivateSocket::new().map_err(ServeError::Relay)?;
     let mut vlistener = private.listener().map_err(ServeError::Relay)?;
     while !control.stopping.load(Ordering::Acquire) {
         if !wait_connection(listener, &control.stop_event).map_err(ServeError::Signals)? {

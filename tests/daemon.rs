@@ -2568,6 +2568,311 @@ fn the_control_socket_reports_stats_and_quiesce_holds_requests_until_resume() {
     image_clean(&img);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Confinement (`serve --sandbox`, issue 17).
+
+/// One request line on the control socket at `cs`, and its reply.
+fn control_request(cs: &Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(cs).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{request}: {e}: {line}"))
+}
+
+/// The kernel log, or `None` where this process may not read it.
+fn kernel_log() -> Option<String> {
+    let out = Command::new("dmesg").output().ok()?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The seccomp records (audit `type=1326`) of process `pid` in the kernel log `log`: the
+/// system call number and the thread's name of each.
+fn seccomp_records(log: &str, pid: u32) -> Vec<(u64, String)> {
+    let pid_field = format!(" pid={pid} ");
+    log.lines()
+        .filter(|l| l.contains("type=1326") && l.contains(&pid_field))
+        .map(|l| {
+            let field = |name: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string()
+            };
+            (
+                field("syscall=").parse().unwrap_or(u64::MAX),
+                field("comm="),
+            )
+        })
+        .collect()
+}
+
+/// Every path a running daemon takes, on the daemon `d` serving `sock` with its control socket
+/// at `cs` (none for raw): reads, overwrites, allocating writes, flush, discard,
+/// write-zeroes with and without unmap, a request spanning more than IOV_MAX segments' worth
+/// of data, the control socket's every command (and a bad one; `resize` grows an image online),
+/// SIGUSR1, a frontend leaving and another connecting.
+fn exercise_every_path(d: &Daemon, sock: &Path, cs: Option<&Path>) {
+    for round in 0..2u64 {
+        let mut c = Client::connect(sock, 2);
+        for b in 0..64u64 {
+            let q = (b % 2) as usize;
+            // Fresh blocks first (allocating), then the same ones again (overwrites).
+            assert_eq!(c.write(q, b * 4096, &pattern(b + round, 4096)), 0);
+            assert_eq!(c.write(q, b * 4096, &pattern(b + round + 1, 4096)), 0);
+            assert_eq!(
+                c.read(q, b * 4096, 4096).unwrap(),
+                pattern(b + round + 1, 4096)
+            );
+        }
+        // Unaligned to 4 KiB: the buffered descriptor instead of the O_DIRECT one.
+        assert_eq!(c.write(0, 512, &pattern(7, 1024)), 0);
+        assert_eq!(c.read(1, 512, 1024).unwrap(), pattern(7, 1024));
+        assert_eq!(c.flush(0), 0);
+        // Discard and write-zeroes of written data (punched after the commit), not of holes.
+        for mib in 8..11u64 {
+            assert_eq!(
+                c.write((mib % 2) as usize, mib << 20, &pattern(mib, 1 << 20)),
+                0
+            );
+        }
+        assert_eq!(c.flush(1), 0);
+        assert_eq!(c.discard(1, 8 << 20, 1 << 20), 0);
+        assert_eq!(c.write_zeroes(0, 9 << 20, 1 << 20, true), 0);
+        assert_eq!(c.write_zeroes(1, 10 << 20, 1 << 20, false), 0);
+        assert_eq!(c.read(0, 9 << 20, 4096).unwrap(), vec![0; 4096]);
+        // A large write (1 MiB) in one request, and a read of it back.
+        let big = pattern(11, 1 << 20);
+        assert_eq!(c.write(1, 12 << 20, &big), 0);
+        assert_eq!(c.read(0, 12 << 20, 1 << 20).unwrap(), big);
+        assert_eq!(c.flush(1), 0);
+        if let Some(cs) = cs {
+            for args in [
+                &["info"][..],
+                &["stats"],
+                &["flush"],
+                &["quiesce"],
+                &["resume"],
+                &["stats", "--watch", "--interval", "0.1", "--count", "2"],
+            ] {
+                let (code, out) = ctl(cs, args);
+                assert_eq!(code, 0, "ctl {args:?}: {out}");
+            }
+            let bad = control_request(cs, r#"{"command":"format"}"#);
+            assert_eq!(bad["ok"], false, "{bad}");
+            // An online grow (an image) or its refusal (raw).
+            let image = ctl_json(cs, &["info"])["format"] == "extblk image";
+            let (code, out) = ctl(cs, &["resize", "+4M"]);
+            if image {
+                assert_eq!(code, 0, "ctl resize: {out}");
+            } else {
+                assert!(
+                    code == 1 && out.contains("not supported"),
+                    "ctl resize: {out}"
+                );
+            }
+        }
+        // SIGUSR1: the counters in the log.
+        let before = d.read_log().matches("counters:").count();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.read_log().matches("counters:").count() == before {
+            assert!(Instant::now() < deadline, "no counters after SIGUSR1");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The frontend leaves; the next round connects again.
+        drop(c);
+    }
+    // Let the commit interval's timer fire once with nothing to do, and the log drop records.
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+/// Issue 17: the seccomp allow list is derived, not guessed. Under `--sandbox log` the filter
+/// lets a call outside the list through and the kernel logs it; after every path the daemon
+/// has (an image and a raw file, the control socket, signals, a reconnect, shutdown) the kernel
+/// log must hold no record of the daemon. A record names the call (`syscall=N`: see `ausyscall
+/// N` or the kernel's syscall table) and the thread (`comm=`).
+#[test]
+fn the_sandbox_log_mode_sees_no_call_outside_the_list() {
+    if kernel_log().is_none() {
+        common::skip_or_fail("the kernel log (dmesg) cannot be read here");
+        return;
+    }
+    let s = Scratch::new("sandbox-log");
+    let (img, raw, sock, cs) = (
+        s.path("disk.img"),
+        s.path("disk.raw"),
+        s.path("sock"),
+        s.path("ctl.sock"),
+    );
+    create_image(&img, "64M");
+    make_image(&raw, 64 << 20);
+    let mut pids = Vec::new();
+    for (path, extra) in [
+        (
+            &img,
+            vec![
+                "--sandbox",
+                "log",
+                "--control",
+                cs.to_str().unwrap(),
+                "--queues",
+                "2",
+                "--commit-interval",
+                "1",
+            ],
+        ),
+        (
+            &raw,
+            vec![
+                "--sandbox",
+                "log",
+                "--format=raw",
+                "--control",
+                cs.to_str().unwrap(),
+                "--queues",
+                "2",
+            ],
+        ),
+    ] {
+        let d = Daemon::start_image(path, &sock, &extra);
+        d.wait_socket(&cs);
+        let pid = d.child.id();
+        exercise_every_path(&d, &sock, Some(&cs));
+        let (status, log) = d.stop();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("seccomp filter on every thread"), "{log}");
+        // A file Landlock keeps out shows as an error or a warning of the path that needed it.
+        let complaints: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                (l.contains(" ERROR ") || l.contains(" WARN ")) && !l.contains("--sandbox log")
+            })
+            .collect();
+        assert!(complaints.is_empty(), "{log}");
+        pids.push(pid);
+    }
+    // The kernel writes its records as the calls happen; the daemons have exited.
+    let klog = kernel_log().unwrap();
+    for pid in pids {
+        let records = seccomp_records(&klog, pid);
+        let mut calls: Vec<String> = records
+            .iter()
+            .map(|(nr, comm)| format!("syscall={nr} comm={comm}"))
+            .collect();
+        calls.sort();
+        calls.dedup();
+        assert!(
+            calls.is_empty(),
+            "daemon {pid} made calls outside the allow list:\n{}",
+            calls.join("\n")
+        );
+    }
+    image_clean(&img);
+}
+
+/// The lines of /proc/<pid>/task/*/status, one string per thread.
+fn thread_status(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.unwrap().path().join("status")).ok())
+        .collect()
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+/// Issue 17: `serve` is confined by default. Every thread runs under the seccomp filter
+/// (`Seccomp: 2`) with no_new_privs and no capability; a file outside the Landlock rules
+/// cannot be opened and an AF_INET socket cannot be made (the `testing` build's `test-open` and
+/// `test-socket` control requests try, as code that took the daemon over would); with
+/// `--sandbox none` both work and nothing is filtered.
+#[test]
+fn the_sandbox_denies_what_the_daemon_does_not_need() {
+    let s = Scratch::new("sandbox");
+    let (img, sock, cs) = (s.path("disk.img"), s.path("sock"), s.path("ctl.sock"));
+    create_image(&img, "16M");
+    let d = Daemon::start_image(&img, &sock, &["--control", cs.to_str().unwrap()]);
+    d.wait_socket(&cs);
+    // A frontend connected: the vhost-user threads exist too.
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write(0, 0, &pattern(1, 4096)), 0);
+    let threads = thread_status(d.child.id());
+    assert!(threads.len() >= 5, "{threads:?}");
+    for t in &threads {
+        let name = status_field(t, "Name:");
+        assert_eq!(status_field(t, "Seccomp:"), "2", "{name}");
+        assert_eq!(status_field(t, "NoNewPrivs:"), "1", "{name}");
+        assert_eq!(status_field(t, "CapEff:"), "0000000000000000", "{name}");
+        assert_eq!(status_field(t, "CapPrm:"), "0000000000000000", "{name}");
+    }
+    let log = d.read_log();
+    let open = control_request(&cs, r#"{"command":"test-open","path":"/etc/passwd"}"#);
+    assert_eq!(open["ok"], false, "{open}");
+    if log.contains("landlock ABI not supported") {
+        common::skip_or_fail("no Landlock in this kernel: file access is not confined");
+    } else {
+        assert!(
+            open["error"]
+                .as_str()
+                .unwrap()
+                .contains("Permission denied"),
+            "{open}"
+        );
+    }
+    // The image itself stays reachable (and the socket directory is the scratch directory).
+    let own = control_request(
+        &cs,
+        &format!(r#"{{"command":"test-open","path":"{}"}}"#, img.display()),
+    );
+    assert_eq!(own["ok"], true, "{own}");
+    let inet = control_request(&cs, r#"{"command":"test-socket"}"#);
+    assert_eq!(inet["ok"], false, "{inet}");
+    assert!(
+        inet["error"]
+            .as_str()
+            .unwrap()
+            .contains("Operation not permitted"),
+        "{inet}"
+    );
+    // Denied calls hurt nothing: the disk is served and the daemon ends cleanly.
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(1, 4096));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!sock.exists() && !cs.exists(), "sockets left behind: {log}");
+    image_clean(&img);
+
+    let d = Daemon::start_image(
+        &img,
+        &sock,
+        &["--control", cs.to_str().unwrap(), "--sandbox", "none"],
+    );
+    d.wait_socket(&cs);
+    for t in thread_status(d.child.id()) {
+        assert_eq!(status_field(&t, "Seccomp:"), "0", "{t}");
+    }
+    let open = control_request(&cs, r#"{"command":"test-open","path":"/etc/passwd"}"#);
+    assert_eq!(open["ok"], true, "{open}");
+    let inet = control_request(&cs, r#"{"command":"test-socket"}"#);
+    assert_eq!(inet["ok"], true, "{inet}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
 /// Issue 17: `ctl resize` grows a served disk while a client is connected (libblkio, which
 /// keeps no backend channel, sees the new size at its next connection), refuses an online
 /// shrink, and leaves an image e2fsck calls clean, with every write in place.

@@ -37,6 +37,16 @@ pub enum Request {
     Resume,
     /// Grow the disk while served: `size` is `20G`, or `+10G` more.
     Resize { size: String },
+    /// `testing` builds only: open `path` for reading, as code that took the daemon over would
+    /// try, and answer with the outcome (tests/daemon.rs checks that the sandbox refuses it).
+    #[cfg(feature = "testing")]
+    #[serde(rename = "test-open")]
+    TestOpen { path: std::path::PathBuf },
+    /// `testing` builds only: open an AF_INET socket, which the seccomp filter refuses (only
+    /// AF_UNIX sockets are allowed), and answer with the outcome.
+    #[cfg(feature = "testing")]
+    #[serde(rename = "test-socket")]
+    TestSocket,
 }
 
 /// A reply line.

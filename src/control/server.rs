@@ -319,6 +319,16 @@ impl<E: BlockEngine> Server<E> {
                 }
                 Reply::ok(serde_json::json!({ "was_paused": was }))
             }
+            #[cfg(feature = "testing")]
+            Request::TestOpen { path } => match std::fs::File::open(&path) {
+                Ok(_) => Reply::ok(serde_json::json!({})),
+                Err(e) => Reply::error(format!("open {}: {e}", path.display())),
+            },
+            #[cfg(feature = "testing")]
+            Request::TestSocket => match std::net::UdpSocket::bind(("127.0.0.1", 0)) {
+                Ok(_) => Reply::ok(serde_json::json!({})),
+                Err(e) => Reply::error(format!("AF_INET socket: {e}")),
+            },
         }
     }
 }

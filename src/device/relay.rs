@@ -360,6 +360,11 @@ impl PrivateSocket {
         })
     }
 
+    /// The private directory (mode 0700) holding the socket.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// The daemon's listening side.
     pub fn listener(&self) -> io::Result<vhost::vhost_user::Listener> {
         Ok(vhost::vhost_user::Listener::from(

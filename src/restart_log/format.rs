@@ -40,8 +40,14 @@ pub struct Header {
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`, 32 hex digits with dashes), or zeroes
-/// where the kernel has none.
+/// where the kernel has none. Read once per process: it cannot change while the process lives,
+/// and `serve`'s sandbox reads it before Landlock leaves `/proc` out of reach.
 pub fn boot_id() -> [u8; 16] {
+    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *ID.get_or_init(read_boot_id)
+}
+
+fn read_boot_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
         return id;

@@ -150,6 +150,16 @@ pub fn default_path(dir: &Path, uuid: &[u8; 16], backing: Option<(u64, u64)>) ->
     }
 }
 
+/// Creates a log directory (and its parents) owner-only, as [`LogFile::open`] does when asked
+/// to; one that exists is left as it is. `serve`'s sandbox calls it before Landlock, which can
+/// only grant a directory that exists.
+pub fn make_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
 fn open_locked(path: &Path, truncate: bool) -> Result<File, RestartLogError> {
     let err = |e| RestartLogError::Io(path.to_path_buf(), e);
     let file = OpenOptions::new()
@@ -174,11 +184,7 @@ impl LogFile {
         let err = |e| RestartLogError::Io(path.to_path_buf(), e);
         if make_dir {
             if let Some(dir) = path.parent() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(DIR_MODE)
-                    .create(dir)
-                    .map_err(err)?;
+                self::make_dir(dir).map_err(err)?;
             }
         }
         LogFile::take(path, open_locked(path, false)?)

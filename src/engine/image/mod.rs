@@ -116,6 +116,11 @@ pub struct EngineOptions {
     /// Where the changes acknowledged but not yet committed are kept for a restart after a
     /// kill (`restart.rs`); off by default here, on by default in `serve`.
     pub restart_log: RestartLogAt,
+    /// Called first on each thread the engine starts (the worker, the committer). `serve`'s
+    /// sandbox passes the function that drops the calling thread's capabilities: Linux keeps
+    /// capabilities per thread, and these threads start before the sandbox drops the main
+    /// thread's (they need none).
+    pub thread_start: Option<fn()>,
 }
 
 impl Default for EngineOptions {
@@ -126,6 +131,7 @@ impl Default for EngineOptions {
             hot_path: HotPath::Fast,
             alloc_unit: DEFAULT_ALLOC_UNIT,
             restart_log: RestartLogAt::Off,
+            thread_start: None,
         }
     }
 }
@@ -211,6 +217,7 @@ impl ImageEngine {
             hot_path,
             alloc_unit,
             restart_log,
+            thread_start,
         } = opts;
         let alloc_unit = alloc_unit.clamp(1, MAX_ALLOC_UNIT).next_power_of_two();
         let (image, restart) = if read_only {
@@ -277,16 +284,34 @@ impl ImageEngine {
             log_made: AtomicU64::new(0),
             log_written: AtomicU64::new(0),
         });
+        // The hook has run on both threads before open returns: the caller's next steps (the
+        // sandbox's seccomp filter) may forbid what it does.
+        let (started_tx, started) = mpsc::channel::<()>();
+        let started_w = started_tx.clone();
         let s2 = shared.clone();
         let w = std::thread::Builder::new()
             .name("extblk-worker".into())
-            .spawn(move || worker::run(s2, rx))
+            .spawn(move || {
+                if let Some(f) = thread_start {
+                    f();
+                }
+                drop(started_w);
+                worker::run(s2, rx)
+            })
             .map_err(ImageError::Io)?;
         let s2 = shared.clone();
         let c = std::thread::Builder::new()
             .name("extblk-commit".into())
-            .spawn(move || commit::run(s2, crx, commit_interval))
+            .spawn(move || {
+                if let Some(f) = thread_start {
+                    f();
+                }
+                drop(started_tx);
+                commit::run(s2, crx, commit_interval)
+            })
             .map_err(ImageError::Io)?;
+        // Both senders dropped (after the hook, or by a thread that ended): nothing to wait for.
+        let _ = started.recv();
         Ok(ImageEngine {
             shared,
             threads: Arc::new(Mutex::new(vec![w, c])),

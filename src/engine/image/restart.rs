@@ -85,6 +85,23 @@ impl RestartLogAt {
             RestartLogAt::File(p) => Some((p.clone(), false)),
         }
     }
+
+    /// The directory the log's files live in (the log is rewritten by a rename beside it), and
+    /// whether it may be created; `None` when there is no log. Known before the image is
+    /// open, unlike the file's name (the image's UUID).
+    pub fn dir(&self) -> Option<(PathBuf, bool)> {
+        match self {
+            RestartLogAt::Off => None,
+            RestartLogAt::InDir { dir, .. } => Some((dir.clone(), true)),
+            RestartLogAt::File(p) => Some((
+                match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                },
+                false,
+            )),
+        }
+    }
 }
 
 fn session_of(image: &Image) -> ImageSession {
