@@ -285,6 +285,10 @@ export HOST_OPTIONS=/xfer/local.config
 echo "xfstests: $dir, FSTYP=$FSTYP, TEST_DEV=$TEST_DEV ($(cat /sys/block/vda/size) sectors)," \
      "SCRATCH_DEV=$SCRATCH_DEV ($(cat /sys/block/vdb/size) sectors), kernel $(uname -r), $# tests"
 uname -r > /xfer/kernel
+# No udev, so no /dev/fd and friends: bash's process substitution (<(...), used by generic/251
+# and 260 among others) needs /dev/fd.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+for i in 0:stdin 1:stdout 2:stderr; do [ -e /dev/${i#*:} ] || ln -s /proc/self/fd/${i%%:*} /dev/${i#*:}; done
 # users some tests need (the overlay's /etc is in RAM: the host's is not touched)
 for u in fsgqa fsgqa2; do id "$u" > /dev/null 2>&1 || useradd -m "$u" 2> /dev/null; done
 id 123456-fsgqa > /dev/null 2>&1 || useradd --badname 123456-fsgqa 2> /dev/null || useradd 123456-fsgqa 2> /dev/null
