@@ -349,7 +349,11 @@ impl Image {
                 Some(o) => {
                     return Err(ResizeError::Unsupported(format!(
                         "the group descriptor table must grow to {gdt} blocks, and block {blk} \
-                         after it is {o}, which cannot move"
+                         after it is {o}, which cannot move; this image grows to {} groups \
+                         ({} GiB of filesystem) at most (for more, `extblk convert` it into a \
+                         new image created at the size wanted)",
+                        (blk - 1) * DESCS_PER_BLOCK,
+                        (blk - 1) * DESCS_PER_BLOCK * BPG * BS >> 30
                     )))
                 }
             };
