@@ -353,7 +353,7 @@ impl Image {
                          ({} GiB of filesystem) at most (for more, `extblk convert` it into a \
                          new image created at the size wanted)",
                         (blk - 1) * DESCS_PER_BLOCK,
-                        (blk - 1) * DESCS_PER_BLOCK * BPG * BS >> 30
+                        ((blk - 1) * DESCS_PER_BLOCK * BPG * BS) >> 30
                     )))
                 }
             };
