@@ -388,6 +388,9 @@ impl BlockEngine for ImageEngine {
             size: new_size,
             reply: tx,
         });
+        // Ends: the committer answers every waiter after its next commit (at once, since the
+        // device is quiesced), and a committer that stops drops the channel, so recv fails;
+        // `to_committer` answers itself when there is no committer.
         rx.recv().map_err(|_| Stopped::CommitterGone)?
     }
 
