@@ -192,10 +192,24 @@ impl Shared {
         for e in runs.iter().filter(|e| e.unwritten) {
             to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
         }
-        // Blocks of the unit outside the request that this write allocated: zeroes go there in
-        // the same host write, and they are converted with the request's blocks. Other writes
-        // touching them wait (in progress) until then, and then find them written.
-        let fill = unit_fill(&new, [(c0, b0), (b1, c1)]);
+        // The rest of the unit. A unit that was all holes keeps it unwritten (allocated, read as
+        // zeroes, nothing written): a scattered first write costs its own bytes only. A unit
+        // written before gets every unwritten block outside the request zero-filled in the
+        // same host write and converted with the request's blocks, so the rest of a unit that
+        // is filling up are pure overwrites. Blocks another write is filling are left to it.
+        let unit_was_holes = new.iter().map(|e| u64::from(e.len)).sum::<u64>() == c1 - c0;
+        let fill = if unit_was_holes {
+            let left = c1 - c0 - (b1 - b0);
+            self.stats
+                .unit_blocks_left_unwritten
+                .fetch_add(left, Ordering::Relaxed);
+            Vec::new()
+        } else {
+            let unit_runs = st.image.tree().range(c0 as u32, c1 as u32);
+            unit_fill(&unit_runs, [(c0, b0), (b1, c1)], |b| {
+                st.range.busy(b, b + 1)
+            })
+        };
         to_convert.extend(
             fill.iter()
                 .map(|x| (u64::from(x.lblk), u64::from(x.len), x.pblk)),
@@ -276,20 +290,26 @@ impl Shared {
     }
 }
 
-/// The pieces of the new extents `new` inside `outside` — the parts of the allocation unit
-/// around the request — which the write fills with zeroes.
-fn unit_fill(new: &[Extent], outside: [(u64, u64); 2]) -> Vec<Extent> {
-    let mut fill = Vec::new();
-    for e in new {
+/// The unwritten blocks of `runs` inside `outside` — the parts of the allocation unit around
+/// the request — that `busy` does not claim: what the write fills with zeroes and converts.
+fn unit_fill(runs: &[Extent], outside: [(u64, u64); 2], busy: impl Fn(u64) -> bool) -> Vec<Extent> {
+    let mut fill: Vec<Extent> = Vec::new();
+    for e in runs.iter().filter(|e| e.unwritten) {
         for (lo, hi) in outside {
-            let (s, t) = (u64::from(e.lblk).max(lo), e.end().min(hi));
-            if s < t {
-                fill.push(Extent {
-                    lblk: s as u32,
-                    len: (t - s) as u32,
-                    pblk: e.pblk + (s - u64::from(e.lblk)),
-                    unwritten: true,
-                });
+            for b in u64::from(e.lblk).max(lo)..e.end().min(hi) {
+                if busy(b) {
+                    continue;
+                }
+                let pblk = e.pblk + (b - u64::from(e.lblk));
+                match fill.last_mut() {
+                    Some(l) if l.end() == b && l.pblk + u64::from(l.len) == pblk => l.len += 1,
+                    _ => fill.push(Extent {
+                        lblk: b as u32,
+                        len: 1,
+                        pblk,
+                        unwritten: true,
+                    }),
+                }
             }
         }
     }

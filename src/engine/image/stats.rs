@@ -16,8 +16,12 @@ crate::counters::counters! {
         journal_handles,
         /// Blocks converted from unwritten to written.
         converted_blocks,
-        /// Blocks allocated around allocating writes to fill their allocation unit (zero-filled).
+        /// Blocks of an allocation unit around an allocating write zero-filled and converted
+        /// with it (the unit had been written before: it is filling up).
         zero_filled_blocks,
+        /// Blocks of a new allocation unit (all holes before) left allocated but unwritten
+        /// around its first write: no zeroes written; filled by the unit's next allocating write.
+        unit_blocks_left_unwritten,
         /// Journal commits (including flushes with nothing to journal).
         commits,
         /// DISCARD and WRITE_ZEROES requests run by the worker.
