@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: extblk against qemu-storage-daemon (raw file and qcow2, both with
-# cache.direct=on,aio=io_uring) over vhost-user-blk, driven by `extblk bench` (libblkio).
+# cache.direct=on,aio=io_uring) over vhost-user-blk, driven by `extblk bench` (libblkio), and
+# against the limit: fio with io_uring and O_DIRECT on a bare raw file of the same size on the
+# same filesystem, same depth ("bare").
 # Each pattern runs ROUNDS times per target in alternating order (this machine's storage is
 # noisy); the table shows medians and ratios. Usage:
 #   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 IODEPTH=32 SPAN=1G SIZE=2G
@@ -11,7 +13,9 @@ cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} IODEPTH=${IODEPTH:-32}
 SIZE=${SIZE:-2G} SPAN=${SPAN:-1G}
+SIZE0=$SIZE SPAN0=$SPAN
 command -v qemu-storage-daemon >/dev/null || { echo "bench: qemu-storage-daemon not found (apt-get install qemu-utils)"; exit 1; }
+command -v fio >/dev/null || { echo "bench: fio not found (apt-get install fio)"; exit 1; }
 cargo build --release -q
 E=$PWD/target/release/extblk
 dir=$(mktemp -d /var/tmp/extblk-bench.XXXXXX)
@@ -23,6 +27,7 @@ start() { # target name -> socket; fresh images for each start
   local t=$1 sock=$dir/$1.sock
   rm -f "$sock"
   case $t in
+    bare)   rm -f "$dir/b.raw"; fallocate -l "$SIZE" "$dir/b.raw"; return 0 ;;
     extblk) rm -f "$dir/x.img"; "$E" create --size "$SIZE" "$dir/x.img" >/dev/null
             "$E" serve --queues "$QUEUES" --socket "$sock" "$dir/x.img" 2>>"$dir/extblk.log" & ;;
     raw)    rm -f "$dir/r.raw"; fallocate -l "$SIZE" "$dir/r.raw"
@@ -38,9 +43,25 @@ start() { # target name -> socket; fresh images for each start
   for _ in $(seq 100); do [ -S "$sock" ] && return 0; sleep 0.1; done
   echo "bench: $t did not start"; exit 1
 }
-stop() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
+stop() { # target
+  [ "$1" = bare ] && return 0
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+}
+fio_bare() { # fio arguments...: fio on the bare file, io_uring + O_DIRECT -> iops
+  fio --name=bare --filename="$dir/b.raw" --ioengine=io_uring --direct=1 --size="$SPAN" \
+    --output-format=json "$@" | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"] + j["write"]["iops"]))'
+}
 
 bench() { # socket pattern bs queues -> iops
+  if [[ $1 == */bare.sock ]]; then
+    case $2 in
+      randwrite|randread|read|write) ;;
+      *) echo "bench: no bare-file form of $2" >&2; exit 1 ;;
+    esac
+    fio_bare --rw="$2" --bs="$3" --iodepth="$IODEPTH" --numjobs="$4" --group_reporting \
+      --time_based --runtime="$RUNTIME"
+    return
+  fi
   # Allocating random writes: every block of the span exactly once, however long it takes, so
   # no backend is measured on overwrites once its span is covered.
   local how=(--runtime "$RUNTIME")
@@ -49,24 +70,33 @@ bench() { # socket pattern bs queues -> iops
     "${how[@]}" --size "$SPAN" --output json | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'
 }
 fill() { # socket how: seq = 1 MiB sequential writes, rand = 4 KiB writes in random order; each block once
+  if [[ $1 == */bare.sock ]]; then
+    [ "$2" = seq ] || { echo "bench: the bare file is filled sequentially only" >&2; exit 1; }
+    fio_bare --rw=write --bs=1M --iodepth=8 > /dev/null
+    return
+  fi
   case $2 in
     seq)  "$E" bench --socket "$1" --pattern write --bs 1M --iodepth 8 --once --runtime 600 --size "$SPAN" --output json >/dev/null ;;
     rand) "$E" bench --socket "$1" --pattern randwrite-alloc --bs 4K --iodepth 32 --once --runtime 600 --size "$SPAN" --output json >/dev/null ;;
   esac
 }
 
-# pattern : bs : queues : targets : disk (fill = every block written first by 1 MiB sequential
-# writes, so the measured writes are overwrites; fresh = a new image/file; randfill = written
-# first by 4 KiB writes in random order). "extblk~X" is extblk with disk X instead.
+# pattern : bs : queues : targets : disk [: size] (fill = every block written first by 1 MiB
+# sequential writes, so the measured writes are overwrites; fresh = a new image/file; randfill =
+# written first by 4 KiB writes in random order). "extblk~X" is extblk with disk X instead. A
+# size makes the disk that large and the span all of it (scattered first writes on big disks).
 plan=(
-  "randwrite:4K:1:extblk raw:fill"
-  "randread:4K:1:extblk raw:fill"
+  "randwrite:4K:1:extblk raw bare:fill"
+  "randread:4K:1:extblk raw bare:fill"
   "write-flush:4K:1:extblk raw:fill"
   "randwrite:4K:2:extblk raw:fill"
   "write:1M:1:extblk raw:fresh"
   "randwrite-alloc:4K:1:extblk qcow2:fresh"
   "write-flush:4K:1:extblk qcow2:fresh"
   "read:1M:1:extblk extblk~randfill:fill"
+  "randwrite:4K:1:extblk qcow2:fresh:2G"
+  "randwrite:4K:1:extblk qcow2:fresh:8G"
+  "randwrite:4K:1:extblk qcow2:fresh:1T"
 )
 if [ -n "${ONLY:-}" ]; then
   keep=()
@@ -77,7 +107,8 @@ if [ -n "${ONLY:-}" ]; then
 fi
 declare -A res
 for entry in "${plan[@]}"; do
-  IFS=: read -r pattern bs queues targets mode <<<"$entry"
+  IFS=: read -r pattern bs queues targets mode size <<<"$entry"
+  SIZE=${size:-$SIZE0} SPAN=${size:-$SPAN0}
   for r in $(seq "$ROUNDS"); do
     order=$targets; [ $((r % 2)) -eq 0 ] && order=$(echo "$targets" | awk '{for(i=NF;i>0;i--) printf "%s ", $i}')
     for t in $order; do
@@ -85,20 +116,27 @@ for entry in "${plan[@]}"; do
       QUEUES=$queues start "${t%~*}"
       case $how in fill) fill "$dir/${t%~*}.sock" seq ;; randfill) fill "$dir/${t%~*}.sock" rand ;; esac
       iops=$(bench "$dir/${t%~*}.sock" "$pattern" "$bs" "$queues")
-      stop
+      stop "${t%~*}"
       res["$entry/$t"]+="$iops "
-      echo "round $r $pattern bs=$bs queues=$queues ($mode) $t: $iops IOPS" >&2
+      echo "round $r $pattern bs=$bs queues=$queues ($mode${size:+ $size}) $t: $iops IOPS" >&2
     done
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '\n%-16s %4s %2s %-6s %12s %12s %8s\n' pattern bs q disk extblk other ratio
+printf '\n%-16s %4s %2s %-9s %12s %12s %8s\n' pattern bs q disk extblk other ratio
 for entry in "${plan[@]}"; do
-  IFS=: read -r pattern bs queues targets mode <<<"$entry"
-  other=${targets#extblk }
-  x=$(echo "${res[$entry/extblk]}" | median); o=$(echo "${res[$entry/$other]}" | median)
-  printf '%-16s %4s %2s %-6s %12s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode" "$x" "$o" \
-    "$(python3 -c "print($x/$o)")" "$([[ $other == extblk~* ]] && echo "extblk after a ${other#*~}, inverted: seq/rand" || echo "qsd $other")"
+  IFS=: read -r pattern bs queues targets mode size <<<"$entry"
+  x=$(echo "${res[$entry/extblk]}" | median)
+  for other in ${targets#extblk }; do
+    o=$(echo "${res[$entry/$other]}" | median)
+    case $other in
+      extblk~*) what="extblk after a ${other#*~}, inverted: seq/rand" ;;
+      bare) what="fio io_uring O_DIRECT on the bare file: extblk as a fraction of the limit" ;;
+      *) what="qsd $other" ;;
+    esac
+    printf '%-16s %4s %2s %-9s %12s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode${size:+:$size}" "$x" "$o" \
+      "$(python3 -c "print($x/$o)")" "$what"
+  done
 done
 if [ -z "${ONLY:-}" ]; then
 one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
@@ -109,5 +147,8 @@ seqr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk]}" | median)
 randr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk~randfill]}" | median)
 echo "2 queues / 1 queue, overwrite randwrite: extblk $(python3 -c "print(round($two/$one,2))")x, qsd raw $(python3 -c "print(round($rawtwo/$rawone,2))")x"
 echo "sequential read after a random fill / after a sequential fill (extblk): $(python3 -c "print(round($randr/$seqr,2))")x"
+small=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:2G/extblk]}" | median)
+big=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:1T/extblk]}" | median)
+echo "random first writes, 1 TiB disk / 2 GiB disk (extblk): $(python3 -c "print(round($big/$small,2))")x"
 fi
 echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN size=$SIZE; $(nproc) cores, $(uname -r)"

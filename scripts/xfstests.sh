@@ -289,6 +289,28 @@ uname -r > /xfer/kernel
 # and 260 among others) needs /dev/fd.
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 for i in 0:stdin 1:stdout 2:stderr; do [ -e /dev/${i#*:} ] || ln -s /proc/self/fd/${i%%:*} /dev/${i#*:}; done
+# No udev, so /dev/mapper/NAME is the device node libdevmapper makes, where udev makes it a
+# symlink to /dev/dm-N: xfstests follows that link to find a dm device's /sys/fs/$FSTYP/dm-N
+# (_short_dev; generic/456 on xfs wrote error/fail_at_unmount into a directory that did not
+# exist). A dmsetup first in PATH puts the links udev would, before it returns.
+real_dmsetup=$(command -v dmsetup)
+if [ -n "$real_dmsetup" ]; then
+  mkdir -p /run/xfstests-bin
+  cat > /run/xfstests-bin/dmsetup <<W
+#!/bin/bash
+$real_dmsetup "\$@"; rc=\$?
+for n in /dev/mapper/*; do
+  [ -b "\$n" ] && [ ! -L "\$n" ] || continue
+  mm=\$(stat -c %t:%T "\$n"); major=\$((16#\${mm%:*})); minor=\$((16#\${mm#*:}))
+  dm=\$(basename "\$(readlink -f /sys/dev/block/\$major:\$minor)")
+  [ -b /dev/\$dm ] || mknod /dev/\$dm b \$major \$minor
+  ln -sfn ../\$dm "\$n.link" && mv -Tf "\$n.link" "\$n"
+done
+exit \$rc
+W
+  chmod +x /run/xfstests-bin/dmsetup
+  export PATH=/run/xfstests-bin:$PATH
+fi
 # users some tests need (the overlay's /etc is in RAM: the host's is not touched)
 for u in fsgqa fsgqa2; do id "$u" > /dev/null 2>&1 || useradd -m "$u" 2> /dev/null; done
 id 123456-fsgqa > /dev/null 2>&1 || useradd --badname 123456-fsgqa 2> /dev/null || useradd 123456-fsgqa 2> /dev/null
