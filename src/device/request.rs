@@ -141,9 +141,13 @@ pub struct Parsed {
 
 /// Reads the request header from the front of the readable ranges and takes its bytes off
 /// them, without allocating (this runs for every request).
+/// The guest ranges of a request's descriptors: inline for a header, up to 2 data segments and
+/// the status (no heap allocation for a common request).
+type Ranges = smallvec::SmallVec<[GuestRange; 4]>;
+
 fn take_header<M: GuestMemory>(
     mem: &M,
-    ranges: &mut Vec<GuestRange>,
+    ranges: &mut Ranges,
 ) -> Result<[u8; HEADER_LEN], RequestError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -187,7 +191,7 @@ fn to_buffers<M>(mem: &Arc<M>, ranges: &[GuestRange]) -> Result<GuestBuffers, Re
 where
     M: GuestMemory + Send + Sync + 'static,
 {
-    let mut iovecs = Vec::with_capacity(ranges.len());
+    let mut iovecs = crate::io::uring::Iovs::with_capacity(ranges.len());
     for r in ranges {
         let bad = || RequestError::BadGuestAddress(r.addr.0, u64::from(r.len));
         let slices = mem
@@ -298,8 +302,8 @@ where
 {
     // Header + seg_max data descriptors + status; anything longer is refused before we collect it.
     let max_descriptors = limits.seg_max as usize + 2;
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = Ranges::new();
+    let mut writable = Ranges::new();
     let mut order_error = false;
     let mut count = 0usize;
     let mut last_past_limit: Option<Option<GuestRange>> = None;
@@ -355,8 +359,8 @@ where
 }
 
 fn parse_body<M>(
-    mut readable: Vec<GuestRange>,
-    writable: Vec<GuestRange>,
+    mut readable: Ranges,
+    writable: Ranges,
     mem: &Arc<M>,
     limits: &Limits,
 ) -> Result<Request, RequestError>
@@ -416,7 +420,9 @@ where
             if in_data.is_empty() {
                 return Err(RequestError::NoIdBuffer);
             }
-            Ok(Request::GetId { buf: in_data })
+            Ok(Request::GetId {
+                buf: in_data.into_vec(),
+            })
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !in_data.is_empty() {

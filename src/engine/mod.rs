@@ -101,7 +101,8 @@ impl Batch {
 /// other request refers to them. `_keepalive` holds the guest-memory mapping they point into, so
 /// a memory-table change cannot unmap them under an in-flight request.
 pub struct GuestBuffers {
-    iovecs: Vec<libc::iovec>,
+    /// Inline for up to 4 segments: no heap allocation for a common request.
+    iovecs: crate::io::uring::Iovs,
     len: usize,
     _keepalive: Arc<dyn Any + Send + Sync>,
 }
@@ -115,7 +116,11 @@ impl GuestBuffers {
     /// # Safety
     /// Every iovec must point into memory that stays mapped and writable while `keepalive`
     /// lives, and that no one else accesses until the request completes.
-    pub unsafe fn new(iovecs: Vec<libc::iovec>, keepalive: Arc<dyn Any + Send + Sync>) -> Self {
+    pub unsafe fn new(
+        iovecs: impl Into<crate::io::uring::Iovs>,
+        keepalive: Arc<dyn Any + Send + Sync>,
+    ) -> Self {
+        let iovecs = iovecs.into();
         let len = iovecs.iter().map(|v| v.iov_len).sum();
         GuestBuffers {
             iovecs,

@@ -132,6 +132,8 @@ impl RawEngine {
 pub struct RawQueue<C> {
     engine: RawEngine,
     ring: Ring<RawFlight<C>>,
+    /// Finished requests being completed (kept for its capacity: no allocation per request).
+    finished: Finished<RawFlight<C>>,
 }
 
 struct RawFlight<C> {
@@ -140,8 +142,8 @@ struct RawFlight<C> {
 }
 
 impl<C: Completion> RawQueue<C> {
-    fn finish(&self, finished: Finished<RawFlight<C>>) {
-        for (f, r) in finished {
+    fn finish(&self, finished: &mut Finished<RawFlight<C>>) {
+        for (f, r) in finished.drain(..) {
             if let Err((e, at)) = &r {
                 log::warn!(
                     "I/O at byte {at} of {} failed: {e}",
@@ -189,15 +191,19 @@ impl<C: Completion> EngineQueue<C> for RawQueue<C> {
             return done.complete(r.map_err(EngineError::Io));
         }
         let op = Op {
-            iovs: bufs.iovecs().to_vec(),
+            iovs: crate::io::uring::Iovs::from_slice(bufs.iovecs()),
             offset: offset.0,
             write,
             dsync: fua,
         };
-        let mut finished = Vec::new();
-        self.ring
-            .start(vec![op], RawFlight { done, _bufs: bufs }, &mut finished);
-        self.finish(finished);
+        let mut finished = std::mem::take(&mut self.finished);
+        self.ring.start(
+            smallvec::smallvec![op],
+            RawFlight { done, _bufs: bufs },
+            &mut finished,
+        );
+        self.finish(&mut finished);
+        self.finished = finished;
     }
 
     fn submit_batch(&mut self) {
@@ -211,8 +217,10 @@ impl<C: Completion> EngineQueue<C> for RawQueue<C> {
     }
 
     fn process_completions(&mut self) {
-        let finished = self.ring.reap();
-        self.finish(finished);
+        let mut finished = std::mem::take(&mut self.finished);
+        self.ring.reap_into(&mut finished);
+        self.finish(&mut finished);
+        self.finished = finished;
     }
 }
 
@@ -238,6 +246,7 @@ impl BlockEngine for RawEngine {
         Ok(RawQueue {
             engine: self.clone(),
             ring: Ring::new(fd)?,
+            finished: Vec::new(),
         })
     }
 

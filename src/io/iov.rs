@@ -6,8 +6,8 @@ use std::io;
 pub const MAX_IOVS: usize = 1024;
 
 /// The iovecs covering bytes `[start, start + len)` of the buffer `iovs` describes.
-pub fn slice(iovs: &[libc::iovec], start: usize, len: usize) -> Vec<libc::iovec> {
-    let mut out = Vec::new();
+pub fn slice(iovs: &[libc::iovec], start: usize, len: usize) -> super::uring::Iovs {
+    let mut out = super::uring::Iovs::new();
     let mut pos = 0usize;
     let end = start + len;
     for v in iovs {

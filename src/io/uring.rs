@@ -3,6 +3,11 @@
 //!
 //! A request may need several operations (one per mapped run); the ring tracks them under one
 //! slot and hands the finished request back with its first error.
+//!
+//! No heap allocation per request once the ring has warmed up: a request's iovecs are copied
+//! into its slot's own buffer, which slots keep from request to request (they are reused
+//! through a free list, never dropped), and operations and iovec lists travel inline
+//! ([`Ops`], [`Iovs`]) for the common shapes.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,6 +18,9 @@ use io_uring::{opcode, types, IoUring};
 
 use super::iov;
 use super::RingObserver;
+
+/// Per-operation values of one request, inline like [`Ops`].
+type PerOp<V> = smallvec::SmallVec<[V; 2]>;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How a request's operations ended: the first error, with the file offset it happened at.
@@ -21,9 +29,16 @@ pub type OpResult = Result<(), (io::Error, u64)>;
 /// Finished requests, with their tags.
 pub type Finished<T> = Vec<(T, OpResult)>;
 
+/// The iovecs of one operation: up to 4 inline (a request of up to 4 guest segments over one
+/// run, or one segment with zero padding on both sides), on the heap beyond.
+pub type Iovs = smallvec::SmallVec<[libc::iovec; 4]>;
+
+/// The operations of one request: up to 2 inline (one run, or a run and its unit's fill).
+pub type Ops = smallvec::SmallVec<[Op; 2]>;
+
 /// One piece of a request: buffers and a file offset.
 pub struct Op {
-    pub iovs: Vec<libc::iovec>,
+    pub iovs: Iovs,
     pub offset: u64,
     pub write: bool,
     pub dsync: bool,
@@ -33,11 +48,11 @@ pub struct Op {
 /// answers EINVAL, which must not abort the journal) into consecutive operations at iovec
 /// boundaries. A guest may send up to `seg_max` segments (queue size − 2, so up to 32,766), each
 /// its own iovec or more.
-pub fn split_long(ops: Vec<Op>) -> Vec<Op> {
+pub fn split_long(ops: Ops) -> Ops {
     if ops.iter().all(|op| op.iovs.len() <= iov::MAX_IOVS) {
         return ops;
     }
-    let mut out = Vec::with_capacity(ops.len() + 1);
+    let mut out = Ops::with_capacity(ops.len() + 1);
     for op in ops {
         if op.iovs.len() <= iov::MAX_IOVS {
             out.push(op);
@@ -47,7 +62,7 @@ pub fn split_long(ops: Vec<Op>) -> Vec<Op> {
         for chunk in op.iovs.chunks(iov::MAX_IOVS) {
             let len: u64 = chunk.iter().map(|v| v.iov_len as u64).sum();
             out.push(Op {
-                iovs: chunk.to_vec(),
+                iovs: Iovs::from_slice(chunk),
                 offset,
                 write: op.write,
                 dsync: op.dsync,
@@ -58,21 +73,52 @@ pub fn split_long(ops: Vec<Op>) -> Vec<Op> {
     out
 }
 
+/// What the reaping needs of one submitted operation.
+struct Sub {
+    /// Bytes it must transfer (a short transfer is an error).
+    want: usize,
+    offset: u64,
+    write: bool,
+    dsync: bool,
+    /// The observer's token for a write (0 without an observer).
+    token: u64,
+}
+
+/// One request in flight. Slots are reused through the ring's free list and never dropped, so
+/// their buffers keep their capacity: after the first requests, starting one allocates nothing.
 struct Slot<T> {
     remaining: usize,
     error: Option<(io::Error, u64)>,
-    ops: Vec<Op>,
-    /// The observer's token of each write in `ops` (empty when the ring is not observed).
-    tokens: Vec<u64>,
+    /// The iovecs of all the request's operations, one after another. The submission entries
+    /// point into this buffer: it is filled before the first entry is pushed and not touched
+    /// again until the slot is free, and its heap address does not change when `slots` grows.
+    iovs: Vec<libc::iovec>,
+    subs: Vec<Sub>,
+    /// `Some` while the slot is in use.
     tag: Option<T>,
+}
+
+impl<T> Slot<T> {
+    fn empty() -> Slot<T> {
+        Slot {
+            remaining: 0,
+            error: None,
+            iovs: Vec::new(),
+            subs: Vec::new(),
+            tag: None,
+        }
+    }
 }
 
 pub struct Ring<T> {
     ring: IoUring,
     efd: EventFd,
     fd: RawFd,
-    slots: Vec<Option<Slot<T>>>,
+    slots: Vec<Slot<T>>,
+    /// Indices of slots not in use.
     free: Vec<usize>,
+    /// Completion entries being processed (kept for its capacity).
+    cqes: Vec<(u64, i32)>,
     unsubmitted: usize,
     /// Operations pushed and not yet reaped: kept within the completion queue, so completions
     /// never overflow into the kernel's backlog (which posts no eventfd wake-up when drained).
@@ -162,6 +208,7 @@ impl<T> Ring<T> {
             fd,
             slots: Vec::new(),
             free: Vec::new(),
+            cqes: Vec::new(),
             unsubmitted: 0,
             ops_in_flight: 0,
             observer,
@@ -172,56 +219,52 @@ impl<T> Ring<T> {
         self.efd.as_raw_fd()
     }
 
-    /// Tells the observer of each write about to be submitted; its tokens, one per operation
-    /// (none without an observer).
-    fn observe_submitted(&self, ops: &[Op]) -> Vec<u64> {
+    /// Tells the observer of a write about to be submitted; its token (0 without an observer,
+    /// or for a read).
+    fn observe_submitted(&self, op: &Op) -> u64 {
         let Some(obs) = &self.observer else {
-            return Vec::new();
+            return 0;
         };
-        ops.iter()
-            .map(|op| {
-                if !op.write {
-                    return 0;
-                }
-                let bufs: Vec<&[u8]> = op
-                    .iovs
-                    .iter()
-                    .filter(|v| v.iov_len > 0)
-                    // SAFETY: the iovecs describe buffers the kernel is about to read for this
-                    // write; they stay alive until its completion is reaped (the request's
-                    // buffers, held by its tag, or static zero pages), and nothing writes them
-                    // meanwhile.
-                    .map(|v| unsafe {
-                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                    })
-                    .collect();
-                obs.write_submitted(op.offset, &bufs)
-            })
-            .collect()
+        if !op.write {
+            return 0;
+        }
+        let bufs: Vec<&[u8]> = op
+            .iovs
+            .iter()
+            .filter(|v| v.iov_len > 0)
+            // SAFETY: the iovecs describe live buffers the request owns (see `start`).
+            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+            .collect();
+        obs.write_submitted(op.offset, &bufs)
     }
 
-    /// The submission entry of one operation, with user data `ud`.
-    fn entry(&self, ud: u64, op: &Op) -> io_uring::squeue::Entry {
-        let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
-        if op.write {
-            opcode::Writev::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
-                .offset(op.offset)
+    /// The submission entry of operation `sub` of slot `idx`, whose iovecs are
+    /// `iovs[first..first + n]` of that slot.
+    fn entry(&self, idx: usize, sub: usize, first: usize, n: usize) -> io_uring::squeue::Entry {
+        let slot = &self.slots[idx];
+        let s = &slot.subs[sub];
+        let ptr = slot.iovs[first..first + n].as_ptr();
+        let ud = ((idx as u64) << 32) | sub as u64;
+        if s.write {
+            let flags = if s.dsync { libc::RWF_DSYNC } else { 0 };
+            opcode::Writev::new(types::Fd(self.fd), ptr, n as u32)
+                .offset(s.offset)
                 .rw_flags(flags)
                 .build()
                 .user_data(ud)
         } else {
-            opcode::Readv::new(types::Fd(self.fd), op.iovs.as_ptr(), op.iovs.len() as u32)
-                .offset(op.offset)
+            opcode::Readv::new(types::Fd(self.fd), ptr, n as u32)
+                .offset(s.offset)
                 .build()
                 .user_data(ud)
         }
     }
 
     /// Starts the operations of one request; `tag` comes back in `done` (from this call or a
-    /// later [`Ring::reap`]) when they all finished, with the first error. The buffers `ops`
+    /// later [`Ring::reap_into`]) when they all finished, with the first error. The buffers `ops`
     /// describe must stay alive, and untouched by anyone else, until then: the caller keeps them
     /// in `tag`.
-    pub fn start(&mut self, ops: Vec<Op>, tag: T, done: &mut Finished<T>) {
+    pub fn start(&mut self, ops: Ops, tag: T, done: &mut Finished<T>) {
         let ops = split_long(ops);
         if ops.is_empty() {
             done.push((tag, Ok(())));
@@ -230,34 +273,43 @@ impl<T> Ring<T> {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                self.slots.push(None);
+                self.slots.push(Slot::empty());
                 self.slots.len() - 1
             }
         };
         let n = ops.len();
         // Before any entry is pushed: the ring may hand entries to the kernel below (a full
         // submission queue), and the observer must have logged a write before it can start.
-        let tokens = self.observe_submitted(&ops);
-        let entries: Vec<io_uring::squeue::Entry> = ops
-            .iter()
-            .enumerate()
-            .map(|(sub, op)| self.entry(((idx as u64) << 32) | sub as u64, op))
-            .collect();
-        // The iovec arrays move into the slot; their heap addresses (used by the entries) stay.
-        self.slots[idx] = Some(Slot {
-            remaining: n,
-            error: None,
-            ops,
-            tokens,
-            tag: Some(tag),
-        });
-        for (pushed, entry) in entries.iter().enumerate() {
+        let tokens: PerOp<u64> = ops.iter().map(|op| self.observe_submitted(op)).collect();
+        {
+            let slot = &mut self.slots[idx];
+            slot.remaining = n;
+            slot.error = None;
+            slot.tag = Some(tag);
+            slot.iovs.clear();
+            slot.subs.clear();
+            for (op, token) in ops.iter().zip(tokens) {
+                slot.iovs.extend_from_slice(&op.iovs);
+                slot.subs.push(Sub {
+                    want: op.iovs.iter().map(|v| v.iov_len).sum(),
+                    offset: op.offset,
+                    write: op.write,
+                    dsync: op.dsync,
+                    token,
+                });
+            }
+        }
+        let mut first = 0;
+        for (pushed, op) in ops.iter().enumerate() {
+            let entry = self.entry(idx, pushed, first, op.iovs.len());
+            first += op.iovs.len();
             let mut tries = 0;
             loop {
                 let room = self.ops_in_flight < CQ_ENTRIES;
-                // SAFETY: the iovecs and their buffers stay alive in `self.slots` (and in the
-                // request's guest buffers) until this entry's completion is reaped.
-                if room && unsafe { self.ring.submission().push(entry) }.is_ok() {
+                // SAFETY: the iovecs live in the slot's buffer, untouched until this entry's
+                // completion is reaped, and point into buffers the request keeps alive in its
+                // tag until then.
+                if room && unsafe { self.ring.submission().push(&entry) }.is_ok() {
                     self.unsubmitted += 1;
                     self.ops_in_flight += 1;
                     break;
@@ -270,28 +322,31 @@ impl<T> Ring<T> {
                     Ok(0) | Err(_) => self.ring.submit_and_wait(1),
                     ok => ok,
                 };
-                self.reap_into(done);
+                self.reap_cqes(done);
                 tries += 1;
                 if let Err(e) = r {
                     if tries > MAX_SUBMIT_TRIES {
                         // The ring is unusable: fail what was not submitted.
                         log::error!("io_uring submission failed: {e}");
-                        if let Some(slot) = self.slots[idx].as_mut() {
-                            slot.remaining -= n - pushed;
-                            slot.error.get_or_insert((e, 0));
-                            if slot.remaining == 0 {
-                                let mut s =
-                                    self.slots[idx].take().unwrap_or_else(|| unreachable!());
-                                self.free.push(idx);
-                                if let Some(t) = s.tag.take() {
-                                    done.push((t, s.error.take().map_or(Ok(()), Err)));
-                                }
-                            }
+                        let slot = &mut self.slots[idx];
+                        slot.remaining -= n - pushed;
+                        slot.error.get_or_insert((e, 0));
+                        if slot.remaining == 0 {
+                            self.release(idx, done);
                         }
                         return;
                     }
                 }
             }
+        }
+    }
+
+    /// Frees slot `idx`, whose operations have all ended, and hands its request back.
+    fn release(&mut self, idx: usize, done: &mut Finished<T>) {
+        let slot = &mut self.slots[idx];
+        if let Some(tag) = slot.tag.take() {
+            done.push((tag, slot.error.take().map_or(Ok(()), Err)));
+            self.free.push(idx);
         }
     }
 
@@ -304,34 +359,32 @@ impl<T> Ring<T> {
         Ok(())
     }
 
-    /// Collects finished requests.
-    pub fn reap(&mut self) -> Finished<T> {
+    /// Collects finished requests into `done` (which the caller keeps, for its capacity).
+    pub fn reap_into(&mut self, done: &mut Finished<T>) {
         let _ = self.efd.read();
-        let mut done = Vec::new();
-        self.reap_into(&mut done);
-        done
+        self.reap_cqes(done);
     }
 
-    fn reap_into(&mut self, done: &mut Finished<T>) {
-        let mut cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+    fn reap_cqes(&mut self, done: &mut Finished<T>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         if self.ring.submission().cq_overflow() {
             // Defensive: entering the kernel flushes a backlog into the completion queue.
             let _ = self.ring.submit();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         }
         self.ops_in_flight -= cqes.len().min(self.ops_in_flight);
-        for (ud, res) in cqes {
+        for &(ud, res) in &cqes {
             let idx = (ud >> 32) as usize;
             let sub = (ud & 0xFFFF_FFFF) as usize;
-            let Some(Some(slot)) = self.slots.get_mut(idx) else {
+            let Some(slot) = self.slots.get_mut(idx).filter(|s| s.tag.is_some()) else {
                 continue;
             };
-            let op = &slot.ops[sub];
-            let want: usize = op.iovs.iter().map(|v| v.iov_len).sum();
+            let Some(op) = slot.subs.get(sub) else {
+                continue;
+            };
+            let want = op.want;
             let err = if res < 0 {
                 Some(io::Error::from_raw_os_error(-res))
             } else if res as usize != want {
@@ -345,7 +398,7 @@ impl<T> Ring<T> {
                 None
             };
             if let (Some(obs), true) = (&self.observer, op.write) {
-                obs.write_completed(slot.tokens[sub], err.is_none(), op.dsync);
+                obs.write_completed(op.token, err.is_none(), op.dsync);
             }
             if let Some(e) = err {
                 if slot.error.is_none() {
@@ -354,14 +407,10 @@ impl<T> Ring<T> {
             }
             slot.remaining -= 1;
             if slot.remaining == 0 {
-                if let Some(mut s) = self.slots[idx].take() {
-                    self.free.push(idx);
-                    if let Some(tag) = s.tag.take() {
-                        done.push((tag, s.error.take().map_or(Ok(()), Err)));
-                    }
-                }
+                self.release(idx, done);
             }
         }
+        self.cqes = cqes;
     }
 }
 
@@ -405,8 +454,8 @@ mod tests {
             iov_len: buf.len(),
         };
         r.start(
-            vec![Op {
-                iovs: vec![iov],
+            smallvec::smallvec![Op {
+                iovs: smallvec::smallvec![iov],
                 offset: 0,
                 write: false,
                 dsync: false,
@@ -417,7 +466,7 @@ mod tests {
         r.submit().unwrap();
         while done.is_empty() {
             r.ring.submit_and_wait(1).unwrap();
-            done.extend(r.reap());
+            r.reap_into(&mut done);
         }
         assert!(done[0].1.is_ok());
         assert_eq!(&buf, b"abcd");
@@ -463,8 +512,8 @@ mod tests {
         };
         let mut done = Vec::new();
         ring.start(
-            vec![Op {
-                iovs: vec![iov(&mut a), iov(&mut b)],
+            smallvec::smallvec![Op {
+                iovs: smallvec::smallvec![iov(&mut a), iov(&mut b)],
                 offset: 4096,
                 write: true,
                 dsync: true,
@@ -477,13 +526,13 @@ mod tests {
         assert!(log.completed.lock().unwrap().is_empty());
         ring.submit().unwrap();
         while done.is_empty() {
-            done.extend(ring.reap());
+            ring.reap_into(&mut done);
         }
         assert!(matches!(done[0], (7, Ok(()))));
         // Reads are not reported.
         ring.start(
-            vec![Op {
-                iovs: vec![iov(&mut back)],
+            smallvec::smallvec![Op {
+                iovs: smallvec::smallvec![iov(&mut back)],
                 offset: 4096,
                 write: false,
                 dsync: false,
@@ -493,7 +542,7 @@ mod tests {
         );
         ring.submit().unwrap();
         while done.len() < 2 {
-            done.extend(ring.reap());
+            ring.reap_into(&mut done);
         }
         let mut want = vec![1u8; 512];
         want.extend([2u8; 1024]);
@@ -511,8 +560,8 @@ mod tests {
                 iov_len: 4096,
             })
             .collect();
-        let ops = split_long(vec![Op {
-            iovs,
+        let ops = split_long(smallvec::smallvec![Op {
+            iovs: Iovs::from_vec(iovs),
             offset: 8192,
             write: true,
             dsync: true,

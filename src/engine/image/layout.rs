@@ -22,7 +22,7 @@ pub(super) static ZERO_UNIT: ZeroUnit = ZeroUnit([0; (MAX_ALLOC_UNIT * BS) as us
 /// The data writes of an allocating request, with the zero fill of its unit: a piece that
 /// starts where another ends on disk joins it, so a request and its fill are one host write
 /// (one allocation in a sparse backing).
-pub(super) fn alloc_ops(a: &Allocated) -> Vec<uring::Op> {
+pub(super) fn alloc_ops(a: &Allocated) -> uring::Ops {
     let mut ops = run_ops(&a.runs, &a.w);
     if a.fill.is_empty() {
         return ops;
@@ -33,7 +33,7 @@ pub(super) fn alloc_ops(a: &Allocated) -> Vec<uring::Op> {
         while left > 0 {
             let n = left.min(MAX_ALLOC_UNIT * BS);
             ops.push(uring::Op {
-                iovs: vec![libc::iovec {
+                iovs: smallvec::smallvec![libc::iovec {
                     iov_base: ZERO_UNIT.0.as_ptr() as *mut _,
                     iov_len: n as usize,
                 }],
@@ -46,7 +46,7 @@ pub(super) fn alloc_ops(a: &Allocated) -> Vec<uring::Op> {
         }
     }
     ops.sort_by_key(|op| op.offset);
-    let mut out: Vec<uring::Op> = Vec::with_capacity(ops.len());
+    let mut out = uring::Ops::with_capacity(ops.len());
     for op in ops {
         if let Some(last) = out.last_mut() {
             let last_end = last.offset + last.iovs.iter().map(|v| v.iov_len as u64).sum::<u64>();
@@ -66,9 +66,9 @@ pub(super) fn alloc_ops(a: &Allocated) -> Vec<uring::Op> {
 /// The data writes of a request over its mapped runs. Unwritten (new) blocks get zero padding
 /// around a partial write, so the rest of the block reads as zero once converted; written
 /// blocks take just the guest's bytes (durable at once with FUA).
-pub(super) fn run_ops(runs: &[Extent], w: &PendingWrite) -> Vec<uring::Op> {
+pub(super) fn run_ops(runs: &[Extent], w: &PendingWrite) -> uring::Ops {
     let (start, end) = (w.offset, w.offset + w.bufs.len() as u64);
-    let mut ops = Vec::with_capacity(runs.len());
+    let mut ops = uring::Ops::with_capacity(runs.len());
     for e in runs {
         let (rs, re) = (u64::from(e.lblk) * BS, e.end() * BS);
         let (s, t) = (start.max(rs), end.min(re));

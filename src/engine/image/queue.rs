@@ -36,6 +36,8 @@ pub struct ImageQueue<C> {
     cache: Vec<Extent>,
     cache_seq: u64,
     ring: Option<Ring<Flight<C>>>,
+    /// Finished requests being completed (kept for its capacity: no allocation per request).
+    finished: uring::Finished<Flight<C>>,
 }
 
 /// A request whose data I/O is on the ring.
@@ -59,8 +61,8 @@ pub(super) enum Flight<C> {
 
 /// Where a request's bytes go: the written runs (as operations) and the ranges that read as zero.
 pub(super) struct Plan {
-    ops: Vec<uring::Op>,
-    zero: Vec<(u64, u64)>,
+    ops: uring::Ops,
+    zero: smallvec::SmallVec<[(u64, u64); 2]>,
 }
 
 impl<C: Completion> ImageQueue<C> {
@@ -75,6 +77,7 @@ impl<C: Completion> ImageQueue<C> {
             cache: Vec::new(),
             cache_seq: 0,
             ring,
+            finished: Vec::new(),
         })
     }
 
@@ -116,8 +119,8 @@ impl<C: Completion> ImageQueue<C> {
     ) -> Option<Plan> {
         let end = offset + bufs.len() as u64;
         let mut plan = Plan {
-            ops: Vec::new(),
-            zero: Vec::new(),
+            ops: uring::Ops::new(),
+            zero: smallvec::SmallVec::new(),
         };
         let mut pos = offset;
         while pos < end {
@@ -213,8 +216,9 @@ impl<C: Completion> ImageQueue<C> {
         }
     }
 
-    pub(super) fn start(&mut self, ops: Vec<uring::Op>, f: Flight<C>) {
-        let mut finished = Vec::new();
+    pub(super) fn start(&mut self, ops: uring::Ops, f: Flight<C>) {
+        // Taken, not borrowed: finishing a request may start another (a deferred write redone).
+        let mut finished = std::mem::take(&mut self.finished);
         // With O_DIRECT, only aligned requests may go to the ring; the rest use the page cache.
         let direct_ok = !self.shared.io.direct_io()
             || ops
@@ -239,9 +243,10 @@ impl<C: Completion> ImageQueue<C> {
                 finished.push((f, r));
             }
         }
-        for (f, r) in finished {
+        for (f, r) in finished.drain(..) {
             self.finish(f, r);
         }
+        self.finished = finished;
     }
 }
 
@@ -330,9 +335,12 @@ impl<C: Completion> EngineQueue<C> for ImageQueue<C> {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
-        for (f, r) in ring.reap() {
+        let mut finished = std::mem::take(&mut self.finished);
+        ring.reap_into(&mut finished);
+        for (f, r) in finished.drain(..) {
             self.finish(f, r);
         }
+        self.finished = finished;
     }
 }
 
