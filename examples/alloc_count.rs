@@ -47,7 +47,7 @@ fn main() {
     let code = match extblk::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("extblk: {e:#}");
+            eprintln!("extblk: {}", extblk::cli::error_chain(&e));
             1
         }
     };

@@ -594,6 +594,23 @@ fn quiet_tool_logs() {
 }
 
 /// Runs a parsed command line; returns the process exit status.
+/// An error and its causes, as one line: `outer: cause: cause`, leaving out a cause whose text
+/// the message before it already shows (our error types print their source in their own
+/// message; `{:#}` would print it twice).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut prev = out.clone();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !prev.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+        prev = c;
+    }
+    out
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => {

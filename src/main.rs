@@ -8,7 +8,7 @@ fn main() {
     match extblk::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("extblk: {e:#}");
+            eprintln!("extblk: {}", extblk::cli::error_chain(&e));
             std::process::exit(1);
         }
     }

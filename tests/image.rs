@@ -889,6 +889,33 @@ fn refused_while_served(what: &str, args: &[&str], tail: &[&str]) {
     e2fsck_clean(&p);
 }
 
+/// A create that fails says why once, and leaves no half-made file behind.
+#[test]
+fn a_failed_create_says_why_once_and_leaves_no_file() {
+    let s = Scratch::new("create-fails");
+    let p = s.path("big.img");
+    let out = extblk()
+        .args(["create", "--size", "16T"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("exceeds the maximum").count(), 1, "{err}");
+    assert!(!p.exists(), "nothing was made");
+    // Refused by the host (a file larger than its filesystem takes), after the file was made.
+    let out = extblk()
+        .args(["create", "--size", "16383G"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!p.exists(), "the half-made file was removed: {err}");
+    }
+}
+
 #[test]
 fn create_force_on_a_served_image_is_refused_and_changes_nothing() {
     refused_while_served("create", &["create", "--force", "--size", "1G"], &[]);

@@ -373,12 +373,21 @@ pub fn create_path(
         std::io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_path_buf()),
         _ => OpenError::Open(path.to_path_buf(), e).into(),
     })?;
-    let mut backing = Backing::lock(file, path, false)?;
-    // Locked: now the old contents may go. Emptied first so none of them survives as data.
-    backing.set_len(0)?;
-    backing.set_len(layout.blocks_count * BLOCK_SIZE_U64)?;
-    let io = crate::io::FileIo::new(backing);
-    create(&io, &layout, &params)?;
+    let made = (|| {
+        let mut backing = Backing::lock(file, path, false)?;
+        // Locked: now the old contents may go. Emptied first so none of them survives as data.
+        backing.set_len(0)?;
+        backing.set_len(layout.blocks_count * BLOCK_SIZE_U64)?;
+        let io = crate::io::FileIo::new(backing);
+        create(&io, &layout, &params)
+    })();
+    if let Err(e) = made {
+        if meta.is_none() {
+            // This call made the file (create_new): a half-made image is nobody's.
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
     Ok(layout)
 }
 
