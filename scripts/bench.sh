@@ -151,4 +151,4 @@ small=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:2G/extblk]}" | median)
 big=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:1T/extblk]}" | median)
 echo "random first writes, 1 TiB disk / 2 GiB disk (extblk): $(python3 -c "print(round($big/$small,2))")x"
 fi
-echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN size=$SIZE; $(nproc) cores, $(uname -r)"
+echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN0 size=$SIZE0 (unless a row names its size); $(nproc) cores, $(uname -r)"
