@@ -24,9 +24,12 @@ pub enum Format {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Cache {
-    /// O_DIRECT: data bypasses the host page cache.
+    /// O_DIRECT: data bypasses the host page cache; every write goes to the image at once.
     None,
-    /// Through the host page cache.
+    /// Through the host page cache (QEMU's `cache.direct=off`).
+    Host,
+    /// extblk's own write-back cache with delayed allocation (`--cache-size`,
+    /// `--dirty-ratio`, `--dirty-expire`); data below it with O_DIRECT.
     Writeback,
 }
 
@@ -382,10 +385,30 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Format::Extblk)]
     pub format: Format,
 
-    /// Host caching of data I/O: `none` opens the backing with O_DIRECT for aligned data I/O
-    /// (unaligned requests still go through the page cache); `writeback` uses the page cache.
+    /// Caching of data I/O: `none` opens the backing with O_DIRECT for aligned data I/O
+    /// (unaligned requests still go through the page cache); `host` uses the host page cache
+    /// (QEMU's cache.direct=off); `writeback` keeps guest writes in extblk's own cache and
+    /// writes them back later in large sorted runs, allocating each run at writeback (delayed
+    /// allocation). Guests are told the disk has a volatile write cache in every mode and send
+    /// FLUSH. With `writeback`, unflushed writes survive a killed daemon when the image has a
+    /// restart log (the pages live in a file beside it, under /run, written back by the next
+    /// `serve`); with `--restart-log none` or `--format raw` they are lost with the process.
     #[arg(long, value_enum, default_value_t = Cache::None)]
     pub cache: Cache,
+
+    /// Memory of `--cache writeback` (4 KiB pages).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_cache_size)]
+    pub cache_size: u64,
+
+    /// Percentage of the write-back cache that may be dirty before writers wait for writeback
+    /// (as Linux's vm.dirty_ratio); background writeback starts at half of it.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub dirty_ratio: u8,
+
+    /// Milliseconds after which a dirty page of the write-back cache is written back even
+    /// without pressure or a FLUSH.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub dirty_expire: u64,
 
     /// Seconds between journal commits when no FLUSH forces one (extblk images).
     #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
@@ -552,6 +575,14 @@ fn parse_alloc_unit(s: &str) -> Result<u64, String> {
     Ok(b / 4096)
 }
 
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let b = crate::units::parse_size(s)?.0;
+    if !(1 << 20..=1 << 40).contains(&b) || b % 4096 != 0 {
+        return Err("cache size must be a multiple of 4K from 1M to 1T".into());
+    }
+    Ok(b)
+}
+
 fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u16 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !(2..=32768).contains(&n) || !n.is_power_of_two() {
@@ -620,7 +651,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let hot_path = HotPath::Fast;
             serve::serve(&ServeOptions {
                 raw: a.format == Format::Raw,
-                direct: a.cache == Cache::None,
+                direct: a.cache != Cache::Host,
+                writeback: (a.cache == Cache::Writeback).then(|| crate::serve::WritebackCache {
+                    size: a.cache_size,
+                    dirty_ratio: a.dirty_ratio,
+                    dirty_expire: std::time::Duration::from_millis(a.dirty_expire),
+                }),
                 commit_interval: std::time::Duration::from_secs_f64(a.commit_interval),
                 hot_path,
                 alloc_unit: a.alloc_unit,

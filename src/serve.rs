@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::relay::{self, PrivateSocket};
 use crate::device::request::ID_BYTES;
 use crate::device::{BlockDevice, DeviceOptions};
+use crate::engine::cache::store::Binding;
+use crate::engine::cache::{self, CacheEngine, CacheError, CacheOptions, Recovered};
 use crate::engine::image::{ImageEngine, RestartLogAt};
 use crate::engine::raw::RawEngine;
 use crate::engine::{BlockEngine, EngineError};
@@ -38,8 +40,11 @@ const SOCKET_UMASK: libc::mode_t = 0o177;
 pub struct ServeOptions {
     /// Serve the file as a raw disk instead of an extblk image.
     pub raw: bool,
-    /// Data I/O with O_DIRECT (`--cache none`) instead of through the page cache.
+    /// Data I/O with O_DIRECT (`--cache none` and `writeback`) instead of through the page
+    /// cache (`host`).
     pub direct: bool,
+    /// `--cache writeback`: extblk's own cache in front of the engine.
+    pub writeback: Option<WritebackCache>,
     pub commit_interval: Duration,
     /// Reads and overwrites as designed, or one of the seed experiment's slower variants (only
     /// honoured, with a warning, in `testing` builds; otherwise always `Fast`).
@@ -59,6 +64,14 @@ pub struct ServeOptions {
     pub serial: Option<String>,
     /// Confinement (`--sandbox`).
     pub sandbox: Mode,
+}
+
+/// The write-back cache's sizes (`--cache-size`, `--dirty-ratio`, `--dirty-expire`).
+#[derive(Clone, Debug)]
+pub struct WritebackCache {
+    pub size: u64,
+    pub dirty_ratio: u8,
+    pub dirty_expire: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -85,6 +98,8 @@ pub enum ServeError {
     TestLayer(PathBuf, String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// vhost-user-backend's error holds a thread's panic payload (`Send`, not `Sync`), which
     /// an error crossing to the CLI cannot carry: its message is kept.
     #[error("vhost-user: {0}")]
@@ -270,6 +285,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     if opts.raw {
         restrict_files(opts, &private)?;
         let engine = RawEngine::new(backing, opts.read_only, opts.logical_block_size, direct)?;
+        if let Some(wb) = opts.writeback.as_ref().filter(|_| !opts.read_only) {
+            // No image UUID and session to bind a file to: the pages live in memory only.
+            let engine = CacheEngine::new(engine, cache_options(opts, wb, None))?;
+            return run(engine, opts, "raw", sigset, private);
+        }
         return run(engine, opts, "raw", sigset, private);
     }
     let io: Arc<dyn crate::io::BlockIo> = Arc::new(crate::io::FileIo::with_direct(backing, direct));
@@ -298,7 +318,64 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         }
         other => ServeError::Image(opts.image.clone(), other),
     })?;
+    // The write-back cache file of this image: beside its restart log, named as it is.
+    let (uuid, session) = engine.session();
+    let cache_file = opts
+        .restart_log
+        .for_image(&opts.image)
+        .path(&uuid)
+        .map(|(p, _)| p.with_extension("wbcache"));
+    let binding = |session| Binding {
+        uuid,
+        session,
+        boot_id: crate::restart_log::format::boot_id(),
+        capacity: engine.info().capacity.0,
+    };
+    if let Some(path) = &cache_file {
+        if opts.read_only {
+            if path.exists() {
+                log::warn!(
+                    "{}: a killed daemon's write-back cache may hold writes not yet in the                      image; serve it read-write once to write them back",
+                    path.display()
+                );
+            }
+        } else {
+            // Whatever this run's cache mode: a killed writeback session's pages come first.
+            // The open above began a new session, so the file names the one before it.
+            match cache::recover(&engine, path, binding(session.wrapping_sub(1)))? {
+                Recovered::Nothing => {}
+                Recovered::Applied { pages } => log::info!(
+                    "write-back cache {}: {pages} page(s) a killed daemon left written back and flushed",
+                    path.display()
+                ),
+                Recovered::Ignored(why) => log::warn!(
+                    "write-back cache {}: {why}; not applied (kept as .wbcache.stale)",
+                    path.display()
+                ),
+            }
+        }
+    }
+    if let Some(wb) = opts.writeback.as_ref().filter(|_| !opts.read_only) {
+        let file = cache_file.map(|p| (p, binding(session)));
+        let engine = CacheEngine::new(engine, cache_options(opts, wb, file))?;
+        return run(engine, opts, "extblk image", sigset, private);
+    }
     run(engine, opts, "extblk image", sigset, private)
+}
+
+fn cache_options(
+    opts: &ServeOptions,
+    wb: &WritebackCache,
+    file: Option<(PathBuf, Binding)>,
+) -> CacheOptions {
+    CacheOptions {
+        size: wb.size,
+        dirty_ratio: wb.dirty_ratio,
+        dirty_expire: wb.dirty_expire,
+        file,
+        thread_start: (opts.sandbox != Mode::None)
+            .then_some(sandbox::drop_thread_capabilities as fn()),
+    }
 }
 
 /// The sandbox's first step (`no_new_privs` and Landlock), for what `opts` serves.

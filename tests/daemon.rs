@@ -637,10 +637,74 @@ fn counter(log: &str, name: &str) -> u64 {
 #[test]
 fn image_random_io_matches_a_model_and_stays_consistent() {
     let s = Scratch::new("img-model");
+    let log = random_io_on_two_queues(&s, &[]);
+    assert!(counter(&log, "fast_overwrites") > 0, "{log}");
+    assert!(counter(&log, "allocating_writes") > 0, "{log}");
+    assert!(
+        counter(&log, "completed_elsewhere") > 0,
+        "allocating writes complete through the worker: {log}"
+    );
+}
+
+#[test]
+fn writeback_cache_random_io_matches_a_model_and_stays_consistent() {
+    // A cache of 256 pages (128 may be dirty) under 1500 requests of up to 64 KiB on two
+    // queues: writers wait for room, reads hit and miss, sub-block writes go below, discards
+    // and write-zeroes drop cached pages, and every read still matches the model.
+    let s = Scratch::new("img-model-wb");
+    let log = random_io_on_two_queues(&s, &["--cache", "writeback", "--cache-size", "1M"]);
+    for c in [
+        "write_blocks",
+        "write_passthrough",
+        "read_hit_blocks",
+        "read_misses",
+        "writeback_runs",
+        "flushes_below",
+    ] {
+        assert!(counter(&log, c) > 0, "{c}: {log}");
+    }
+    // Written back in runs: more blocks than runs.
+    assert!(
+        counter(&log, "writeback_blocks") > counter(&log, "writeback_runs"),
+        "{log}"
+    );
+    assert_eq!(counter(&log, "dirty_pages"), 0, "{log}");
+    // 60 writes of 64 KiB in flight at once (960 pages) into 256 pages: writers wait for the
+    // writeback, none fails, and all of it reads back, from the cache and from below.
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    let d = Daemon::start_image(&img, &sock, &["--cache", "writeback", "--cache-size", "1M"]);
+    let mut c = Client::connect(&sock, 1);
+    const LEN: usize = 65536;
+    let offsets: Vec<u64> = (0..60u64).map(|i| (i * 7 % 60) * 2 * LEN as u64).collect();
+    for i in 0..offsets.len() {
+        let data = pattern(7000 + i as u64, LEN);
+        c.buf(i * LEN, LEN).copy_from_slice(&data);
+    }
+    let region = c.region.addr;
+    let rets = write_many(&mut c.queues[0], region, &offsets, LEN);
+    assert!(rets.iter().all(|&r| r == 0), "{rets:?}");
+    for (i, &o) in offsets.iter().enumerate() {
+        assert!(
+            c.read(0, o, LEN).unwrap() == pattern(7000 + i as u64, LEN),
+            "write {i}"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(counter(&log, "writes_throttled") > 0, "{log}");
+    image_clean(&img);
+}
+
+/// 1500 random requests on two queues of a fresh 32 MiB image served with `args`, checked
+/// against a model as they go and after a restart; returns the first daemon's log.
+fn random_io_on_two_queues(s: &Scratch, args: &[&str]) -> String {
     let (img, sock) = (s.path("disk.img"), s.path("sock"));
     const SIZE: u64 = 32 << 20;
     create_image(&img, "32M");
-    let d = Daemon::start_image(&img, &sock, &["--queues", "2"]);
+    let mut a = vec!["--queues", "2"];
+    a.extend_from_slice(args);
+    let d = Daemon::start_image(&img, &sock, &a);
     let mut c = Client::connect(&sock, 2);
     assert_eq!(c.capacity(), SIZE);
     let mut model = vec![0u8; SIZE as usize];
@@ -704,12 +768,6 @@ fn image_random_io_matches_a_model_and_stays_consistent() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     image_clean(&img);
-    assert!(counter(&log, "fast_overwrites") > 0, "{log}");
-    assert!(counter(&log, "allocating_writes") > 0, "{log}");
-    assert!(
-        counter(&log, "completed_elsewhere") > 0,
-        "allocating writes complete through the worker: {log}"
-    );
     // Reopen: everything reads back.
     let d = Daemon::start_image(&img, &sock, &[]);
     let mut c = Client::connect(&sock, 1);
@@ -721,9 +779,10 @@ fn image_random_io_matches_a_model_and_stays_consistent() {
         );
     }
     drop(c);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
+    let (status, log2) = d.stop();
+    assert!(status.success(), "{log2}");
     image_clean(&img);
+    log
 }
 
 #[test]
@@ -2010,6 +2069,97 @@ fn image_acknowledged_writes_survive_sigkill_without_any_flush() {
     assert!(log.contains("applied and committed"), "{log}");
     // A clean stop leaves no log behind.
     assert!(!rlog.exists());
+    image_clean(&img);
+}
+
+#[test]
+fn writeback_cache_acknowledged_writes_zeroes_and_discards_survive_sigkill() {
+    // Nothing is written back before the kill (a 1-hour expiry, a cache large enough): every
+    // acknowledged write lives only in the cache file, and the next serve writes it back.
+    let s = Scratch::new("img-wb-kill");
+    let (img, sock, rlog) = (s.path("disk.img"), s.path("sock"), s.path("restart.log"));
+    create_image(&img, "64M");
+    let rl = rlog.to_str().unwrap();
+    let args = [
+        "--restart-log",
+        rl,
+        "--cache",
+        "writeback",
+        "--dirty-expire",
+        "3600000",
+    ];
+    let (bad, log) = acknowledged_then_killed(&img, &sock, &args, |_, _| {}, unflushed_writes);
+    assert!(bad.is_empty(), "acknowledged blocks lost: {bad:?}\n{log}");
+    assert!(
+        log.contains("page(s) a killed daemon left written back"),
+        "{log}"
+    );
+    image_clean(&img);
+    // A clean stop leaves no cache file behind.
+    assert!(!s.path("restart.wbcache").exists());
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &args,
+        flushed_data,
+        unflushed_zeroes_and_discards,
+    );
+    assert!(bad.is_empty(), "acknowledged zeroing lost: {bad:?}\n{log}");
+    image_clean(&img);
+    // And a restart in another cache mode writes the pages back too (on a fresh image: the
+    // model knows nothing of the data above).
+    std::fs::remove_file(&img).unwrap();
+    create_image(&img, "64M");
+    let mut none = args.to_vec();
+    none[3] = "none";
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut m = BlockModel::default();
+    unflushed_writes(&mut c, &mut m);
+    drop(c);
+    let _ = d.kill();
+    assert!(s.path("restart.wbcache").exists());
+    let d = Daemon::start_image(&img, &sock, &none);
+    let mut c = Client::connect(&sock, 1);
+    let bad = m.mismatches(&mut c);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        bad.is_empty(),
+        "after a restart with --cache none: {bad:?}\n{log}"
+    );
+    assert!(
+        log.contains("page(s) a killed daemon left written back"),
+        "{log}"
+    );
+    image_clean(&img);
+}
+
+#[test]
+fn writeback_cache_without_a_file_loses_unflushed_writes_on_sigkill() {
+    // The control: without a restart log there is no cache file, and the kill loses data.
+    let s = Scratch::new("img-wb-none");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "64M");
+    let (bad, log) = acknowledged_then_killed(
+        &img,
+        &sock,
+        &[
+            "--restart-log",
+            "none",
+            "--cache",
+            "writeback",
+            "--dirty-expire",
+            "3600000",
+        ],
+        |_, _| {},
+        unflushed_writes,
+    );
+    assert!(
+        bad.iter().any(|&(_, zero)| zero),
+        "no acknowledged block was lost without the cache file: {bad:?}\n{log}"
+    );
     image_clean(&img);
 }
 

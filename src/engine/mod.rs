@@ -6,6 +6,7 @@
 //! when its completion fd fires), or from a thread of its own. Engines know nothing of virtio;
 //! the device knows nothing of files.
 
+pub mod cache;
 pub mod fence;
 pub mod image;
 #[cfg(test)]
@@ -59,6 +60,10 @@ pub enum Stopped {
     CommitterGone,
     #[error("the engine is closed")]
     Closed,
+    /// The write-back cache could not write its dirty data to the engine below: the data is
+    /// kept, but nothing more is accepted (as `data_err=abort` makes ext4 do).
+    #[error("writing back the cache failed: {0}")]
+    WritebackFailed(Arc<EngineError>),
 }
 
 /// The device-side continuation of a request: called exactly once, from any thread.
@@ -140,6 +145,22 @@ impl GuestBuffers {
 
     pub fn iovecs(&self) -> &[libc::iovec] {
         &self.iovecs
+    }
+
+    /// Bytes `[start, start + len)` of these buffers as buffers of their own, keeping the same
+    /// mapping alive: a request split into pieces that go to different places (the write-back
+    /// cache serves some blocks of a read itself and reads the rest from the engine below).
+    ///
+    /// # Safety
+    /// The pieces alias `self`: while a piece is in use, no other piece or `self` may be used
+    /// for the same bytes.
+    pub unsafe fn slice(&self, start: usize, len: usize) -> GuestBuffers {
+        debug_assert!(start + len <= self.len);
+        GuestBuffers {
+            iovecs: crate::io::iov::slice(&self.iovecs, start, len),
+            len,
+            _keepalive: self._keepalive.clone(),
+        }
     }
 }
 

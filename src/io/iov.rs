@@ -60,6 +60,23 @@ pub fn gather(iovs: &[libc::iovec], dst: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Copies `src` into the buffers, from their start (cached data into a guest's read buffers).
+pub fn scatter(iovs: &[libc::iovec], src: &[u8]) -> io::Result<()> {
+    let mut o = 0;
+    for v in iovs {
+        if o + v.iov_len > src.len() {
+            return Err(io::Error::other("iovec larger than the source"));
+        }
+        // SAFETY: the iovecs describe live, writable guest buffers owned by the request; `src`
+        // holds the bytes (checked above) and cannot overlap guest memory it was not read from.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src[o..].as_ptr(), v.iov_base as *mut u8, v.iov_len)
+        };
+        o += v.iov_len;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +104,8 @@ mod tests {
         let mut d = [9u8; 5];
         gather(&slice(&iovs, 7, 4), &mut d[..4]).unwrap();
         assert_eq!(d, [1, 0, 0, 0, 9]);
+        scatter(&slice(&iovs, 9, 2), &[7, 8]).unwrap();
+        assert_eq!((a[9], b[0]), (7, 8));
+        assert!(scatter(&slice(&iovs, 9, 2), &[7]).is_err());
     }
 }

@@ -322,6 +322,15 @@ impl ImageEngine {
         &self.shared.stats
     }
 
+    /// The image's filesystem UUID and session count (`s_mnt_count`, which this open bumped
+    /// if read-write): what a file beside the image that belongs to one daemon session (the
+    /// write-back cache's) is bound to.
+    pub fn session(&self) -> ([u8; 16], u16) {
+        let st = lock(&self.shared.state);
+        let sb = st.image.superblock();
+        (sb.uuid, sb.mnt_count)
+    }
+
     /// Stops the worker and closes the image cleanly (commit, checkpoint, clean superblock).
     pub fn close(&self) -> Result<(), EngineError> {
         self.flush()?;

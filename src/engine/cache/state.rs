@@ -1,0 +1,455 @@
+//! The cache's bookkeeping, behind one mutex: which slot holds the newest version of each
+//! block, which are dirty, which are being written back, and who waits for what. No I/O and no
+//! waiting happen under it (see `mod.rs` for the lock's rules).
+//!
+//! A slot holds one version of one block, or nothing:
+//!
+//! | role | meaning | freed when |
+//! | --- | --- | --- |
+//! | `Free` | on the free list | — |
+//! | `Live` | the block's newest version, in `index` | evicted (clean, idle) |
+//! | `Retired` | superseded by a newer write | its writeback (if any) ends |
+//! | `Doomed` | dropped by a discard or write-zeroes in flight | that request ends |
+//!
+//! `dirty` (header sequence ≠ 0) means the data is newer than the engine below; `busy` that a
+//! writeback of it is in flight. Only one version of a block is ever busy (`writing`): a newer
+//! one waits for the older one's write to end, so the engine never sees two writes of one block
+//! from the cache at once and the last one written is the newest.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::store::Store;
+use crate::engine::EngineError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    Free,
+    Live,
+    Retired,
+    Doomed,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Meta {
+    pub lblock: u64,
+    pub seq: u64,
+    /// Bumped when the slot is freed: a (slot, gen) pair names one use of a slot.
+    pub gen: u32,
+    pub role: Role,
+    pub dirty: bool,
+    pub busy: bool,
+    pub dirtied: Instant,
+}
+
+/// Completes one flush (a guest FLUSH, a FUA write's, or `BlockEngine::flush`).
+pub(super) type FlushDone = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+
+pub(super) struct FlushWaiter {
+    /// Every version with a sequence up to this must be written back first.
+    pub target: u64,
+    pub done: FlushDone,
+}
+
+/// One writeback: consecutive blocks from `first`, one slot each.
+pub(super) struct Run {
+    pub first: u64,
+    pub slots: Vec<u32>,
+}
+
+/// Longest run one writeback writes (1 MiB).
+pub(super) const MAX_RUN: usize = 256;
+
+pub(super) struct State {
+    pub meta: Vec<Meta>,
+    free: Vec<u32>,
+    /// Block → the slot with its newest version.
+    pub index: HashMap<u64, u32>,
+    /// Clean, idle `Live` slots, oldest first; entries that stopped being so are skipped.
+    lru: VecDeque<u32>,
+    /// `Live`, clean and idle slots (what eviction can take).
+    clean: usize,
+    /// Blocks whose `Live` slot is dirty and not busy: what a writeback may take.
+    pub candidates: BTreeSet<u64>,
+    /// `Live` dirty slots by sequence: the oldest dirty version (flush targets, expiry).
+    pub by_seq: BTreeMap<u64, u32>,
+    /// Blocks with a writeback in flight.
+    pub writing: HashSet<u64>,
+    /// Dirty slots (`Live` or `Doomed`): what the dirty limit counts.
+    pub dirty: usize,
+    next_seq: u64,
+    /// Blocks a waiting write-zeroes or discard needs written back now.
+    pub urgent: BTreeSet<u64>,
+    pub flushes: Vec<FlushWaiter>,
+    pub flush_in_flight: bool,
+    pub runs_in_flight: usize,
+    /// A writeback or a flush below failed: nothing more is accepted.
+    pub failed: Option<Arc<EngineError>>,
+    /// Queues with deferred requests, to wake when slots free up or writebacks end.
+    pub waiting: Vec<Arc<EventFd>>,
+    pub stop: bool,
+    pub dirty_limit: usize,
+    pub background: usize,
+}
+
+impl State {
+    pub fn new(slots: u32, dirty_limit: usize) -> State {
+        let now = Instant::now();
+        State {
+            meta: vec![
+                Meta {
+                    lblock: 0,
+                    seq: 0,
+                    gen: 0,
+                    role: Role::Free,
+                    dirty: false,
+                    busy: false,
+                    dirtied: now,
+                };
+                slots as usize
+            ],
+            free: (0..slots).rev().collect(),
+            index: HashMap::new(),
+            lru: VecDeque::new(),
+            clean: 0,
+            candidates: BTreeSet::new(),
+            by_seq: BTreeMap::new(),
+            writing: HashSet::new(),
+            dirty: 0,
+            next_seq: 1,
+            urgent: BTreeSet::new(),
+            flushes: Vec::new(),
+            flush_in_flight: false,
+            runs_in_flight: 0,
+            failed: None,
+            waiting: Vec::new(),
+            stop: false,
+            dirty_limit: dirty_limit.max(1),
+            background: (dirty_limit / 2).max(1),
+        }
+    }
+
+    /// Slots a write could take now, and whether the dirty limit lets it make `k` more
+    /// dirty versions.
+    pub fn room(&self, new_dirty: usize) -> (usize, bool) {
+        (
+            self.free.len() + self.clean,
+            self.dirty + new_dirty <= self.dirty_limit,
+        )
+    }
+
+    /// Would a new version of `lblock` add a dirty slot (rather than replace one)?
+    pub fn adds_dirty(&self, lblock: u64) -> bool {
+        self.index
+            .get(&lblock)
+            .is_none_or(|&s| !self.meta[s as usize].dirty)
+    }
+
+    pub fn is_cached(&self) -> bool {
+        !self.index.is_empty()
+    }
+
+    /// A slot to fill: a free one, or the oldest clean idle one evicted.
+    pub fn take_slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        while let Some(s) = self.lru.pop_front() {
+            let m = self.meta[s as usize];
+            if m.role == Role::Live && !m.dirty && !m.busy && self.index.get(&m.lblock) == Some(&s)
+            {
+                self.index.remove(&m.lblock);
+                self.clean -= 1;
+                self.meta[s as usize].role = Role::Free;
+                self.meta[s as usize].gen = m.gen.wrapping_add(1);
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Makes `slot` (taken, its data written) the newest version of `lblock`.
+    pub fn install(&mut self, store: &Store, slot: u32, lblock: u64, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // The new version is published before the old one is cleared: a kill in between
+        // leaves both, and recovery takes the newer.
+        store.publish(slot, lblock, seq);
+        let m = &mut self.meta[slot as usize];
+        *m = Meta {
+            lblock,
+            seq,
+            gen: m.gen,
+            role: Role::Live,
+            dirty: true,
+            busy: false,
+            dirtied: now,
+        };
+        self.dirty += 1;
+        self.by_seq.insert(seq, slot);
+        self.candidates.insert(lblock);
+        if let Some(old) = self.index.insert(lblock, slot) {
+            self.retire(store, old);
+        }
+    }
+
+    fn retire(&mut self, store: &Store, s: u32) {
+        let m = self.meta[s as usize];
+        if m.dirty {
+            store.clear(s);
+            self.dirty -= 1;
+            self.by_seq.remove(&m.seq);
+            self.meta[s as usize].dirty = false;
+        } else if !m.busy {
+            self.clean -= 1;
+        }
+        self.meta[s as usize].role = Role::Retired;
+        if !m.busy {
+            self.free_slot(s);
+        }
+    }
+
+    fn free_slot(&mut self, s: u32) {
+        let m = &mut self.meta[s as usize];
+        m.role = Role::Free;
+        m.busy = false;
+        m.dirty = false;
+        m.gen = m.gen.wrapping_add(1);
+        self.free.push(s);
+    }
+
+    /// The sequence of the last version made: a flush now must wait for every version up to it.
+    pub fn flush_target(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The oldest dirty `Live` version's sequence (`u64::MAX` when none).
+    pub fn oldest_dirty(&self) -> u64 {
+        self.by_seq.keys().next().copied().unwrap_or(u64::MAX)
+    }
+
+    /// Chooses writebacks: every candidate (`all`), or the urgent ones and those dirtied
+    /// before `expired_before`; in runs of consecutive blocks, longest first, at most `max`.
+    /// Marks what it chose busy.
+    pub fn plan(&mut self, all: bool, expired_before: Instant, max: usize) -> Vec<Run> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let chosen: Vec<u64> = if all {
+            self.candidates
+                .iter()
+                .copied()
+                .filter(|b| !self.writing.contains(b))
+                .collect()
+        } else {
+            let mut set: BTreeSet<u64> = self
+                .urgent
+                .iter()
+                .copied()
+                .filter(|b| self.candidates.contains(b))
+                .collect();
+            for &s in self.by_seq.values() {
+                let m = &self.meta[s as usize];
+                if m.dirtied >= expired_before {
+                    break;
+                }
+                if !m.busy {
+                    set.insert(m.lblock);
+                }
+            }
+            set.into_iter()
+                .filter(|b| !self.writing.contains(b))
+                .collect()
+        };
+        let mut runs: Vec<(u64, usize)> = Vec::new();
+        for b in chosen {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n as u64 == b && *n < MAX_RUN => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        runs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        runs.truncate(max);
+        runs.into_iter()
+            .map(|(first, n)| Run {
+                first,
+                slots: (first..first + n as u64)
+                    .map(|b| self.start_writeback(b))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn start_writeback(&mut self, lblock: u64) -> u32 {
+        let s = self.index[&lblock];
+        self.candidates.remove(&lblock);
+        self.urgent.remove(&lblock);
+        self.writing.insert(lblock);
+        self.meta[s as usize].busy = true;
+        s
+    }
+
+    /// A writeback of `s` ended.
+    pub fn end_writeback(&mut self, store: &Store, s: u32, ok: bool) {
+        let m = self.meta[s as usize];
+        self.writing.remove(&m.lblock);
+        self.meta[s as usize].busy = false;
+        match m.role {
+            Role::Live => {
+                if !ok {
+                    // Kept dirty (and not retried: the cache has failed).
+                    self.candidates.insert(m.lblock);
+                } else if m.dirty {
+                    store.clear(s);
+                    self.meta[s as usize].dirty = false;
+                    self.dirty -= 1;
+                    self.by_seq.remove(&m.seq);
+                    self.clean += 1;
+                    self.lru.push_back(s);
+                }
+            }
+            Role::Retired => self.free_slot(s),
+            // Its discard frees it; it waits for this writeback to end.
+            Role::Doomed => {}
+            Role::Free => debug_assert!(false, "writeback of a free slot"),
+        }
+    }
+
+    /// Drops `lblock`'s cached versions for a discard or write-zeroes about to be sent below:
+    /// the `Live` one becomes `Doomed` (returned: freed when that request ends).
+    pub fn doom(&mut self, lblock: u64) -> Option<u32> {
+        let s = self.index.remove(&lblock)?;
+        let m = self.meta[s as usize];
+        self.candidates.remove(&lblock);
+        self.urgent.remove(&lblock);
+        if m.dirty {
+            self.by_seq.remove(&m.seq);
+        } else if !m.busy {
+            self.clean -= 1;
+        }
+        self.meta[s as usize].role = Role::Doomed;
+        Some(s)
+    }
+
+    /// The discard or write-zeroes that doomed `s` ended. On failure the version comes back
+    /// if nothing newer replaced it: the request did not happen, the write before it did.
+    pub fn release_doomed(&mut self, store: &Store, s: u32, ok: bool) {
+        let m = self.meta[s as usize];
+        debug_assert!(m.role == Role::Doomed && !m.busy);
+        if !ok && !self.index.contains_key(&m.lblock) {
+            self.meta[s as usize].role = Role::Live;
+            self.index.insert(m.lblock, s);
+            if m.dirty {
+                self.by_seq.insert(m.seq, s);
+                self.candidates.insert(m.lblock);
+            } else {
+                self.clean += 1;
+                self.lru.push_back(s);
+            }
+            return;
+        }
+        if m.dirty {
+            store.clear(s);
+            self.dirty -= 1;
+        }
+        self.free_slot(s);
+    }
+
+    /// Drops clean idle pages from `first_block` on (a resize shrank the disk under them).
+    pub fn drop_clean_from(&mut self, first_block: u64) {
+        let gone: Vec<u64> = self
+            .index
+            .iter()
+            .filter(|(&b, &s)| {
+                let m = &self.meta[s as usize];
+                b >= first_block && !m.dirty && !m.busy
+            })
+            .map(|(&b, _)| b)
+            .collect();
+        for b in gone {
+            let s = self.index.remove(&b).expect("listed");
+            self.clean -= 1;
+            self.free_slot(s);
+        }
+    }
+
+    /// Cached (`Live`) pages now.
+    pub fn cached(&self) -> usize {
+        self.index.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(st: &mut State, store: &Store, lblock: u64) -> u32 {
+        let s = st.take_slot().expect("room");
+        st.install(store, s, lblock, Instant::now());
+        s
+    }
+
+    #[test]
+    fn versions_writebacks_and_eviction_keep_the_counts() {
+        let store = Store::anonymous(4).unwrap();
+        let mut st = State::new(4, 3);
+        let a = put(&mut st, &store, 10);
+        put(&mut st, &store, 11);
+        assert_eq!(st.dirty, 2);
+        let runs = st.plan(true, Instant::now(), 8);
+        assert_eq!((runs.len(), runs[0].first, runs[0].slots.len()), (1, 10, 2));
+        // A new version of a busy block: the old one is retired, and waits for its write.
+        let a2 = put(&mut st, &store, 10);
+        assert_eq!(st.meta[a as usize].role, Role::Retired);
+        assert_eq!(st.dirty, 2);
+        // Block 10 is being written: not planned again until that ends.
+        assert!(st.plan(true, Instant::now(), 8).is_empty());
+        for &s in &runs[0].slots {
+            st.end_writeback(&store, s, true);
+        }
+        assert_eq!(st.meta[a as usize].role, Role::Free);
+        assert_eq!(st.dirty, 1);
+        assert_eq!(st.oldest_dirty(), st.meta[a2 as usize].seq);
+        // Slots: a (free again), a2 (dirty), 11 (clean). A fourth slot is free; fill up.
+        put(&mut st, &store, 20);
+        put(&mut st, &store, 21);
+        assert_eq!(st.room(0), (1, true));
+        // Eviction takes block 11's clean page.
+        put(&mut st, &store, 22);
+        assert!(!st.index.contains_key(&11));
+        assert_eq!(st.room(1), (0, false));
+        assert!(st.take_slot().is_none());
+    }
+
+    #[test]
+    fn a_failed_discard_gives_the_write_back() {
+        let store = Store::anonymous(2).unwrap();
+        let mut st = State::new(2, 2);
+        let s = put(&mut st, &store, 5);
+        assert_eq!(st.doom(5), Some(s));
+        assert!(!st.is_cached());
+        st.release_doomed(&store, s, false);
+        assert_eq!(st.index.get(&5), Some(&s));
+        assert!(st.candidates.contains(&5));
+        assert_eq!(st.doom(5), Some(s));
+        st.release_doomed(&store, s, true);
+        assert_eq!((st.dirty, st.cached()), (0, 0));
+        assert_eq!(st.room(2), (2, true));
+    }
+
+    #[test]
+    fn expiry_takes_only_old_pages() {
+        let store = Store::anonymous(4).unwrap();
+        let mut st = State::new(4, 4);
+        put(&mut st, &store, 1);
+        let cut = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        put(&mut st, &store, 2);
+        let runs = st.plan(false, cut + std::time::Duration::from_millis(1), 8);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].first, runs[0].slots.len()), (1, 1));
+    }
+}
