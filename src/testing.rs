@@ -19,6 +19,9 @@ pub enum Broken {
     /// commit, while fence guards of its batch's unsubmitted reads and overwrites hold the
     /// committer up (the stall of issue 12).
     ThrottleHoldsFence = 4,
+    /// The write-back cache sends a FLUSH below without writing back the dirty pages it
+    /// covers first.
+    FlushBeforeWriteback = 5,
 }
 
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use extblk::engine::image::{EngineOptions, ImageEngine, ImageQueue};
+use extblk::engine::cache::{CacheEngine, CacheOptions};
+use extblk::engine::image::{EngineOptions, ImageEngine};
 use extblk::engine::{
     BlockEngine, Completion, EngineError, EngineOp, EngineQueue, GuestBuffers, ZeroRange,
 };
@@ -62,6 +63,8 @@ pub struct Shape {
     pub barrier_delay: Duration,
     /// Some writes, discards and write-zeroes are FUA (durable once acknowledged).
     pub fua: bool,
+    /// Through the write-back cache, of this many pages (half may be dirty; 5 ms expiry).
+    pub cache: Option<u64>,
 }
 
 fn slot_lblk(s: u64) -> u64 {
@@ -391,6 +394,11 @@ pub struct RunCounts {
     /// Writes still in flight when a barrier started (ordered only by a later one).
     pub straddling: usize,
     pub events: usize,
+    /// Through the cache: writes that waited for room, discards and write-zeroes that waited
+    /// for a writeback of their blocks, writebacks.
+    pub cache_throttled: u64,
+    pub cache_zeroes_waited: u64,
+    pub cache_writebacks: u64,
 }
 
 /// A recorded concurrent run.
@@ -516,15 +524,26 @@ pub fn workload(shape: Shape) -> Result<CRun, RunError> {
         stop: AtomicBool::new(false),
     });
     let version = Arc::new(AtomicU64::new(1));
-    let threads: Vec<_> = (0..2usize)
-        .map(|q| {
-            let (ctx, engine, version) = (ctx.clone(), engine.clone(), version.clone());
-            std::thread::Builder::new()
-                .name(format!("crash-queue-{q}"))
-                .spawn(move || queue_thread(&ctx, &engine, q, shape, slots, &version))
-                .unwrap()
-        })
-        .collect();
+    let cached = match shape.cache {
+        Some(pages) => Some(Arc::new(
+            CacheEngine::new(
+                engine.clone(),
+                CacheOptions {
+                    size: pages * BS,
+                    dirty_ratio: 50,
+                    dirty_expire: Duration::from_millis(5),
+                    file: None,
+                    thread_start: None,
+                },
+            )
+            .map_err(|e| failed(format!("cache: {e}")))?,
+        )),
+        None => None,
+    };
+    let threads = match &cached {
+        Some(c) => spawn_queues(&ctx, c, shape, slots, &version),
+        None => spawn_queues(&ctx, &Arc::new(engine.clone()), shape, slots, &version),
+    };
     // The liveness watch: every queue with requests in flight must keep completing.
     let mut seen: Vec<(u64, Instant)> = vec![(0, Instant::now()); 2];
     while !threads.iter().all(|t| t.is_finished()) {
@@ -559,7 +578,17 @@ pub fn workload(shape: Shape) -> Result<CRun, RunError> {
         space_waits: g(&st.space_waits),
         ..Default::default()
     };
-    engine.close().map_err(|e| failed(format!("close: {e}")))?;
+    match &cached {
+        Some(c) => {
+            c.close().map_err(|e| failed(format!("close: {e}")))?;
+            let cc = c.stats();
+            counts.cache_throttled = cc.writes_throttled;
+            counts.cache_zeroes_waited = cc.zeroes_waited;
+            counts.cache_writebacks = cc.writeback_runs;
+        }
+        None => engine.close().map_err(|e| failed(format!("close: {e}")))?,
+    }
+    drop(cached);
     drop(engine);
     let reqs = std::mem::take(&mut *ctx.reqs.lock().unwrap());
     if let Some(r) = reqs.iter().find(|r| !r.ok()) {
@@ -712,9 +741,28 @@ fn write_buffers(data: Vec<u8>) -> GuestBuffers {
     unsafe { GuestBuffers::new(vec![iov], keep) }
 }
 
-fn queue_thread(
+/// The two queue threads over `engine`.
+fn spawn_queues<E: BlockEngine>(
     ctx: &Arc<Ctx>,
-    engine: &ImageEngine,
+    engine: &Arc<E>,
+    shape: Shape,
+    slots: Slots,
+    version: &Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<Result<(), String>>> {
+    (0..2usize)
+        .map(|q| {
+            let (ctx, engine, version) = (ctx.clone(), engine.clone(), version.clone());
+            std::thread::Builder::new()
+                .name(format!("crash-queue-{q}"))
+                .spawn(move || queue_thread(&ctx, &*engine, q, shape, slots, &version))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn queue_thread<E: BlockEngine>(
+    ctx: &Arc<Ctx>,
+    engine: &E,
     q: usize,
     shape: Shape,
     slots: Slots,
@@ -790,7 +838,7 @@ fn queue_thread(
 
 fn submit(
     ctx: &Arc<Ctx>,
-    queue: &mut ImageQueue<Done>,
+    queue: &mut impl EngineQueue<Done>,
     q: usize,
     slots: Slots,
     version: &AtomicU64,

@@ -443,8 +443,6 @@ struct PendingWrite<C> {
     pos: usize,
     fua: bool,
     finish: Finish<C>,
-    /// The partial blocks not cached have been sent below.
-    edges_sent: bool,
 }
 
 enum Deferred<C> {
@@ -560,30 +558,10 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             w.finish.complete(Err(e.into()));
             return None;
         }
-        // Partial blocks not cached are written below as they are: a read-modify-write here
-        // would wait for a read on the queue thread.
-        let mut edges: SmallVec<[(u64, usize, usize); 2]> = SmallVec::new();
-        if !w.edges_sent {
-            w.edges_sent = true;
-            let (first, last) = (w.offset / PAGE as u64, (end - 1) / PAGE as u64);
-            for b in [first, last] {
-                let (s, e) = (
-                    w.offset.max(b * PAGE as u64),
-                    end.min((b + 1) * PAGE as u64),
-                );
-                let partial = e - s < PAGE as u64;
-                if partial && !st.index.contains_key(&b) && edges.last().is_none_or(|x| x.0 != b) {
-                    edges.push((b, (s - w.offset) as usize, (e - s) as usize));
-                }
-            }
-            if !edges.is_empty() {
-                // The edges and the cached part are the pieces.
-                w.finish = match w.finish {
-                    Finish::Direct(done) => Finish::Join(Join::new(edges.len() + 1, done)),
-                    j => j,
-                };
-            }
-        }
+        // Partial blocks not cached are written below as they are (a read-modify-write here
+        // would wait for a read on the queue thread): pieces of a join, with the cached part
+        // as one more piece, completed last.
+        let mut edges: SmallVec<[(usize, usize); 2]> = SmallVec::new();
         let now = Instant::now();
         let mut copied = 0u64;
         while (w.pos as u64) < len {
@@ -594,7 +572,7 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let partial = e - s < PAGE as u64;
             let old = st.index.get(&b).copied();
             if partial && old.is_none() {
-                // Sent below (an edge).
+                edges.push((w.pos, (e - s) as usize));
                 w.pos = (e - w.offset) as usize;
                 continue;
             }
@@ -602,7 +580,8 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let slot = if dirty_ok { st.take_slot() } else { None };
             let Some(slot) = slot else { break };
             let dst = shared.store.data(slot);
-            if let Some(o) = old.filter(|_| partial) {
+            // Eviction may have taken the block's own clean version: its data is in place.
+            if let Some(o) = old.filter(|&o| partial && o != slot) {
                 // SAFETY: `slot` is taken (no one else uses it); `o` is published and
                 // immutable; both are PAGE bytes of the store.
                 unsafe { std::ptr::copy_nonoverlapping(shared.store.data(o), dst, PAGE) };
@@ -632,7 +611,13 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
         if kick {
             shared.wake_writeback();
         }
-        for (_, s, n) in edges {
+        if !edges.is_empty() {
+            w.finish = match w.finish {
+                Finish::Direct(done) => Finish::Join(Join::new(1, done)),
+                j => j,
+            };
+        }
+        for (s, n) in edges {
             shared
                 .stats
                 .write_passthrough
@@ -640,6 +625,8 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let Finish::Join(j) = &w.finish else {
                 unreachable!("edges make a join")
             };
+            // The cached part's piece is still open: the join cannot end meanwhile.
+            j.left.fetch_add(1, Ordering::AcqRel);
             // SAFETY: the edges are disjoint from each other and from the cached blocks.
             let piece = unsafe { w.bufs.slice(s, n) };
             self.below.submit(
@@ -787,7 +774,6 @@ impl<E: BlockEngine, C: Completion> EngineQueue<C> for CacheQueue<E, C> {
                     pos: 0,
                     fua,
                     finish: Finish::Direct(done),
-                    edges_sent: false,
                 };
                 if !self.deferred.is_empty() || w.bufs.is_empty() {
                     // Behind the deferred ones (whose front is registered for a wake-up), or

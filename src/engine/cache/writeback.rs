@@ -137,7 +137,7 @@ fn run_loop<E: BlockEngine>(
             if !st.flush_in_flight {
                 let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
                     .into_iter()
-                    .partition(|f| f.target < oldest);
+                    .partition(|f| f.target < oldest || broken!(FlushBeforeWriteback));
                 st.flushes = rest;
                 if !ready.is_empty() {
                     st.flush_in_flight = true;
