@@ -493,8 +493,8 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let s = offset.max(bstart);
             let e = (offset + len).min(bstart + PAGE as u64);
             let (rs, re) = ((s - offset) as usize, (e - offset) as usize);
-            match st.index.get(&b) {
-                Some(&slot) => {
+            match st.readable(b) {
+                Some(slot) => {
                     hits += 1;
                     let page = self.shared.store.page(slot);
                     let src = &page[(s - bstart) as usize..(e - bstart) as usize];

@@ -9,7 +9,7 @@
 //! | `Free` | on the free list | — |
 //! | `Live` | the block's newest version, in `index` | evicted (clean, idle) |
 //! | `Retired` | superseded by a newer write | its writeback (if any) ends |
-//! | `Doomed` | dropped by a discard or write-zeroes in flight | that request ends |
+//! | `Doomed` | dropped by a discard or write-zeroes in flight (still read, in `doomed`) | that request ends |
 //!
 //! `dirty` (header sequence ≠ 0) means the data is newer than the engine below; `busy` that a
 //! writeback of it is in flight. Only one version of a block is ever busy (`writing`): a newer
@@ -68,6 +68,9 @@ pub(super) struct State {
     free: Vec<u32>,
     /// Block → the slot with its newest version.
     pub index: HashMap<u64, u32>,
+    /// Block → its version a discard or write-zeroes in flight dropped: still what a read
+    /// returns until that request ends (the version before it may be below, older still).
+    pub doomed: HashMap<u64, u32>,
     /// Clean, idle `Live` slots, oldest first; entries that stopped being so are skipped.
     lru: VecDeque<u32>,
     /// `Live`, clean and idle slots (what eviction can take).
@@ -113,6 +116,7 @@ impl State {
             ],
             free: (0..slots).rev().collect(),
             index: HashMap::new(),
+            doomed: HashMap::new(),
             lru: VecDeque::new(),
             clean: 0,
             candidates: BTreeSet::new(),
@@ -149,7 +153,16 @@ impl State {
     }
 
     pub fn is_cached(&self) -> bool {
-        !self.index.is_empty()
+        !self.index.is_empty() || !self.doomed.is_empty()
+    }
+
+    /// The version a read of `lblock` returns, if cached: the newest, else one a discard in
+    /// flight dropped.
+    pub fn readable(&self, lblock: u64) -> Option<u32> {
+        self.index
+            .get(&lblock)
+            .or_else(|| self.doomed.get(&lblock))
+            .copied()
     }
 
     /// A slot to fill: a free one, or the oldest clean idle one evicted.
@@ -331,6 +344,7 @@ impl State {
             self.clean -= 1;
         }
         self.meta[s as usize].role = Role::Doomed;
+        self.doomed.insert(lblock, s);
         Some(s)
     }
 
@@ -339,6 +353,9 @@ impl State {
     pub fn release_doomed(&mut self, store: &Store, s: u32, ok: bool) {
         let m = self.meta[s as usize];
         debug_assert!(m.role == Role::Doomed && !m.busy);
+        if self.doomed.get(&m.lblock) == Some(&s) {
+            self.doomed.remove(&m.lblock);
+        }
         if !ok && !self.index.contains_key(&m.lblock) {
             self.meta[s as usize].role = Role::Live;
             self.index.insert(m.lblock, s);
@@ -430,13 +447,15 @@ mod tests {
         let mut st = State::new(2, 2);
         let s = put(&mut st, &store, 5);
         assert_eq!(st.doom(5), Some(s));
-        assert!(!st.is_cached());
+        // Still read until the discard ends.
+        assert_eq!(st.readable(5), Some(s));
         st.release_doomed(&store, s, false);
         assert_eq!(st.index.get(&5), Some(&s));
         assert!(st.candidates.contains(&5));
         assert_eq!(st.doom(5), Some(s));
         st.release_doomed(&store, s, true);
         assert_eq!((st.dirty, st.cached()), (0, 0));
+        assert!(!st.is_cached());
         assert_eq!(st.room(2), (2, true));
     }
 
