@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: extblk against qemu-storage-daemon (raw file and qcow2, both with
-# cache.direct=on,aio=io_uring) over vhost-user-blk, driven by `extblk bench` (libblkio), and
+# cache.direct=on,aio=io_uring; "rawhost": raw with cache.direct=off) over vhost-user-blk,
+# driven by `extblk bench` (libblkio); extblk's cache modes ("extblk" --cache none, "extblk-host"
+# --cache host, "extblk-wb" --cache writeback, "extblk-wb4k" that with --alloc-unit 4K); and
 # against the limit: fio with io_uring and O_DIRECT on a bare raw file of the same size on the
 # same filesystem, same depth ("bare").
 # Each pattern runs ROUNDS times per target in alternating order (this machine's storage is
@@ -28,8 +30,19 @@ start() { # target name -> socket; fresh images for each start
   rm -f "$sock"
   case $t in
     bare)   rm -f "$dir/b.raw"; fallocate -l "$SIZE" "$dir/b.raw"; return 0 ;;
-    extblk) rm -f "$dir/x.img"; "$E" create --size "$SIZE" "$dir/x.img" >/dev/null
-            "$E" serve --queues "$QUEUES" --socket "$sock" "$dir/x.img" 2>>"$dir/extblk.log" & ;;
+    extblk*)
+            local extra=()
+            case $t in
+              extblk-wb)   extra=(--cache writeback) ;;
+              extblk-wb4k) extra=(--cache writeback --alloc-unit 4K) ;;
+              extblk-host) extra=(--cache host) ;;
+            esac
+            rm -f "$dir/$t.img"; "$E" create --size "$SIZE" "$dir/$t.img" >/dev/null
+            "$E" serve --queues "$QUEUES" --socket "$sock" "${extra[@]}" "$dir/$t.img" 2>>"$dir/extblk.log" & ;;
+    rawhost) rm -f "$dir/rh.raw"; fallocate -l "$SIZE" "$dir/rh.raw"
+            qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$dir/rh.raw",cache.direct=off,aio=io_uring \
+              --blockdev driver=raw,node-name=fmt,file=f \
+              --export type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path="$sock",writable=on,num-queues="$QUEUES" 2>>"$dir/qsd.log" & ;;
     raw)    rm -f "$dir/r.raw"; fallocate -l "$SIZE" "$dir/r.raw"
             qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$dir/r.raw",cache.direct=on,aio=io_uring \
               --blockdev driver=raw,node-name=fmt,file=f \
@@ -46,6 +59,9 @@ start() { # target name -> socket; fresh images for each start
 stop() { # target
   [ "$1" = bare ] && return 0
   kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+}
+allocated() { # extblk target -> bytes of /disk allocated (after stop: everything written back)
+  "$E" info --output json "$dir/$1.img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["allocated_bytes"])'
 }
 fio_bare() { # fio arguments...: fio on the bare file, io_uring + O_DIRECT -> iops
   fio --name=bare --filename="$dir/b.raw" --ioengine=io_uring --direct=1 --size="$SPAN" \
@@ -67,7 +83,10 @@ bench() { # socket pattern bs queues -> iops
   local how=(--runtime "$RUNTIME")
   [ "$2" = randwrite-alloc ] && how=(--once --runtime 300)
   "$E" bench --socket "$1" --pattern "$2" --bs "$3" --iodepth "$IODEPTH" --queues "$4" \
-    "${how[@]}" --size "$SPAN" --output json | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'
+    "${how[@]}" --size "$SPAN" --output json | tee "$dir/last.json" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'
+}
+written() { # bytes the last `extblk bench` wrote
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["ios"] * j["bs"])' "$dir/last.json"
 }
 fill() { # socket how: seq = 1 MiB sequential writes, rand = 4 KiB writes in random order; each block once
   if [[ $1 == */bare.sock ]]; then
@@ -97,6 +116,11 @@ plan=(
   "randwrite:4K:1:extblk qcow2:fresh:2G"
   "randwrite:4K:1:extblk qcow2:fresh:8G"
   "randwrite:4K:1:extblk qcow2:fresh:1T"
+  "randwrite:4K:1:extblk-wb extblk extblk-host rawhost:fill"
+  "randwrite:4K:1:extblk-wb extblk extblk-host rawhost:fresh"
+  "write-flush:4K:1:extblk-wb extblk:fresh"
+  "randwrite:4K:1:extblk-wb4k extblk:fresh"
+  "read:1M:1:extblk-wb extblk-wb~randfill:fill"
 )
 if [ -n "${ONLY:-}" ]; then
   keep=()
@@ -105,7 +129,7 @@ if [ -n "${ONLY:-}" ]; then
   done
   plan=("${keep[@]}")
 fi
-declare -A res
+declare -A res space
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode size <<<"$entry"
   SIZE=${size:-$SIZE0} SPAN=${size:-$SPAN0}
@@ -118,26 +142,37 @@ for entry in "${plan[@]}"; do
       iops=$(bench "$dir/${t%~*}.sock" "$pattern" "$bs" "$queues")
       stop "${t%~*}"
       res["$entry/$t"]+="$iops "
+      # Host space of a fresh extblk disk against the bytes the guest wrote (rewrites counted).
+      if [ "$mode" = fresh ] && [[ $t == extblk* ]] && [ "${t%~*}" = "$t" ] && [ "$pattern" != write ]; then
+        space["$entry/$t"]+="$(python3 -c "print(round($(allocated "$t") / $(written), 3))") "
+      fi
       echo "round $r $pattern bs=$bs queues=$queues ($mode${size:+ $size}) $t: $iops IOPS" >&2
     done
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '\n%-16s %4s %2s %-9s %12s %12s %8s\n' pattern bs q disk extblk other ratio
+printf '\n%-16s %4s %2s %-9s %-11s %10s %12s %8s\n' pattern bs q disk first "its IOPS" other ratio
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode size <<<"$entry"
-  x=$(echo "${res[$entry/extblk]}" | median)
-  for other in ${targets#extblk }; do
+  first=${targets%% *}
+  x=$(echo "${res[$entry/$first]}" | median)
+  for other in ${targets#"$first" }; do
     o=$(echo "${res[$entry/$other]}" | median)
     case $other in
-      extblk~*) what="extblk after a ${other#*~}, inverted: seq/rand" ;;
+      *~*) what="${other%~*} after a ${other#*~}, inverted: seq/rand" ;;
       bare) what="fio io_uring O_DIRECT on the bare file: extblk as a fraction of the limit" ;;
+      extblk) what="extblk --cache none" ;;
+      extblk-host) what="extblk --cache host" ;;
+      rawhost) what="qsd raw cache.direct=off" ;;
       *) what="qsd $other" ;;
     esac
-    printf '%-16s %4s %2s %-9s %12s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode${size:+:$size}" "$x" "$o" \
+    printf '%-16s %4s %2s %-9s %-11s %10s %12s %7.2fx  (vs %s)\n' "$pattern" "$bs" "$queues" "$mode${size:+:$size}" "$first" "$x" "$o" \
       "$(python3 -c "print($x/$o)")" "$what"
   done
 done
+for key in "${!space[@]}"; do
+  echo "host space / bytes written, ${key%/*} ${key##*/}: $(echo "${space[$key]}" | median)x"
+done | sort
 if [ -z "${ONLY:-}" ]; then
 one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
 two=$(echo "${res[randwrite:4K:2:extblk raw:fill/extblk]}" | median)

@@ -299,7 +299,17 @@ impl<E: BlockEngine> CacheEngine<E> {
         }
         let slots = slots.min(u32::MAX as u64 / 2) as u32;
         let store = match &opts.file {
-            Some((path, binding)) => Store::create_file(path, slots, *binding)?,
+            Some((path, binding)) => {
+                if !store::on_tmpfs(path) {
+                    log::warn!(
+                        "write-back cache file {}: not on tmpfs, so the host also writes its \
+                         pages to that filesystem (put --restart-log on a tmpfs such as /run \
+                         or /dev/shm)",
+                        path.display()
+                    );
+                }
+                Store::create_file(path, slots, *binding)?
+            }
             None => Store::anonymous(slots).map_err(CacheError::Memory)?,
         };
         let dirty_limit = (slots as u64 * u64::from(opts.dirty_ratio.clamp(1, 100)) / 100) as usize;
@@ -601,7 +611,10 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
         if wait && !st.waiting.iter().any(|q| Arc::ptr_eq(q, &self.wake)) {
             st.waiting.push(self.wake.clone());
         }
-        let kick = wait || st.dirty >= st.background;
+        // The writeback thread needs a wake-up only when it may be idle: with writebacks in
+        // flight their completions wake it, and an eventfd write per request would cost a
+        // system call each.
+        let kick = wait || (st.dirty >= st.background && st.runs_in_flight == 0);
         shared.gauges(&st);
         drop(st);
         shared

@@ -62,6 +62,8 @@ pub(super) struct Run {
 
 /// Longest run one writeback writes (1 MiB).
 pub(super) const MAX_RUN: usize = 256;
+/// Most blocks one planning round looks at (it holds the state lock).
+const SCAN_LIMIT: usize = 8192;
 
 pub(super) struct State {
     pub meta: Vec<Meta>,
@@ -81,6 +83,8 @@ pub(super) struct State {
     pub by_seq: BTreeMap<u64, u32>,
     /// Blocks with a writeback in flight.
     pub writing: HashSet<u64>,
+    /// Where the next planning round starts in `candidates` (an elevator).
+    cursor: u64,
     /// Dirty slots (`Live` or `Doomed`): what the dirty limit counts.
     pub dirty: usize,
     next_seq: u64,
@@ -115,13 +119,15 @@ impl State {
                 slots as usize
             ],
             free: (0..slots).rev().collect(),
-            index: HashMap::new(),
+            // Sized for every slot: no rehash pause on the queue thread as the cache fills.
+            index: HashMap::with_capacity(slots as usize),
             doomed: HashMap::new(),
             lru: VecDeque::new(),
             clean: 0,
             candidates: BTreeSet::new(),
             by_seq: BTreeMap::new(),
             writing: HashSet::new(),
+            cursor: 0,
             dirty: 0,
             next_seq: 1,
             urgent: BTreeSet::new(),
@@ -252,11 +258,33 @@ impl State {
             return Vec::new();
         }
         let chosen: Vec<u64> = if all {
-            self.candidates
-                .iter()
-                .copied()
-                .filter(|b| !self.writing.contains(b))
-                .collect()
+            // An elevator from the cursor, wrapping, over at most enough runs to choose the
+            // longest `max` of four times as many: the lock is held for work bounded by `max`,
+            // not by the dirty set's size.
+            let mut out = Vec::new();
+            let (mut runs, mut last) = (0usize, None::<u64>);
+            let from = self.cursor;
+            for &b in self
+                .candidates
+                .range(from..)
+                .chain(self.candidates.range(..from))
+            {
+                if self.writing.contains(&b) {
+                    continue;
+                }
+                if last.is_none_or(|l| l + 1 != b) {
+                    runs += 1;
+                    if runs > 4 * max || out.len() >= SCAN_LIMIT {
+                        break;
+                    }
+                }
+                out.push(b);
+                last = Some(b);
+            }
+            // The wrap may put blocks below the cursor after those above it.
+            out.sort_unstable();
+            self.cursor = last.map_or(0, |l| l + 1);
+            out
         } else {
             let mut set: BTreeSet<u64> = self
                 .urgent
@@ -264,9 +292,9 @@ impl State {
                 .copied()
                 .filter(|b| self.candidates.contains(b))
                 .collect();
-            for &s in self.by_seq.values() {
+            for (i, &s) in self.by_seq.values().enumerate() {
                 let m = &self.meta[s as usize];
-                if m.dirtied >= expired_before {
+                if m.dirtied >= expired_before || i >= SCAN_LIMIT {
                     break;
                 }
                 if !m.busy {

@@ -145,6 +145,24 @@ impl Drop for Map {
     }
 }
 
+/// Is the file at `path` on tmpfs (or ramfs): memory that outlives the process but is never
+/// written to a disk?
+pub fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data, written by the call; `c` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // ramfs's magic (linux/magic.h), which libc does not name.
+    st.f_type == libc::TMPFS_MAGIC || st.f_type == 0x858458f6
+}
+
 /// The slots of a running cache.
 pub struct Store {
     map: Map,

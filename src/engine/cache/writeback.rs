@@ -24,7 +24,7 @@ use crate::engine::{
 use crate::units::Bytes;
 
 /// Writebacks in flight at most: enough to keep the queue below busy.
-const MAX_RUNS: usize = 32;
+const MAX_RUNS: usize = 64;
 
 /// The completion of what the writeback thread sends below.
 pub(crate) enum WbDone {
