@@ -10,6 +10,7 @@
 #   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 IODEPTH=32 SPAN=1G SIZE=2G
 #   ROUNDS=5 RUNTIME=20 scripts/bench.sh
 #   ONLY="randread randwrite-alloc" ROUNDS=7 scripts/bench.sh   # just those patterns
+#   MATCH=extblk-wb scripts/bench.sh      # just the rows whose line contains that (the cache's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,8 +22,9 @@ command -v fio >/dev/null || { echo "bench: fio not found (apt-get install fio)"
 cargo build --release -q
 E=$PWD/target/release/extblk
 dir=$(mktemp -d /var/tmp/extblk-bench.XXXXXX)
+if [ -d /dev/shm ]; then shm=$(mktemp -d /dev/shm/extblk-bench.XXXXXX); else shm=$dir; fi
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir" "$shm"; }
 trap cleanup EXIT
 
 start() { # target name -> socket; fresh images for each start
@@ -38,7 +40,9 @@ start() { # target name -> socket; fresh images for each start
               extblk-host) extra=(--cache host) ;;
             esac
             rm -f "$dir/$t.img"; "$E" create --size "$SIZE" "$dir/$t.img" >/dev/null
-            "$E" serve --queues "$QUEUES" --socket "$sock" "${extra[@]}" "$dir/$t.img" 2>>"$dir/extblk.log" & ;;
+            # The restart log (and the write-back cache's file beside it) on tmpfs, as /run is
+            # on a systemd host.
+            "$E" serve --queues "$QUEUES" --socket "$sock" --restart-log "$shm/$t.log" "${extra[@]}" "$dir/$t.img" 2>>"$dir/extblk.log" & ;;
     rawhost) rm -f "$dir/rh.raw"; fallocate -l "$SIZE" "$dir/rh.raw"
             qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$dir/rh.raw",cache.direct=off,aio=io_uring \
               --blockdev driver=raw,node-name=fmt,file=f \
@@ -129,6 +133,13 @@ if [ -n "${ONLY:-}" ]; then
   done
   plan=("${keep[@]}")
 fi
+if [ -n "${MATCH:-}" ]; then
+  keep=()
+  for entry in "${plan[@]}"; do
+    [[ $entry == *"$MATCH"* ]] && keep+=("$entry")
+  done
+  plan=("${keep[@]}")
+fi
 declare -A res space
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode size <<<"$entry"
@@ -173,7 +184,7 @@ done
 for key in "${!space[@]}"; do
   echo "host space / bytes written, ${key%/*} ${key##*/}: $(echo "${space[$key]}" | median)x"
 done | sort
-if [ -z "${ONLY:-}" ]; then
+if [ -z "${ONLY:-}${MATCH:-}" ]; then
 one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
 two=$(echo "${res[randwrite:4K:2:extblk raw:fill/extblk]}" | median)
 rawone=$(echo "${res[randwrite:4K:1:extblk raw:fill/raw]}" | median)

@@ -42,7 +42,7 @@
 # If no QEMU can be had (vm-images/build.sh fails) or the guest does not boot, prints
 # "SKIP: guest tests: <reason>" and exits 0 (with CI=true: "FAIL: ..." and exit 1). Ends with "N passed, M failed"; exit 1 if any failed.
 # Environment: EXTBLK_BIN (daemon binary; default: cargo build --release), EXTBLK_E2E_KEEP=1 (keep
-# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash reconnect raw resize killed killed-held killed-control xfstests"
+# the work directory), EXTBLK_E2E_TESTS="ext4 xfs crash crash-wb reconnect raw resize killed killed-held killed-control xfstests"
 # (subset), EXTBLK_TEST_BIN (the test build for killed-held/-control; default target/debug/extblk),
 # EXTBLK_E2E_KILL_SIZE (fio --size of `killed`, default 1G), RUST_LOG.
 set -uo pipefail
@@ -421,7 +421,7 @@ test_xfs() { fs_test xfs; }
 test_crash() {
   local img=$T/crash.img sock=$T/crash.sock gpid n=0 i rc out
   "$BIN" create --size 2G "$img" > /dev/null || return 1
-  start_daemon crash "$img" || return 1
+  start_daemon crash "$img" "${CRASH_ARGS[@]}" || return 1
   echo "  guest 1: writing files with fsync; the daemon gets SIGKILL after 25 are reported"
   "$RUN_GUEST" --timeout 300 --queues 2 --xfer "$T/xfer" --log "$T/crash-1.serial" \
     --disk "$sock" --script "$T/crash1.sh" > "$T/crash-1.out" 2>&1 &
@@ -446,11 +446,22 @@ test_crash() {
   out=$("$BIN" check "$img" 2>&1); rc=$?
   echo "  host: extblk check of the crashed image (exit $rc):"; sed 's/^/    /' <<<"$out"
   [ $rc -eq 0 ] || return 1
-  start_daemon crash "$img" || return 1
+  start_daemon crash "$img" "${CRASH_ARGS[@]}" || return 1
   echo "  guest 2: mount, verify every reported file, e2fsck"
   guest crash-2 "$sock" crash2.sh || return 1
   stop_daemon || return 1
   host_checks "$img"
+}
+CRASH_ARGS=()
+# The same through the write-back cache (a small one, so writebacks and throttling run while
+# the guest writes): the kill leaves dirty pages in the cache file, which the restart writes
+# back before the guest mounts.
+test_crash-wb() {
+  CRASH_ARGS=(--cache writeback --cache-size 16M --dirty-expire 200)
+  test_crash; local rc=$?
+  grep -o 'write-back cache .*page(s) a killed daemon left.*' "$T/crash.log" | sed 's/^/  host: /'
+  CRASH_ARGS=()
+  return $rc
 }
 
 test_reconnect() {
@@ -680,7 +691,7 @@ test_xfstests() {
   [ "$passed" -gt 0 ] || { echo "  no test passed"; return 1; }
 }
 
-TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash reconnect raw resize killed killed-held killed-control xfstests}
+TESTS=${EXTBLK_E2E_TESTS:-ext4 xfs crash crash-wb reconnect raw resize killed killed-held killed-control xfstests}
 for t in $TESTS; do
   run_test "$t" "test_$t"
 done
