@@ -19,8 +19,8 @@ pub enum Broken {
     /// commit, while fence guards of its batch's unsubmitted reads and overwrites hold the
     /// committer up (the stall of issue 12).
     ThrottleHoldsFence = 4,
-    /// The write-back cache sends a FLUSH below without writing back the dirty pages it
-    /// covers first.
+    /// The write-back cache answers a FLUSH with a flush below alone: the dirty pages it
+    /// covers are neither waited for nor written back first.
     FlushBeforeWriteback = 5,
 }
 

@@ -3107,6 +3107,53 @@ fn the_sandbox_denies_what_the_daemon_does_not_need() {
     assert!(status.success(), "{log}");
 }
 
+/// `ctl resize` through the write-back cache, then a kill with dirty pages on both sides of
+/// the old end: the cache file names the new size, so the restart writes them all back.
+#[test]
+fn writeback_cache_a_resize_then_a_kill_loses_nothing() {
+    let s = Scratch::new("wb-resize");
+    let (img, sock, cs) = (s.path("disk.img"), s.path("sock"), s.path("ctl.sock"));
+    create_image(&img, "16M");
+    let rl = s.path("restart.log");
+    let args = [
+        "--control",
+        cs.to_str().unwrap(),
+        "--restart-log",
+        rl.to_str().unwrap(),
+        "--cache",
+        "writeback",
+        "--dirty-expire",
+        "3600000",
+    ];
+    let d = Daemon::start_image(&img, &sock, &args);
+    d.wait_socket(&cs);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.write(0, 4096, &pattern(1, 4096)), 0);
+    let r = ctl_json(&cs, &["resize", "+16M"]);
+    assert_eq!(r["capacity"], 32u64 << 20, "{r}");
+    drop(c);
+    let mut c = Client::connect(&sock, 1);
+    let high = (32 << 20) - 8192;
+    assert_eq!(c.write(0, 8192, &pattern(2, 4096)), 0);
+    assert_eq!(c.write(0, high, &pattern(3, 4096)), 0);
+    drop(c);
+    let _ = d.kill();
+    let d = Daemon::start_image(&img, &sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.capacity(), 32 << 20);
+    assert_eq!(c.read(0, 4096, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(c.read(0, 8192, 4096).unwrap(), pattern(2, 4096));
+    assert_eq!(c.read(0, high, 4096).unwrap(), pattern(3, 4096));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("page(s) a killed daemon left written back"),
+        "{log}"
+    );
+    image_clean(&img);
+}
+
 /// Issue 17: `ctl resize` grows a served disk while a client is connected (libblkio, which
 /// keeps no backend channel, sees the new size at its next connection), refuses an online
 /// shrink, and leaves an image e2fsck calls clean, with every write in place.

@@ -458,6 +458,8 @@ CRASH_ARGS=()
 # back before the guest mounts.
 test_crash-wb() {
   CRASH_ARGS=(--cache writeback --cache-size 16M --dirty-expire 200)
+  # test_crash's image, socket and log names, afresh.
+  rm -f "$T/crash.img" "$T/crash.log"
   test_crash; local rc=$?
   grep -o 'write-back cache .*page(s) a killed daemon left.*' "$T/crash.log" | sed 's/^/  host: /'
   CRASH_ARGS=()

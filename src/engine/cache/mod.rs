@@ -179,15 +179,23 @@ impl Shared {
             done(Err(e.into()));
             return;
         }
+        if st.stop {
+            // The writeback thread is gone or going: nobody would answer.
+            drop(st);
+            done(Err(Stopped::Closed.into()));
+            return;
+        }
         let target = st.flush_target();
         st.flushes.push(FlushWaiter { target, done });
         drop(st);
         self.wake_writeback();
     }
 
-    /// The discard or write-zeroes that doomed `slots` ended.
-    fn release_doomed(&self, slots: &[u32], ok: bool) {
+    /// The discard or write-zeroes over `ranges` that doomed `slots` ended: what waited for
+    /// it (sub-block writes, other discards, writebacks of those blocks) may go on.
+    fn end_zero(&self, slots: &[u32], ranges: &[(u64, u64)], ok: bool) {
         let mut st = lock(&self.state);
+        st.end_zeroing(ranges);
         for &s in slots {
             st.release_doomed(&self.store, s, ok);
         }
@@ -195,6 +203,7 @@ impl Shared {
         let waiting = std::mem::take(&mut st.waiting);
         drop(st);
         Self::wake_queues(waiting);
+        self.wake_writeback();
     }
 }
 
@@ -255,6 +264,8 @@ pub(crate) enum Inner<C> {
     Zero {
         shared: Arc<Shared>,
         doomed: Vec<u32>,
+        /// Its block ranges, which hold back writebacks and sub-block writes until it ends.
+        ranges: Vec<(u64, u64)>,
         done: C,
     },
 }
@@ -267,9 +278,10 @@ impl<C: Completion> Completion for Inner<C> {
             Inner::Zero {
                 shared,
                 doomed,
+                ranges,
                 done,
             } => {
-                shared.release_doomed(&doomed, r.is_ok());
+                shared.end_zero(&doomed, &ranges, r.is_ok());
                 done.complete(r)
             }
         }
@@ -430,8 +442,10 @@ impl<E: BlockEngine> BlockEngine for CacheEngine<E> {
         // Quiesced and flushed by the device: every page is clean.
         self.flush()?;
         let plan = self.below.resize(new_size)?;
-        let blocks = self.below.info().capacity.0 / PAGE as u64;
-        lock(&self.shared.state).drop_clean_from(blocks);
+        let capacity = self.below.info().capacity.0;
+        lock(&self.shared.state).drop_clean_from(capacity / PAGE as u64);
+        // The file names the disk's size: a kill after the resize must still find it valid.
+        self.shared.store.set_capacity(capacity);
         Ok(plan)
     }
 
@@ -581,6 +595,11 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let e = end.min(bstart + PAGE as u64);
             let partial = e - s < PAGE as u64;
             let old = st.index.get(&b).copied();
+            if partial && old.is_none() && (st.doomed.contains_key(&b) || st.zeroing_covers(b)) {
+                // A discard of the block is in flight: the edge would race it below, and the
+                // version it dropped (still what reads return) would not show the edge.
+                break;
+            }
             if partial && old.is_none() {
                 edges.push((w.pos, (e - s) as usize));
                 w.pos = (e - w.offset) as usize;
@@ -714,15 +733,20 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             let head_partial = off % PAGE as u64 != 0;
             let tail_partial = (off + len) % PAGE as u64 != 0;
             let partial = |b: u64| (b == first && head_partial) || (b + 1 == end && tail_partial);
-            let mut found: Vec<u64> = if (end - first) as usize <= st.index.len() + st.writing.len()
-            {
+            let known = st.index.len() + st.writing.len() + st.doomed.len();
+            let mut found: Vec<u64> = if (end - first) as usize <= known {
                 (first..end)
-                    .filter(|b| st.index.contains_key(b) || st.writing.contains(b))
+                    .filter(|b| {
+                        st.index.contains_key(b)
+                            || st.writing.contains(b)
+                            || st.doomed.contains_key(b)
+                    })
                     .collect()
             } else {
                 st.index
                     .keys()
                     .chain(st.writing.iter())
+                    .chain(st.doomed.keys())
                     .copied()
                     .filter(|b| (first..end).contains(b))
                     .collect()
@@ -732,7 +756,9 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             touched.extend(found.into_iter().map(|b| (b, partial(b))));
         }
         for &(b, partial) in &touched {
-            if st.writing.contains(&b) {
+            // A writeback in flight, or another discard still holding a version it dropped
+            // (which comes back if that one fails): wait for them.
+            if st.writing.contains(&b) || st.doomed.contains_key(&b) {
                 ready = false;
             }
             let dirty = st.index.get(&b).is_some_and(|&s| st.meta[s as usize].dirty);
@@ -754,20 +780,23 @@ impl<E: BlockEngine, C: Completion> CacheQueue<E, C> {
             return Some((op, done));
         }
         let doomed: Vec<u32> = touched.iter().filter_map(|&(b, _)| st.doom(b)).collect();
+        let zranges: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|r| r.range.len.0 > 0)
+            .map(|r| blocks(r.range.offset.0, r.range.len.0))
+            .collect();
+        st.zeroing.extend(zranges.iter().copied());
         shared.gauges(&st);
         drop(st);
-        if doomed.is_empty() {
-            self.below.submit(op, Inner::Whole(done));
-        } else {
-            self.below.submit(
-                op,
-                Inner::Zero {
-                    shared,
-                    doomed,
-                    done,
-                },
-            );
-        }
+        self.below.submit(
+            op,
+            Inner::Zero {
+                shared,
+                doomed,
+                ranges: zranges,
+                done,
+            },
+        );
         None
     }
 

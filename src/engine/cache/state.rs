@@ -9,7 +9,7 @@
 //! | `Free` | on the free list | — |
 //! | `Live` | the block's newest version, in `index` | evicted (clean, idle) |
 //! | `Retired` | superseded by a newer write | its writeback (if any) ends |
-//! | `Doomed` | dropped by a discard or write-zeroes in flight (still read, in `doomed`) | that request ends |
+//! | `Doomed` | dropped by a discard or write-zeroes in flight (still read, in `doomed`, until a write supersedes it) | that request ends |
 //!
 //! `dirty` (header sequence ≠ 0) means the data is newer than the engine below; `busy` that a
 //! writeback of it is in flight. Only one version of a block is ever busy (`writing`): a newer
@@ -43,6 +43,8 @@ pub(super) struct Meta {
     pub dirty: bool,
     pub busy: bool,
     pub dirtied: Instant,
+    /// The slot has an entry in `lru` (so there is at most one per slot).
+    pub in_lru: bool,
 }
 
 /// Completes one flush (a guest FLUSH, a FUA write's, or `BlockEngine::flush`).
@@ -83,6 +85,9 @@ pub(super) struct State {
     pub by_seq: BTreeMap<u64, u32>,
     /// Blocks with a writeback in flight.
     pub writing: HashSet<u64>,
+    /// Block ranges `[first, end)` of the discards and write-zeroes in flight below: nothing
+    /// is written back into them, and no sub-block write goes below into them, until they end.
+    pub zeroing: Vec<(u64, u64)>,
     /// Where the next planning round starts in `candidates` (an elevator).
     cursor: u64,
     /// Dirty slots (`Live` or `Doomed`): what the dirty limit counts.
@@ -115,6 +120,7 @@ impl State {
                     dirty: false,
                     busy: false,
                     dirtied: now,
+                    in_lru: false,
                 };
                 slots as usize
             ],
@@ -127,6 +133,7 @@ impl State {
             candidates: BTreeSet::new(),
             by_seq: BTreeMap::new(),
             writing: HashSet::new(),
+            zeroing: Vec::new(),
             cursor: 0,
             dirty: 0,
             next_seq: 1,
@@ -177,6 +184,7 @@ impl State {
             return Some(s);
         }
         while let Some(s) = self.lru.pop_front() {
+            self.meta[s as usize].in_lru = false;
             let m = self.meta[s as usize];
             if m.role == Role::Live && !m.dirty && !m.busy && self.index.get(&m.lblock) == Some(&s)
             {
@@ -206,7 +214,19 @@ impl State {
             dirty: true,
             busy: false,
             dirtied: now,
+            in_lru: m.in_lru,
         };
+        // A version a discard in flight dropped is superseded too: no longer read, never
+        // given back if that discard fails, not needed after a kill.
+        if let Some(d) = self.doomed.remove(&lblock) {
+            let dm = self.meta[d as usize];
+            if dm.dirty {
+                store.clear(d);
+                self.dirty -= 1;
+                self.by_seq.remove(&dm.seq);
+                self.meta[d as usize].dirty = false;
+            }
+        }
         self.dirty += 1;
         self.by_seq.insert(seq, slot);
         self.candidates.insert(lblock);
@@ -231,6 +251,18 @@ impl State {
         }
     }
 
+    fn push_lru(&mut self, s: u32) {
+        if !self.meta[s as usize].in_lru {
+            self.meta[s as usize].in_lru = true;
+            self.lru.push_back(s);
+        }
+    }
+
+    /// Is `lblock` inside a discard or write-zeroes in flight below?
+    pub fn zeroing_covers(&self, lblock: u64) -> bool {
+        self.zeroing.iter().any(|&(a, e)| a <= lblock && lblock < e)
+    }
+
     fn free_slot(&mut self, s: u32) {
         let m = &mut self.meta[s as usize];
         m.role = Role::Free;
@@ -250,18 +282,39 @@ impl State {
         self.by_seq.keys().next().copied().unwrap_or(u64::MAX)
     }
 
-    /// Chooses writebacks: every candidate (`all`), or the urgent ones and those dirtied
-    /// before `expired_before`; in runs of consecutive blocks, longest first, at most `max`.
-    /// Marks what it chose busy.
-    pub fn plan(&mut self, all: bool, expired_before: Instant, max: usize) -> Vec<Run> {
+    /// May `lblock`'s dirty version be written back now?
+    fn eligible(&self, lblock: u64) -> bool {
+        self.candidates.contains(&lblock)
+            && !self.writing.contains(&lblock)
+            && !self.zeroing_covers(lblock)
+    }
+
+    /// Chooses writebacks: the dirty versions up to `flush_upto` when a flush waits for them
+    /// (oldest first: a flush never starves behind newer writes), else every candidate
+    /// (`all`), else the urgent ones and those dirtied before `expired_before`; in runs of
+    /// consecutive blocks, longest first, at most `max`. Marks what it chose busy. Looks at a
+    /// bounded number of blocks: it runs under the state lock.
+    pub fn plan(
+        &mut self,
+        flush_upto: Option<u64>,
+        all: bool,
+        expired_before: Instant,
+        max: usize,
+    ) -> Vec<Run> {
         if max == 0 {
             return Vec::new();
         }
-        let chosen: Vec<u64> = if all {
+        let mut chosen: Vec<u64> = Vec::new();
+        if let Some(t) = flush_upto {
+            for &s in self.by_seq.range(..=t).map(|(_, s)| s).take(SCAN_LIMIT) {
+                let m = &self.meta[s as usize];
+                if m.role == Role::Live && !m.busy && self.eligible(m.lblock) {
+                    chosen.push(m.lblock);
+                }
+            }
+        } else if all {
             // An elevator from the cursor, wrapping, over at most enough runs to choose the
-            // longest `max` of four times as many: the lock is held for work bounded by `max`,
-            // not by the dirty set's size.
-            let mut out = Vec::new();
+            // longest `max` of four times as many.
             let (mut runs, mut last) = (0usize, None::<u64>);
             let from = self.cursor;
             for &b in self
@@ -269,42 +322,37 @@ impl State {
                 .range(from..)
                 .chain(self.candidates.range(..from))
             {
-                if self.writing.contains(&b) {
+                if chosen.len() >= SCAN_LIMIT {
+                    break;
+                }
+                if !self.eligible(b) {
                     continue;
                 }
                 if last.is_none_or(|l| l + 1 != b) {
                     runs += 1;
-                    if runs > 4 * max || out.len() >= SCAN_LIMIT {
+                    if runs > 4 * max {
                         break;
                     }
                 }
-                out.push(b);
+                chosen.push(b);
                 last = Some(b);
             }
-            // The wrap may put blocks below the cursor after those above it.
-            out.sort_unstable();
             self.cursor = last.map_or(0, |l| l + 1);
-            out
         } else {
-            let mut set: BTreeSet<u64> = self
-                .urgent
-                .iter()
-                .copied()
-                .filter(|b| self.candidates.contains(b))
-                .collect();
-            for (i, &s) in self.by_seq.values().enumerate() {
+            chosen.extend(self.urgent.iter().copied().filter(|&b| self.eligible(b)));
+            for &s in self.by_seq.values().take(SCAN_LIMIT) {
                 let m = &self.meta[s as usize];
-                if m.dirtied >= expired_before || i >= SCAN_LIMIT {
+                if m.dirtied >= expired_before {
                     break;
                 }
-                if !m.busy {
-                    set.insert(m.lblock);
+                if m.role == Role::Live && !m.busy && self.eligible(m.lblock) {
+                    chosen.push(m.lblock);
                 }
             }
-            set.into_iter()
-                .filter(|b| !self.writing.contains(b))
-                .collect()
-        };
+        }
+        // The wrap and the sequence order put blocks out of order; urgent ones may expire too.
+        chosen.sort_unstable();
+        chosen.dedup();
         let mut runs: Vec<(u64, usize)> = Vec::new();
         for b in chosen {
             match runs.last_mut() {
@@ -349,7 +397,7 @@ impl State {
                     self.dirty -= 1;
                     self.by_seq.remove(&m.seq);
                     self.clean += 1;
-                    self.lru.push_back(s);
+                    self.push_lru(s);
                 }
             }
             Role::Retired => self.free_slot(s),
@@ -366,9 +414,9 @@ impl State {
         let m = self.meta[s as usize];
         self.candidates.remove(&lblock);
         self.urgent.remove(&lblock);
-        if m.dirty {
-            self.by_seq.remove(&m.seq);
-        } else if !m.busy {
+        // A dirty version stays in `by_seq`: a flush waits until its discard has ended (if
+        // that fails, the version comes back, and the flush must not have claimed it).
+        if !m.dirty && !m.busy {
             self.clean -= 1;
         }
         self.meta[s as usize].role = Role::Doomed;
@@ -377,30 +425,41 @@ impl State {
     }
 
     /// The discard or write-zeroes that doomed `s` ended. On failure the version comes back
-    /// if nothing newer replaced it: the request did not happen, the write before it did.
+    /// if it is still the block's latest (no write superseded it, no other discard began over
+    /// it): the request did not happen, the write before it did.
     pub fn release_doomed(&mut self, store: &Store, s: u32, ok: bool) {
         let m = self.meta[s as usize];
         debug_assert!(m.role == Role::Doomed && !m.busy);
-        if self.doomed.get(&m.lblock) == Some(&s) {
+        let latest = self.doomed.get(&m.lblock) == Some(&s);
+        if latest {
             self.doomed.remove(&m.lblock);
         }
-        if !ok && !self.index.contains_key(&m.lblock) {
+        if !ok && latest && !self.index.contains_key(&m.lblock) {
             self.meta[s as usize].role = Role::Live;
             self.index.insert(m.lblock, s);
             if m.dirty {
-                self.by_seq.insert(m.seq, s);
                 self.candidates.insert(m.lblock);
             } else {
                 self.clean += 1;
-                self.lru.push_back(s);
+                self.push_lru(s);
             }
             return;
         }
         if m.dirty {
             store.clear(s);
             self.dirty -= 1;
+            self.by_seq.remove(&m.seq);
         }
         self.free_slot(s);
+    }
+
+    /// A discard or write-zeroes over `ranges` (blocks) ended below.
+    pub fn end_zeroing(&mut self, ranges: &[(u64, u64)]) {
+        for r in ranges {
+            if let Some(i) = self.zeroing.iter().position(|x| x == r) {
+                self.zeroing.swap_remove(i);
+            }
+        }
     }
 
     /// Drops clean idle pages from `first_block` on (a resize shrank the disk under them).
@@ -444,14 +503,14 @@ mod tests {
         let a = put(&mut st, &store, 10);
         put(&mut st, &store, 11);
         assert_eq!(st.dirty, 2);
-        let runs = st.plan(true, Instant::now(), 8);
+        let runs = st.plan(None, true, Instant::now(), 8);
         assert_eq!((runs.len(), runs[0].first, runs[0].slots.len()), (1, 10, 2));
         // A new version of a busy block: the old one is retired, and waits for its write.
         let a2 = put(&mut st, &store, 10);
         assert_eq!(st.meta[a as usize].role, Role::Retired);
         assert_eq!(st.dirty, 2);
         // Block 10 is being written: not planned again until that ends.
-        assert!(st.plan(true, Instant::now(), 8).is_empty());
+        assert!(st.plan(None, true, Instant::now(), 8).is_empty());
         for &s in &runs[0].slots {
             st.end_writeback(&store, s, true);
         }
@@ -488,6 +547,43 @@ mod tests {
     }
 
     #[test]
+    fn a_write_over_a_doomed_version_supersedes_it_and_writebacks_wait_for_the_discard() {
+        let store = Store::anonymous(4).unwrap();
+        let mut st = State::new(4, 4);
+        let x = put(&mut st, &store, 5);
+        let seq_x = st.meta[x as usize].seq;
+        assert_eq!(st.doom(5), Some(x));
+        st.zeroing.push((4, 8));
+        // Still dirty for a flush's sake until the discard ends.
+        assert_eq!(st.oldest_dirty(), seq_x);
+        let y = put(&mut st, &store, 5);
+        assert_eq!(st.readable(5), Some(y));
+        assert_eq!(st.dirty, 1);
+        // Not written back into a discard in flight.
+        assert!(st.plan(None, true, Instant::now(), 8).is_empty());
+        // The discard fails: the older version must not come back over the newer one.
+        st.end_zeroing(&[(4, 8)]);
+        st.release_doomed(&store, x, false);
+        assert_eq!(st.index.get(&5), Some(&y));
+        assert_eq!(st.meta[x as usize].role, Role::Free);
+        let runs = st.plan(None, true, Instant::now(), 8);
+        assert_eq!((runs.len(), runs[0].slots.clone()), (1, vec![y]));
+    }
+
+    #[test]
+    fn eviction_keeps_one_lru_entry_per_slot() {
+        let store = Store::anonymous(2).unwrap();
+        let mut st = State::new(2, 2);
+        for _ in 0..100 {
+            let s = put(&mut st, &store, 1);
+            let runs = st.plan(None, true, Instant::now(), 8);
+            assert_eq!(runs[0].slots, vec![s]);
+            st.end_writeback(&store, s, true);
+        }
+        assert!(st.lru.len() <= 2, "{}", st.lru.len());
+    }
+
+    #[test]
     fn expiry_takes_only_old_pages() {
         let store = Store::anonymous(4).unwrap();
         let mut st = State::new(4, 4);
@@ -495,7 +591,7 @@ mod tests {
         let cut = Instant::now();
         std::thread::sleep(std::time::Duration::from_millis(2));
         put(&mut st, &store, 2);
-        let runs = st.plan(false, cut + std::time::Duration::from_millis(1), 8);
+        let runs = st.plan(None, false, cut + std::time::Duration::from_millis(1), 8);
         assert_eq!(runs.len(), 1);
         assert_eq!((runs[0].first, runs[0].slots.len()), (1, 1));
     }

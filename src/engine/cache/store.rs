@@ -171,6 +171,8 @@ pub struct Store {
     data: usize,
     /// The file behind the memory, removed at a clean close; `None` for anonymous memory.
     path: Option<PathBuf>,
+    /// What the file's header says (a file only).
+    header: Option<Header>,
 }
 
 // SAFETY: the region is plain shared memory. Headers are only accessed through atomics; a
@@ -196,6 +198,7 @@ impl Store {
             headers,
             data,
             path: None,
+            header: None,
         })
     }
 
@@ -220,17 +223,33 @@ impl Store {
             file.as_raw_fd(),
         )
         .map_err(io_err)?;
+        let header = Header { binding, slots };
         let store = Store {
             map,
             slots,
             headers,
             data,
             path: Some(path.to_path_buf()),
+            header: Some(header),
         };
-        let h = encode_header(&Header { binding, slots });
-        // SAFETY: the first page is inside the mapping and nothing else uses it yet.
-        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), store.map.base, h.len()) };
+        store.write_header(&header);
         Ok(store)
+    }
+
+    fn write_header(&self, h: &Header) {
+        let b = encode_header(h);
+        // SAFETY: the first page is inside the mapping; only `create_file` and `set_capacity`
+        // (called quiesced, by the engine's resize) write it, never at once.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.map.base, b.len()) };
+    }
+
+    /// The disk now has `capacity` bytes (a resize while served): the file says so, so that
+    /// recovery after a later kill accepts it.
+    pub fn set_capacity(&self, capacity: u64) {
+        if let Some(mut h) = self.header {
+            h.binding.capacity = capacity;
+            self.write_header(&h);
+        }
     }
 
     pub fn slots(&self) -> u32 {

@@ -126,13 +126,18 @@ fn run_loop<E: BlockEngine>(
                 .collect();
         } else {
             let oldest = st.oldest_dirty();
-            let all = st.stop
-                || !st.waiting.is_empty()
-                || st.dirty >= st.background
-                || st.flushes.iter().any(|f| f.target >= oldest);
+            // The flushes waiting for dirty versions: those up to the newest of their targets
+            // go first, oldest first.
+            let flush_upto = st
+                .flushes
+                .iter()
+                .map(|f| f.target)
+                .filter(|&t| t >= oldest && !broken!(FlushBeforeWriteback))
+                .max();
+            let all = st.stop || !st.waiting.is_empty() || st.dirty >= st.background;
             let cutoff = now.checked_sub(shared.expire).unwrap_or(now);
             let room = MAX_RUNS.saturating_sub(st.runs_in_flight);
-            runs = st.plan(all, cutoff, room);
+            runs = st.plan(flush_upto, all, cutoff, room);
             st.runs_in_flight += runs.len();
             if !st.flush_in_flight {
                 let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
