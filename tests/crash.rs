@@ -724,24 +724,26 @@ fn shrink(seed: u64, nops: usize) -> usize {
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The environment variable `name` parsed, or `default` when unset or unparsable.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 fn crash_states_keep_the_contract() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_broken(Broken::None);
-    let target: usize = std::env::var("EXTBLK_CRASH_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let target: usize = env_or("EXTBLK_CRASH_STATES", 10_000);
     let dir = scratch("ok");
     let t0 = Instant::now();
     let mut stats = Stats {
         states: 0,
         e2fsck: 0,
     };
-    let mut seed = std::env::var("EXTBLK_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
+    let mut seed = env_or("EXTBLK_CRASH_SEED", 1u64);
     while stats.states < target {
         let run = workload(seed, 120);
         // About 250 e2fsck judgements over 10,000 states.
@@ -770,10 +772,7 @@ fn crash_states_keep_the_contract() {
 fn crash_states_keep_the_contract_through_the_writeback_cache() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_broken(Broken::None);
-    let target: usize = std::env::var("EXTBLK_CRASH_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let target: usize = env_or("EXTBLK_CRASH_STATES", 10_000);
     let dir = scratch("cached");
     let mut stats = Stats {
         states: 0,
@@ -908,14 +907,8 @@ fn shape(seed: u64) -> concurrent::Shape {
 fn concurrent_crash_states_keep_the_contract() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_broken(Broken::None);
-    let target: usize = std::env::var("EXTBLK_CONCURRENT_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let mut seed = std::env::var("EXTBLK_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
+    let target: usize = env_or("EXTBLK_CONCURRENT_STATES", 10_000);
+    let mut seed = env_or("EXTBLK_CRASH_SEED", 1u64);
     let dir = scratch("concurrent");
     let t0 = Instant::now();
     let mut stats = concurrent::ExploreStats::default();
@@ -997,17 +990,11 @@ fn concurrent_crash_states_keep_the_contract_through_the_writeback_cache() {
     // their blocks, and writebacks run beside FLUSHes, commits and barriers.
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_broken(Broken::None);
-    let target: usize = std::env::var("EXTBLK_CONCURRENT_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6_000);
+    let target: usize = env_or("EXTBLK_CONCURRENT_STATES", 6_000);
     let dir = scratch("concurrent-cache");
     let mut stats = concurrent::ExploreStats::default();
     let (mut throttled, mut waited, mut writebacks) = (0, 0, 0);
-    let first = std::env::var("EXTBLK_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
+    let first = env_or("EXTBLK_CRASH_SEED", 1u64);
     let mut seed = first;
     while seed < first + 3 || stats.states < target {
         let shape = concurrent::Shape {

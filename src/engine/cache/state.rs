@@ -219,13 +219,7 @@ impl State {
         // A version a discard in flight dropped is superseded too: no longer read, never
         // given back if that discard fails, not needed after a kill.
         if let Some(d) = self.doomed.remove(&lblock) {
-            let dm = self.meta[d as usize];
-            if dm.dirty {
-                store.clear(d);
-                self.dirty -= 1;
-                self.by_seq.remove(&dm.seq);
-                self.meta[d as usize].dirty = false;
-            }
+            self.undirty(store, d);
         }
         self.dirty += 1;
         self.by_seq.insert(seq, slot);
@@ -235,13 +229,22 @@ impl State {
         }
     }
 
-    fn retire(&mut self, store: &Store, s: u32) {
+    /// `s`'s data is no longer newer than the engine below (superseded, written back,
+    /// discarded): its header is cleared and it leaves the dirty counts. A no-op on a clean slot.
+    fn undirty(&mut self, store: &Store, s: u32) {
         let m = self.meta[s as usize];
         if m.dirty {
             store.clear(s);
             self.dirty -= 1;
             self.by_seq.remove(&m.seq);
             self.meta[s as usize].dirty = false;
+        }
+    }
+
+    fn retire(&mut self, store: &Store, s: u32) {
+        let m = self.meta[s as usize];
+        if m.dirty {
+            self.undirty(store, s);
         } else if !m.busy {
             self.clean -= 1;
         }
@@ -392,10 +395,7 @@ impl State {
                     // Kept dirty (and not retried: the cache has failed).
                     self.candidates.insert(m.lblock);
                 } else if m.dirty {
-                    store.clear(s);
-                    self.meta[s as usize].dirty = false;
-                    self.dirty -= 1;
-                    self.by_seq.remove(&m.seq);
+                    self.undirty(store, s);
                     self.clean += 1;
                     self.push_lru(s);
                 }
@@ -445,11 +445,7 @@ impl State {
             }
             return;
         }
-        if m.dirty {
-            store.clear(s);
-            self.dirty -= 1;
-            self.by_seq.remove(&m.seq);
-        }
+        self.undirty(store, s);
         self.free_slot(s);
     }
 
