@@ -11,6 +11,7 @@
 #   ROUNDS=5 RUNTIME=20 scripts/bench.sh
 #   ONLY="randread randwrite-alloc" ROUNDS=7 scripts/bench.sh   # just those patterns
 #   MATCH=extblk-wb scripts/bench.sh      # just the rows whose line contains that (the cache's)
+#   SKIP=extblk-wb scripts/bench.sh       # every row but those
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -40,6 +41,7 @@ start() { # target name -> socket; fresh images for each start
               extblk-host) extra=(--cache host) ;;
             esac
             rm -f "$dir/$t.img"; "$E" create --size "$SIZE" "$dir/$t.img" >/dev/null
+            created=$(host_space "$dir/$t.img")
             # The restart log (and the write-back cache's file beside it) on tmpfs, as /run is
             # on a systemd host.
             "$E" serve --queues "$QUEUES" --socket "$sock" --restart-log "$shm/$t.log" "${extra[@]}" "$dir/$t.img" 2>>"$dir/extblk.log" & ;;
@@ -60,12 +62,22 @@ start() { # target name -> socket; fresh images for each start
   for _ in $(seq 100); do [ -S "$sock" ] && return 0; sleep 0.1; done
   echo "bench: $t did not start"; exit 1
 }
-stop() { # target
+stop() { # target; for extblk, sets hostw: the bytes the daemon sent to storage (/proc/PID/io
+  # write_bytes, its io_uring workers included), read until it exits (its last commit included)
   [ "$1" = bare ] && return 0
-  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+  local p=${pids[-1]} v
+  hostw=0
+  kill "$p"
+  if [[ $1 == extblk* ]]; then
+    while kill -0 "$p" 2>/dev/null; do
+      v=$(awk '$1 == "write_bytes:" {print $2}' "/proc/$p/io" 2>/dev/null) && [ -n "$v" ] && hostw=$v
+      sleep 0.01
+    done
+  fi
+  wait "$p" 2>/dev/null || true; unset 'pids[-1]'
 }
-allocated() { # extblk target -> bytes of /disk allocated (after stop: everything written back)
-  "$E" info --output json "$dir/$1.img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["allocated_bytes"])'
+host_space() { # file -> bytes the host filesystem allocated for it
+  stat -c '%b %B' "$1" | awk '{print $1 * $2}'
 }
 fio_bare() { # fio arguments...: fio on the bare file, io_uring + O_DIRECT -> iops
   fio --name=bare --filename="$dir/b.raw" --ioengine=io_uring --direct=1 --size="$SPAN" \
@@ -140,7 +152,14 @@ if [ -n "${MATCH:-}" ]; then
   done
   plan=("${keep[@]}")
 fi
-declare -A res space
+if [ -n "${SKIP:-}" ]; then
+  keep=()
+  for entry in "${plan[@]}"; do
+    [[ $entry == *"$SKIP"* ]] || keep+=("$entry")
+  done
+  plan=("${keep[@]}")
+fi
+declare -A res space hostbytes
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode size <<<"$entry"
   SIZE=${size:-$SIZE0} SPAN=${size:-$SPAN0}
@@ -153,15 +172,18 @@ for entry in "${plan[@]}"; do
       iops=$(bench "$dir/${t%~*}.sock" "$pattern" "$bs" "$queues")
       stop "${t%~*}"
       res["$entry/$t"]+="$iops "
-      # Host space of a fresh extblk disk against the bytes the guest wrote (rewrites counted).
+      # On a fresh extblk disk, against the bytes the guest wrote (rewrites counted): the host
+      # space the image file took since `create`, and the bytes the daemon wrote to the host
+      # (data, zero fill, journal, checkpoint).
       if [ "$mode" = fresh ] && [[ $t == extblk* ]] && [ "${t%~*}" = "$t" ] && [ "$pattern" != write ]; then
-        space["$entry/$t"]+="$(python3 -c "print(round($(allocated "$t") / $(written), 3))") "
+        space["$entry/$t"]+="$(python3 -c "print(round(($(host_space "$dir/$t.img") - $created) / $(written), 3))") "
+        hostbytes["$entry/$t"]+="$(python3 -c "print(round($hostw / $(written), 3))") "
       fi
       echo "round $r $pattern bs=$bs queues=$queues ($mode${size:+ $size}) $t: $iops IOPS" >&2
     done
   done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 printf '\n%-16s %4s %2s %-9s %-11s %10s %12s %8s\n' pattern bs q disk first "its IOPS" other ratio
 for entry in "${plan[@]}"; do
   IFS=: read -r pattern bs queues targets mode size <<<"$entry"
@@ -183,18 +205,19 @@ for entry in "${plan[@]}"; do
 done
 for key in "${!space[@]}"; do
   echo "host space / bytes written, ${key%/*} ${key##*/}: $(echo "${space[$key]}" | median)x"
+  echo "host bytes written / bytes written, ${key%/*} ${key##*/}: $(echo "${hostbytes[$key]}" | median)x"
 done | sort
-if [ -z "${ONLY:-}${MATCH:-}" ]; then
-one=$(echo "${res[randwrite:4K:1:extblk raw:fill/extblk]}" | median)
-two=$(echo "${res[randwrite:4K:2:extblk raw:fill/extblk]}" | median)
-rawone=$(echo "${res[randwrite:4K:1:extblk raw:fill/raw]}" | median)
-rawtwo=$(echo "${res[randwrite:4K:2:extblk raw:fill/raw]}" | median)
-seqr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk]}" | median)
-randr=$(echo "${res[read:1M:1:extblk extblk~randfill:fill/extblk~randfill]}" | median)
-echo "2 queues / 1 queue, overwrite randwrite: extblk $(python3 -c "print(round($two/$one,2))")x, qsd raw $(python3 -c "print(round($rawtwo/$rawone,2))")x"
-echo "sequential read after a random fill / after a sequential fill (extblk): $(python3 -c "print(round($randr/$seqr,2))")x"
-small=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:2G/extblk]}" | median)
-big=$(echo "${res[randwrite:4K:1:extblk qcow2:fresh:1T/extblk]}" | median)
-echo "random first writes, 1 TiB disk / 2 GiB disk (extblk): $(python3 -c "print(round($big/$small,2))")x"
-fi
+# Ratios between rows, printed where both rows ran.
+between() { # label entry/target entry/target
+  local a b
+  a=$(echo "${res[$2]:-}" | median); b=$(echo "${res[$3]:-}" | median)
+  [ -n "$a" ] && [ -n "$b" ] && echo "$1: $(python3 -c "print(round($a/$b,2))")x"
+  return 0
+}
+between "2 queues / 1 queue, overwrite randwrite, extblk" "randwrite:4K:2:extblk raw:fill/extblk" "randwrite:4K:1:extblk raw bare:fill/extblk"
+between "2 queues / 1 queue, overwrite randwrite, qsd raw" "randwrite:4K:2:extblk raw:fill/raw" "randwrite:4K:1:extblk raw bare:fill/raw"
+between "sequential read after a random fill / after a sequential fill (extblk)" \
+  "read:1M:1:extblk extblk~randfill:fill/extblk~randfill" "read:1M:1:extblk extblk~randfill:fill/extblk"
+between "random first writes, 1 TiB disk / 2 GiB disk (extblk)" \
+  "randwrite:4K:1:extblk qcow2:fresh:1T/extblk" "randwrite:4K:1:extblk qcow2:fresh:2G/extblk"
 echo "iodepth=$IODEPTH runtime=${RUNTIME}s rounds=$ROUNDS span=$SPAN0 size=$SIZE0 (unless a row names its size); $(nproc) cores, $(uname -r)"

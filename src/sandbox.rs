@@ -342,9 +342,9 @@ pub fn allowed_syscalls() -> Result<Vec<Allowed>, SandboxError> {
             "ioctl",
             arg_is(
                 1,
-                &[fionbio(), BLKDISCARD, BLKZEROOUT],
+                &[fionbio(), BLKDISCARD, BLKZEROOUT, FS_IOC_FIEMAP],
             )?,
-            "FIONBIO (set_nonblocking), BLKDISCARD and BLKZEROOUT (discard and write-zeroes on a block device)",
+            "FIONBIO (set_nonblocking), BLKDISCARD and BLKZEROOUT (discard and write-zeroes on a block device), FS_IOC_FIEMAP (is the rest of an allocation unit a hole of the image file)",
         ),
         plain(libc::SYS_dup, "dup", "the relay keeps a copy of the kick fds it passes on"),
         plain(libc::SYS_statx, "statx", "the size of a received inflight region's file (File::metadata)"),
@@ -489,6 +489,8 @@ pub fn allowed_syscalls() -> Result<Vec<Allowed>, SandboxError> {
 /// before the filter, at open).
 const BLKDISCARD: u64 = 0x1277;
 const BLKZEROOUT: u64 = 0x127f;
+/// `FS_IOC_FIEMAP` (as `io::sys` passes it).
+const FS_IOC_FIEMAP: u64 = 0xC020_660B;
 
 /// FIONBIO as a filter value: its type is the ioctl request type of the libc, which differs
 /// between targets (an unsigned long on glibc, an int on musl).

@@ -22,6 +22,9 @@ pub enum Broken {
     /// The write-back cache answers a FLUSH with a flush below alone: the dirty pages it
     /// covers are neither waited for nor written back first.
     FlushBeforeWriteback = 5,
+    /// The rest of an allocation unit is converted without writing zeroes whatever the backing
+    /// holds there, as if every free block were a hole.
+    ZeroWithoutHole = 6,
 }
 
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);

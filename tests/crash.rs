@@ -157,6 +157,8 @@ struct Run {
     ops: Vec<OpRecord>,
     /// The write-back cache's counters, for a run through it.
     cache: Option<CacheCounters>,
+    /// Blocks of allocation units converted without a write, found reading as zeroes.
+    found_zero: u64,
 }
 
 fn buffers(data: Vec<u8>) -> GuestBuffers {
@@ -193,13 +195,16 @@ fn workload_in(
     fault: Option<FaultSpec>,
     cache: Option<(u64, Duration)>,
 ) -> (Run, Vec<u8>) {
-    // Seeds take turns with exact allocation and with 16 KiB and 64 KiB units (zero-filled
-    // around each allocating write).
+    // Seeds take turns with exact allocation and with 16 KiB and 64 KiB units, and, for each,
+    // with free blocks holding stale bytes (poison: a read of a never-written block sees them,
+    // and the rest of a unit must be zero-filled) and free blocks reading as zeroes (holes of
+    // a sparse file: the rest of a unit is converted without a write).
     let alloc_unit = match seed % 3 {
         0 => 1,
         1 => 4,
         _ => 16,
     };
+    let stale_free_blocks = (seed / 3) % 2 == 0;
     let probe = Layout::compute(DISK_BLOCKS * 4096, 1024, None).unwrap();
     let need = probe.data_start + 2 * DISK_BLOCKS + probe.tree_reserve + 64;
     let layout = Layout::compute(DISK_BLOCKS * 4096, 1024, Some(need)).unwrap();
@@ -215,8 +220,10 @@ fn workload_in(
     )
     .unwrap();
     let mut base = mem.into_inner();
-    for p in layout.data_start..layout.blocks_count {
-        base[(p * 4096) as usize..((p + 1) * 4096) as usize].copy_from_slice(&poison(p));
+    if stale_free_blocks {
+        for p in layout.data_start..layout.blocks_count {
+            base[(p * 4096) as usize..((p + 1) * 4096) as usize].copy_from_slice(&poison(p));
+        }
     }
     let mem = Arc::new(MemIo::new(base.clone()));
     let below: Arc<dyn BlockIo> = match fault {
@@ -233,6 +240,7 @@ fn workload_in(
         },
     )
     .unwrap();
+    let stats_of = engine.clone();
     let mut counters = None;
     let ops = if let Some((pages, expire)) = cache {
         let cached = CacheEngine::new(
@@ -257,6 +265,11 @@ fn workload_in(
     };
     let events = rec.events();
     drop(rec);
+    let found_zero = stats_of
+        .stats()
+        .unit_blocks_found_zero
+        .load(std::sync::atomic::Ordering::Relaxed);
+    drop(stats_of);
     let mut bytes = vec![0u8; mem.size() as usize];
     mem.read_at(&mut bytes, 0).unwrap();
     (
@@ -265,6 +278,7 @@ fn workload_in(
             events,
             ops,
             cache: counters,
+            found_zero,
         },
         bytes,
     )
@@ -744,8 +758,10 @@ fn crash_states_keep_the_contract() {
         e2fsck: 0,
     };
     let mut seed = env_or("EXTBLK_CRASH_SEED", 1u64);
+    let mut found_zero = 0;
     while stats.states < target {
         let run = workload(seed, 120);
+        found_zero += run.found_zero;
         // About 250 e2fsck judgements over 10,000 states.
         if let Err(e) = explore(&run, seed, 40, &dir, &mut stats) {
             let min = shrink(seed, 120);
@@ -764,6 +780,10 @@ fn crash_states_keep_the_contract() {
         stats.e2fsck >= 200,
         "too few e2fsck judgements: {}",
         stats.e2fsck
+    );
+    assert!(
+        found_zero > 0,
+        "no allocation unit was converted over blocks reading as zeroes"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -874,6 +894,16 @@ fn reusing_freed_blocks_before_the_commit_is_caught() {
     assert!(
         r.is_some(),
         "the crash tests missed blocks reused before their free committed"
+    );
+    println!("caught: {}", r.unwrap());
+}
+
+#[test]
+fn converting_stale_blocks_as_zeroes_is_caught() {
+    let r = caught(Broken::ZeroWithoutHole);
+    assert!(
+        r.is_some(),
+        "the crash tests missed the rest of a unit converted over stale bytes"
     );
     println!("caught: {}", r.unwrap());
 }

@@ -1343,7 +1343,9 @@ fn free_block_ranges(img: &Path) -> Vec<(u64, u64)> {
 
 /// Blocks of a new unit left unwritten read as zeroes whatever the image file holds there
 /// (free blocks never punched hold stale bytes — here written straight into the file), and so
-/// do the blocks the unit's second write fills.
+/// do the blocks the unit's second write fills: the file does not read as zeroes there, so
+/// they are zero-filled even though the second write comes too late for the unit to be filling
+/// up (`unit_pace`).
 #[test]
 fn a_new_unit_reads_as_zero_around_its_writes_over_stale_free_blocks() {
     let s = Scratch::new("img-stale");
@@ -1368,6 +1370,9 @@ fn a_new_unit_reads_as_zero_around_its_writes_over_stale_free_blocks() {
     let d = Daemon::start_image(&img, &sock, &[]);
     let mut c = Client::connect(&sock, 1);
     for k in 0..2u64 {
+        if k == 1 {
+            std::thread::sleep(Duration::from_millis(700));
+        }
         for i in (0..units.len()).filter(|i| k == 0 || i % 2 == 0) {
             let data = pattern(units[i] * 2 + k, 512);
             assert_eq!(c.write(0, at(i, k), &data), 0);
@@ -1388,6 +1393,7 @@ fn a_new_unit_reads_as_zero_around_its_writes_over_stale_free_blocks() {
     assert_eq!(counter(&log, "allocating_writes"), 6 + 3, "{log}");
     assert_eq!(counter(&log, "unit_blocks_left_unwritten"), 6 * 15, "{log}");
     assert_eq!(counter(&log, "zero_filled_blocks"), 3 * 14, "{log}");
+    assert_eq!(counter(&log, "unit_blocks_found_zero"), 0, "{log}");
     image_clean(&img);
     // And after a restart, from the image alone.
     let d = Daemon::start_image(&img, &sock, &[]);
@@ -1395,6 +1401,89 @@ fn a_new_unit_reads_as_zero_around_its_writes_over_stale_free_blocks() {
     for (i, u) in units.iter().enumerate() {
         assert!(
             c.read(0, u * 65536, 65536).unwrap() == want[i],
+            "unit {u} after a restart"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Allocation units over holes of the image file (a fresh, sparse image), written as a sparse
+/// pattern does: `unit_pace` starts out assuming units do not fill up, so a unit's first write
+/// converts the rest of the unit without writing anything there, except in the probes (every
+/// 8th unit), which leave it unwritten and convert it at their second write, which here comes
+/// too late for the units to be filling up. The units read as zeroes around their writes, later
+/// writes are pure overwrites, and the host file grows by the data, not by zeroes.
+#[test]
+fn units_over_holes_are_converted_without_writing_zeroes() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new("img-holes");
+    let (img, sock) = (s.path("disk.img"), s.path("sock"));
+    create_image(&img, "64M");
+    let units = 8u64;
+    let probes = 1; // unit 0
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    let mut want = vec![vec![0u8; 65536]; units as usize];
+    let write = |c: &mut Client, u: u64, b: u64, want: &mut Vec<Vec<u8>>| {
+        let data = pattern(u * 16 + b, 4096);
+        assert_eq!(c.write(0, (u * 16 + b) * 4096, &data), 0);
+        want[u as usize][(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&data);
+    };
+    let before = fs::metadata(&img).unwrap().blocks() * 512;
+    for u in 0..units {
+        write(&mut c, u, 0, &mut want);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    for u in 0..units {
+        write(&mut c, u, 5, &mut want);
+    }
+    for u in 0..units {
+        write(&mut c, u, 9, &mut want);
+    }
+    assert_eq!(c.flush(0), 0);
+    let grew = fs::metadata(&img).unwrap().blocks() * 512 - before;
+    for u in 0..units {
+        let got = c.read(0, u * 65536, 65536).unwrap();
+        assert!(
+            got == want[u as usize],
+            "unit {u} reads its writes and zeroes"
+        );
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(counter(&log, "allocating_writes"), units + probes, "{log}");
+    assert_eq!(
+        counter(&log, "unit_blocks_found_zero"),
+        (units - probes) * 15 + probes * 14,
+        "{log}"
+    );
+    assert_eq!(
+        counter(&log, "unit_blocks_left_unwritten"),
+        probes * 15,
+        "{log}"
+    );
+    assert_eq!(counter(&log, "zero_filled_blocks"), 0, "{log}");
+    assert_eq!(
+        counter(&log, "fast_overwrites"),
+        2 * units - probes,
+        "{log}"
+    );
+    // Zero-filling would have written 15 blocks per unit; 3 were written in each, plus the
+    // commits' log blocks and the metadata.
+    assert!(
+        grew < units * 15 * 4096 * 2 / 3,
+        "the host file grew by {grew} bytes for {} blocks of data",
+        3 * units
+    );
+    image_clean(&img);
+    let d = Daemon::start_image(&img, &sock, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for u in 0..units {
+        assert!(
+            c.read(0, u * 65536, 65536).unwrap() == want[u as usize],
             "unit {u} after a restart"
         );
     }
@@ -1441,12 +1530,14 @@ fn image_counters_show_overwrites_on_the_queue_thread_and_allocations_through_th
     drop(c);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
-    // Each unit: the first write leaves the other 15 blocks unwritten, the second fills the
-    // 14 still unwritten and converts them, the other 14 writes are pure overwrites.
-    assert_eq!(counter(&log, "allocating_writes"), 4 * 2 + 1, "{log}");
-    assert_eq!(counter(&log, "fast_overwrites"), 4 * 14, "{log}");
-    assert_eq!(counter(&log, "zero_filled_blocks"), 4 * 14, "{log}");
-    assert_eq!(counter(&log, "unit_blocks_left_unwritten"), 5 * 15, "{log}");
+    // Units 4 to 7 and 12 (no probes of `unit_pace`, which starts out assuming units do not
+    // fill up), over holes of the sparse image file: each unit's first write converts the
+    // other 15 blocks without writing them, the other 15 writes are pure overwrites.
+    assert_eq!(counter(&log, "allocating_writes"), 4 + 1, "{log}");
+    assert_eq!(counter(&log, "fast_overwrites"), 4 * 15, "{log}");
+    assert_eq!(counter(&log, "unit_blocks_found_zero"), 5 * 15, "{log}");
+    assert_eq!(counter(&log, "zero_filled_blocks"), 0, "{log}");
+    assert_eq!(counter(&log, "unit_blocks_left_unwritten"), 0, "{log}");
     image_clean(&img);
     // Pure overwrites and reads: all on the queue thread, no journal handle, no worker.
     let d = Daemon::start_image(&img, &sock, &[]);

@@ -118,6 +118,9 @@ impl BlockIo for FaultIo {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        self.inner.reads_zero(offset, len)
+    }
 
     fn grow(&self, len: u64) -> io::Result<()> {
         self.inner.grow(len)

@@ -68,6 +68,16 @@ impl BlockIo for MemIo {
         self.lock().len() as u64
     }
 
+    /// By content: memory has no holes, but zero bytes stay zero until written, which is all
+    /// an allocating write needs to know.
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        let d = self.lock();
+        usize::try_from(len)
+            .ok()
+            .and_then(|n| range(d.len(), offset, n).ok())
+            .is_some_and(|r| d[r].iter().all(|&b| b == 0))
+    }
+
     fn grow(&self, len: u64) -> io::Result<()> {
         let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mut d = self.lock();

@@ -21,6 +21,14 @@ pub trait BlockIo: Send + Sync {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Size of the backing in bytes.
     fn size(&self) -> u64;
+    /// Does `[offset, offset + len)` read as zeroes without anything written there: a hole
+    /// of a sparse file, which stays zeroes until written? Lets an allocating write convert
+    /// the rest of its allocation unit without writing zeroes over it. `false` whenever the
+    /// backing cannot tell (the default): a false "no" costs bandwidth, a false "yes" data.
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Makes the backing at least `len` bytes long (`resize`): a file is extended (the new
     /// part reads as zeroes), a device must already be that large. Never shrinks.
     fn grow(&self, len: u64) -> io::Result<()> {
@@ -173,6 +181,12 @@ impl BlockIo for FileIo {
 
     fn size(&self) -> u64 {
         self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        // A device has no holes (lseek reports all of it as data); a file's hole is what its
+        // filesystem reports as one, page cache included (dirty pages are data).
+        !self.backing.is_block_device && len > 0 && sys::is_hole(self.file(), offset, len)
     }
 
     fn grow(&self, len: u64) -> io::Result<()> {

@@ -119,11 +119,26 @@ struct Recorder {
     /// log survives a SIGKILL; the memory log then stays empty.
     sink: Option<Mutex<std::fs::File>>,
     next_id: AtomicU64,
+    /// The 4 KiB blocks any logged write or punch touched: a crash state may hold any of
+    /// their versions, so none of them is reported as reading zeroes.
+    touched: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Recorder {
     fn lock(&self) -> MutexGuard<'_, Vec<IoEvent>> {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, offset: u64, len: u64) {
+        let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        t.extend(offset / 4096..(offset + len).div_ceil(4096));
+    }
+
+    fn touched(&self, offset: u64, len: u64) -> bool {
+        let t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        t.range(offset / 4096..(offset + len).div_ceil(4096))
+            .next()
+            .is_some()
     }
 
     /// Appends events atomically (a write's blocks stay together).
@@ -151,6 +166,7 @@ impl Recorder {
     /// Logs a write about to start, block by block under one new id.
     fn submit(&self, offset: u64, bufs: &[&[u8]]) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.touch(offset, bufs.iter().map(|b| b.len() as u64).sum());
         let mut events = Vec::new();
         let mut at = offset;
         let mut cur: Vec<u8> = Vec::new();
@@ -224,6 +240,7 @@ impl RecordingIo {
                 log: Mutex::new(Vec::new()),
                 sink,
                 next_id: AtomicU64::new(0),
+                touched: Mutex::new(std::collections::BTreeSet::new()),
             }),
             ring: false,
             barrier: Mutex::new(()),
@@ -295,6 +312,7 @@ impl BlockIo for RecordingIo {
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.rec.touch(offset, len);
         self.inner.punch(offset, len)?;
         self.rec.push(IoEvent::Punch { offset, len });
         Ok(())
@@ -302,6 +320,12 @@ impl BlockIo for RecordingIo {
 
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+
+    /// Only blocks no logged event touched: those read as zeroes in the base the crash states
+    /// start from, and so in every crash state.
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        !self.rec.touched(offset, len) && self.inner.reads_zero(offset, len)
     }
 
     fn grow(&self, len: u64) -> io::Result<()> {

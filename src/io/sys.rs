@@ -181,6 +181,39 @@ pub fn fdatasync(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
+/// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`.
+pub const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+
+/// `struct fiemap` without its extent array (`fm_extent_count` 0: the kernel only counts).
+#[repr(C)]
+#[derive(Default)]
+struct Fiemap {
+    fm_start: u64,
+    fm_length: u64,
+    fm_flags: u32,
+    fm_mapped_extents: u32,
+    fm_extent_count: u32,
+    fm_reserved: u32,
+}
+
+/// Is `[offset, offset + len)` of `file` one hole: no extent of the file's filesystem maps
+/// any of it, not even an unwritten or a delayed one (dirty page cache)? Asked with FIEMAP,
+/// which counts extents under the filesystem's mapping lock only, not the inode lock that
+/// `lseek(SEEK_DATA)` takes and that allocating O_DIRECT writes hold exclusively. Any
+/// failure (a filesystem without FIEMAP, a seccomp refusal) answers no, which only costs the
+/// caller a write of zeroes.
+pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    let mut m = Fiemap {
+        fm_start: offset,
+        fm_length: len,
+        ..Default::default()
+    };
+    // SAFETY: FS_IOC_FIEMAP reads and writes a `struct fiemap` with `fm_extent_count` 0 (no
+    // extent array follows), which `m` is and which lives across the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut m as *mut Fiemap) };
+    r == 0 && m.fm_mapped_extents == 0
+}
+
 /// Takes a non-blocking `flock` on the image: exclusive for writers, shared for readers.
 /// Returns `Ok(false)` if someone else holds a conflicting lock.
 pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {

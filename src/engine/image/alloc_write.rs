@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::commit::{Parked, Waiter};
 use super::layout::alloc_ops;
 use super::range_lock::{blocks_of, Run};
+use super::unit_pace::FirstWrite;
 use super::worker::{MetaOp, Work};
 use super::{lock, to_engine, Done, Locked, Shared, BS};
 use crate::engine::fence::FenceGuard;
@@ -192,26 +193,47 @@ impl Shared {
         for e in runs.iter().filter(|e| e.unwritten) {
             to_convert.push((u64::from(e.lblk), u64::from(e.len), e.pblk));
         }
-        // The rest of the unit. A unit that was all holes keeps it unwritten (allocated, read as
-        // zeroes, nothing written): a scattered first write costs its own bytes only. A unit
-        // written before gets every unwritten block outside the request zero-filled in the
-        // same host write and converted with the request's blocks, so the rest of a unit that
-        // is filling up are pure overwrites. Blocks another write is filling are left to it.
+        // The rest of the unit: its unwritten blocks outside the request (but those another
+        // write is filling: left to it). Where the backing reads them as zeroes already
+        // (holes of a sparse image file: never written, or punched when freed), they can be
+        // converted with the request's blocks without writing anything; or left unwritten by
+        // the unit's first write and zero-filled by its second, one host allocation for all
+        // of them. `unit_pace` decides, by how fast units fill up. Blocks whose old bytes are
+        // still there (freed without a punch) are left unwritten by a first write (it costs
+        // its own bytes only) and zero-filled in the same host write by a later one.
+        // A block found zero stays zero until written: a free block is never written, and a
+        // freed one is punched before it is free again (`commit`).
         let unit_was_holes = new.iter().map(|e| u64::from(e.len)).sum::<u64>() == c1 - c0;
-        let fill = if unit_was_holes {
-            let left = c1 - c0 - (b1 - b0);
+        let unit_runs = st.image.tree().range(c0 as u32, c1 as u32);
+        let rest = unit_fill(&unit_runs, [(c0, b0), (b1, c1)], |b| {
+            st.range.busy(b, b + 1)
+        });
+        let now = std::time::Instant::now();
+        let holes = |rest: Vec<Extent>| -> (Vec<Extent>, Vec<Extent>) {
+            rest.into_iter().partition(|e| {
+                // Deliberately wrong (tests only): stale bytes taken for zeroes.
+                broken!(ZeroWithoutHole) || self.io.reads_zero(e.pblk * BS, u64::from(e.len) * BS)
+            })
+        };
+        let (fill, zero) = if unit_was_holes {
+            let (zero, left) = match st.pace.first_write(c0 / unit, now) {
+                FirstWrite::LeaveUnwritten => (Vec::new(), rest),
+                FirstWrite::ConvertHoles => holes(rest),
+            };
+            let left: u64 = left.iter().map(|e| u64::from(e.len)).sum();
             self.stats
                 .unit_blocks_left_unwritten
                 .fetch_add(left, Ordering::Relaxed);
-            Vec::new()
+            (Vec::new(), zero)
+        } else if st.pace.later_write(c0 / unit, now) {
+            (rest, Vec::new())
         } else {
-            let unit_runs = st.image.tree().range(c0 as u32, c1 as u32);
-            unit_fill(&unit_runs, [(c0, b0), (b1, c1)], |b| {
-                st.range.busy(b, b + 1)
-            })
+            let (zero, fill) = holes(rest);
+            (fill, zero)
         };
         to_convert.extend(
             fill.iter()
+                .chain(&zero)
                 .map(|x| (u64::from(x.lblk), u64::from(x.len), x.pblk)),
         );
         st.range.mark(&to_convert);
@@ -220,6 +242,10 @@ impl Shared {
         self.stats
             .zero_filled_blocks
             .fetch_add(filled, Ordering::Relaxed);
+        let found_zero: u64 = zero.iter().map(|e| u64::from(e.len)).sum();
+        self.stats
+            .unit_blocks_found_zero
+            .fetch_add(found_zero, Ordering::Relaxed);
         Step::Go(Allocated {
             w,
             runs,

@@ -27,6 +27,7 @@
 //! | `alloc_write` | the allocating write: allocate under the lock, data I/O, hand-off to convert | the virtqueue thread (the committer for parked writes, the worker for redone ones) |
 //! | `layout` | iovecs of a write over its runs, zero padding and zero fill | any |
 //! | `range_lock` | blocks being initialised and the writes deferred behind them | under the mapping lock |
+//! | `unit_pace` | how fast allocation units fill: zero the rest of a unit, or convert its holes | under the mapping lock |
 //! | `worker` | conversions, FLUSH, DISCARD, WRITE_ZEROES in arrival order | the completion worker |
 //! | `commit` | the commit service: commit, punch after commit, parked work, abort | the committer |
 //! | `restart` | the restart log: changes recorded, written before completion, dropped after commit, applied at open | the worker and the committer (open: the opening thread) |
@@ -45,6 +46,7 @@ mod queue;
 mod range_lock;
 mod restart;
 mod stats;
+mod unit_pace;
 mod worker;
 
 use std::collections::VecDeque;
@@ -162,6 +164,8 @@ struct Locked {
     frees_pending: bool,
     /// Changes made but not yet in the restart log, in the order made (`restart.rs`).
     restart_pending: Vec<crate::restart_log::format::Record>,
+    /// When recent allocation units had their first write (what the rest of a unit gets).
+    pace: unit_pace::UnitPace,
 }
 
 struct Shared {
@@ -266,6 +270,7 @@ impl ImageEngine {
                 punch_after_commit: Vec::new(),
                 frees_pending: false,
                 restart_pending: Vec::new(),
+                pace: unit_pace::UnitPace::default(),
             }),
             io,
             capacity: AtomicU64::new(disk_bytes),

@@ -22,6 +22,9 @@ crate::counters::counters! {
         /// Blocks of a new allocation unit (all holes before) left allocated but unwritten
         /// around its first write: no zeroes written; filled by the unit's next allocating write.
         unit_blocks_left_unwritten,
+        /// Blocks of an allocation unit around an allocating write converted without writing
+        /// anything: the backing reads them as zeroes already (holes of a sparse image file).
+        unit_blocks_found_zero,
         /// Journal commits (including flushes with nothing to journal).
         commits,
         /// DISCARD and WRITE_ZEROES requests run by the worker.
