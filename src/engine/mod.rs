@@ -106,7 +106,7 @@ impl Batch {
 /// other request refers to them. `_keepalive` holds the guest-memory mapping they point into, so
 /// a memory-table change cannot unmap them under an in-flight request.
 pub struct GuestBuffers {
-    /// Inline for up to 4 segments: no heap allocation for a common request.
+    /// Inline for up to 2 segments: no heap allocation for a common request.
     iovecs: crate::io::uring::Iovs,
     len: usize,
     _keepalive: Arc<dyn Any + Send + Sync>,

@@ -29,9 +29,11 @@ pub type OpResult = Result<(), (io::Error, u64)>;
 /// Finished requests, with their tags.
 pub type Finished<T> = Vec<(T, OpResult)>;
 
-/// The iovecs of one operation: up to 4 inline (a request of up to 4 guest segments over one
-/// run, or one segment with zero padding on both sides), on the heap beyond.
-pub type Iovs = smallvec::SmallVec<[libc::iovec; 4]>;
+/// The iovecs of one operation: up to 2 inline (a request of one or two guest segments over
+/// one run: a guest's page I/O), on the heap beyond. Kept small because requests, their plans
+/// and their flights are moved by value along the hot path, and every move copies it (4 inline
+/// cost ~50 instructions a 4 KiB overwrite more, `scripts/instructions.sh`).
+pub type Iovs = smallvec::SmallVec<[libc::iovec; 2]>;
 
 /// The operations of one request: up to 2 inline (one run, or a run and its unit's fill).
 pub type Ops = smallvec::SmallVec<[Op; 2]>;
