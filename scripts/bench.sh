@@ -6,7 +6,8 @@
 # against the limit: fio with io_uring and O_DIRECT on a bare raw file of the same size on the
 # same filesystem, same depth ("bare").
 # Each pattern runs ROUNDS times per target in alternating order (this machine's storage is
-# noisy); the table shows medians and ratios. Usage:
+# noisy); the table shows medians and ratios, and for extblk's fresh disks the host space the
+# image file took and the bytes the daemon wrote to the host, per byte the guest wrote. Usage:
 #   scripts/bench.sh                      # ROUNDS=3 RUNTIME=10 IODEPTH=32 SPAN=1G SIZE=2G
 #   ROUNDS=5 RUNTIME=20 scripts/bench.sh
 #   ONLY="randread randwrite-alloc" ROUNDS=7 scripts/bench.sh   # just those patterns

@@ -171,7 +171,8 @@ fn buffers(data: Vec<u8>) -> GuestBuffers {
     unsafe { GuestBuffers::new(vec![iov], keep) }
 }
 
-/// Builds a poisoned image, runs `nops` seeded operations through the engine, records the log.
+/// Builds an image (free blocks poisoned or zero, by seed), runs `nops` seeded operations through
+/// the engine, records the log.
 fn workload(seed: u64, nops: usize) -> Run {
     workload_with(seed, nops, None).0
 }
