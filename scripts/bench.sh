@@ -64,7 +64,7 @@ start() { # target name -> socket; fresh images for each start
   echo "bench: $t did not start"; exit 1
 }
 stop() { # target; for extblk, sets hostw: the bytes the daemon sent to storage (/proc/PID/io
-  # write_bytes, its io_uring workers included), read until it exits (its last commit included)
+  # write_bytes, its io_uring workers included), read every 10 ms until it exits (so nearly all of its last commit)
   [ "$1" = bare ] && return 0
   local p=${pids[-1]} v
   hostw=0

@@ -210,7 +210,7 @@ pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
     };
     // SAFETY: FS_IOC_FIEMAP reads and writes a `struct fiemap` with `fm_extent_count` 0 (no
     // extent array follows), which `m` is and which lives across the call.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut m as *mut Fiemap) };
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP as _, &mut m as *mut Fiemap) };
     r == 0 && m.fm_mapped_extents == 0
 }
 
