@@ -25,6 +25,9 @@ pub enum Broken {
     /// The rest of an allocation unit is converted without writing zeroes whatever the backing
     /// holds there, as if every free block were a hole.
     ZeroWithoutHole = 6,
+    /// A FUA overwrite completes once its data is durable (`RWF_DSYNC`), without waiting for
+    /// the commit of a mapping change it may rely on (the bug the concurrent exploration found).
+    FuaBeforeCommit = 7,
 }
 
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);

@@ -17,7 +17,10 @@
 //! precedes the barrier's `FlushStart` (`pieces`): from that barrier's end on it is durable;
 //! until then it is *unordered*, on disk or not, in any order with the other unordered writes.
 //! A crash state at a cut (events `..cut` happened) is the durable writes in log order plus some
-//! arrangement of the unordered ones.
+//! arrangement of the unordered ones; but where two overlap and one had completed before the
+//! other was submitted, the earlier never lands over the later (`Piece::done`): no device or
+//! host filesystem reorders those, and an `RWF_DSYNC` write can be durable before an earlier,
+//! unflushed write or punch of its block is.
 //!
 //! # The sequential exploration
 //!
@@ -416,6 +419,11 @@ fn apply(state: &mut [u8], events: &[&IoEvent], punch_zeroes: bool) {
 struct Piece {
     /// Index of its `Write` (or `Punch`) event.
     at: usize,
+    /// Index of the event by which it had completed: a write's `Complete` (`usize::MAX`: it
+    /// never did), a punch's own event (logged once the range is deallocated). A piece that
+    /// completed before another was submitted is ordered before it where they overlap: no
+    /// device or host filesystem lets a finished write or punch land over a later one.
+    done: usize,
     /// The first cut (events `..cut` happened) at which it is durable; `usize::MAX`: never.
     durable_from: usize,
 }
@@ -449,6 +457,10 @@ fn pieces(events: &[IoEvent]) -> (Vec<Piece>, usize) {
     let mut out = Vec::new();
     let mut straddling = 0;
     for (i, e) in events.iter().enumerate() {
+        let finished = match e {
+            IoEvent::Write { id, .. } => done.get(id).map_or(usize::MAX, |&(c, _)| c),
+            _ => i,
+        };
         let durable_from = match e {
             IoEvent::Write { id, .. } => match done.get(id) {
                 None => usize::MAX,
@@ -469,6 +481,7 @@ fn pieces(events: &[IoEvent]) -> (Vec<Piece>, usize) {
         };
         out.push(Piece {
             at: i,
+            done: finished,
             durable_from,
         });
     }
@@ -1076,32 +1089,57 @@ fn concurrent_crash_states_keep_the_contract_through_the_writeback_cache() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// FUA (write-through) writes, discards and write-zeroes must be durable once they complete,
-/// without a FLUSH: a guest that turned the write cache off sends none. Found failing by this
-/// exploration: a FUA *overwrite* of a block whose mapping was still in an uncommitted
-/// transaction completed with `RWF_DSYNC` alone. The engine now completes such writes after a
-/// commit (`fua_commits`, as ext4's `i_datasync_tid`), but a rarer case still fails (a FUA
-/// write whose block was freed and punched around it reads zero: seed 1, 16 KiB unit;
-/// `EXTBLK_CRASH_TRACE=auto` shows the log around it). Ignored until that is found; run it
-/// with `--ignored`.
-#[test]
-#[ignore = "open: a FUA write racing the punch of a freed range (see the comment)"]
-fn concurrent_fua_requests_are_durable_once_acknowledged() {
+/// FUA (write-through) requests under the concurrent exploration, with the engine broken as
+/// `mode`: the crash states explored and the FUA overwrites that waited for a commit, or the
+/// first violation.
+fn fua_exploration(mode: Broken) -> Result<(usize, u64), String> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    set_broken(Broken::None);
+    set_broken(mode);
     let dir = scratch("concurrent-fua");
     let mut stats = concurrent::ExploreStats::default();
-    for seed in 1..=3u64 {
+    let mut waited = 0;
+    let r = (1..=3u64).try_for_each(|seed| {
         let shape = concurrent::Shape {
             fua: true,
             ..shape(seed)
         };
-        let run = concurrent::workload(shape).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        concurrent::check_reads(&run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        concurrent::explore(&run, 2000, 0, &dir, &mut stats).unwrap_or_else(|e| panic!("{e}"));
-    }
-    println!("FUA crash states: {}", stats.states);
+        let run = concurrent::workload(shape).map_err(|e| format!("seed {seed}: {e}"))?;
+        concurrent::check_reads(&run).map_err(|e| format!("seed {seed}: {e}"))?;
+        waited += run.counts.fua_commits;
+        concurrent::explore(&run, 2000, 0, &dir, &mut stats)
+    });
+    set_broken(Broken::None);
     let _ = std::fs::remove_dir_all(&dir);
+    r.map(|()| (stats.states, waited))
+}
+
+/// FUA (write-through) writes, discards and write-zeroes must be durable once they complete,
+/// without a FLUSH: a guest that turned the write cache off sends none. A FUA *overwrite* of a
+/// block whose mapping is still in an uncommitted transaction completes after a commit
+/// (`fua_commits`, as ext4's `i_datasync_tid`); the test asserts that case came up. (It was
+/// ignored for a while over a failure that was the model's: a write or punch that finished
+/// before a FUA write to the same block was submitted was let land over it; see `Piece::done`.)
+#[test]
+fn concurrent_fua_requests_are_durable_once_acknowledged() {
+    let (states, waited) = fua_exploration(Broken::None).unwrap_or_else(|e| panic!("{e}"));
+    println!("FUA crash states: {states}; FUA overwrites that waited for a commit: {waited}");
+    assert!(states >= 3000, "too few crash states: {states}");
+    assert!(
+        waited > 0,
+        "no FUA overwrite met an uncommitted mapping change"
+    );
+}
+
+/// The old FUA bug (`Broken::FuaBeforeCommit`: complete on the data's durability alone) must
+/// be caught.
+#[test]
+fn concurrent_a_fua_write_acknowledged_before_its_mapping_is_caught() {
+    let r = fua_exploration(Broken::FuaBeforeCommit);
+    assert!(
+        r.is_err(),
+        "the FUA exploration missed a FUA write completed before its mapping committed: {r:?}"
+    );
+    println!("caught: {}", r.unwrap_err());
 }
 
 /// A broken engine under the concurrent exploration: the first violation, or why the run

@@ -391,6 +391,8 @@ pub struct RunCounts {
     pub deferred_writes: u64,
     pub commits: u64,
     pub space_waits: u64,
+    /// FUA overwrites that waited for a commit of a mapping change (`fua_commits`).
+    pub fua_commits: u64,
     /// Writes still in flight when a barrier started (ordered only by a later one).
     pub straddling: usize,
     pub events: usize,
@@ -576,6 +578,7 @@ pub fn workload(shape: Shape) -> Result<CRun, RunError> {
         deferred_writes: g(&st.deferred_writes),
         commits: g(&st.commits),
         space_waits: g(&st.space_waits),
+        fua_commits: g(&st.fua_commits),
         ..Default::default()
     };
     match &cached {
@@ -1289,7 +1292,7 @@ pub fn explore(
 }
 
 /// A write or punch of a crash state, with the write's bytes as a shared page when it has one.
-type Applied<'a> = (&'a IoEvent, Option<&'a Page>);
+type Applied<'a> = (&'a Piece, &'a IoEvent, Option<&'a Page>);
 
 /// What the explorer threads share, read-only.
 struct Share<'a> {
@@ -1304,7 +1307,7 @@ struct Share<'a> {
     stop: &'a AtomicBool,
 }
 
-impl Share<'_> {
+impl<'p> Share<'p> {
     /// Explores `cuts` (ascending) with its own durable image and model, built forward from
     /// the start of the log.
     fn explore(&self, t: usize, cuts: &[usize]) -> (ExploreStats, Result<(), String>) {
@@ -1338,6 +1341,7 @@ impl Share<'_> {
         // that exposes freed blocks shows stale data), in a sparse file a punched range reads
         // as zeroes (so a punch of blocks already reused destroys data). Cuts alternate.
         let mut bases = [(); 2].map(|_| Arc::new(Pages(run.base.0.clone())));
+        let mut base_writers: [Writers; 2] = Default::default();
         let mut next_durable = 0;
         let mut next_piece = 0;
         let mut unordered: BTreeSet<usize> = BTreeSet::new();
@@ -1355,11 +1359,15 @@ impl Share<'_> {
                     break;
                 }
                 let at = pieces[i].at;
-                for (zeroes, base) in bases.iter_mut().enumerate() {
+                for (zeroes, (base, writers)) in bases.iter_mut().zip(&mut base_writers).enumerate()
+                {
                     let pages = Arc::get_mut(base).ok_or("a crash state outlived its judgement")?;
                     apply_to(
                         &mut pages.0,
                         |b| default_page(b, run.data_start),
+                        writers,
+                        None,
+                        &pieces[i],
                         &run.events[at],
                         data.get(&at),
                         zeroes == 1,
@@ -1370,6 +1378,7 @@ impl Share<'_> {
             }
             let punch_zeroes = cut % 2 == 1;
             let base = &bases[usize::from(punch_zeroes)];
+            let under = &base_writers[usize::from(punch_zeroes)];
             model.advance(run, cut);
             stats.cuts += 1;
             stats.max_unordered = stats.max_unordered.max(unordered.len());
@@ -1384,9 +1393,10 @@ impl Share<'_> {
                 )
                 .collect();
             let mut torn = Vec::new();
-            let torn_at = whole
+            let torn_piece = whole
                 .get(rng.below(whole.len().max(1) as u64) as usize)
-                .map(|p| p.at);
+                .copied();
+            let torn_at = torn_piece.map(|p| p.at);
 
             if let Some(IoEvent::Write { offset, data, .. }) = torn_at.map(|at| &run.events[at]) {
                 for s in (0..data.len()).step_by(512) {
@@ -1400,7 +1410,7 @@ impl Share<'_> {
                 }
             }
             let mut variants: Vec<(String, Vec<Applied>)> = Vec::new();
-            let with_data = |p: &Piece| (ev(p), data.get(&p.at));
+            let with_data = |p: &'p Piece| -> Applied<'p> { (p, ev(p), data.get(&p.at)) };
             variants.push(("prefix".into(), un.iter().map(|p| with_data(p)).collect()));
             if un.len() > 1 {
                 for k in 0..2 {
@@ -1416,13 +1426,14 @@ impl Share<'_> {
                     variants.push((format!("subset {k}"), sub));
                 }
             }
-            if let Some(t) = torn_at {
+            if let Some(tp) = torn_piece {
+                let t = tp.at;
                 let mut all: Vec<Applied> = un
                     .iter()
                     .filter(|p| Some(p.at) != torn_at)
                     .map(|p| with_data(p))
                     .collect();
-                all.extend(torn.iter().map(|e| (e, None)));
+                all.extend(torn.iter().map(|e| (tp, e, None)));
                 let IoEvent::Write { offset, data, .. } = &run.events[t] else {
                     unreachable!("only writes are torn")
                 };
@@ -1441,14 +1452,24 @@ impl Share<'_> {
             }
             for (what, events) in variants {
                 let mut over: HashMap<u64, Page> = HashMap::new();
-                for (e, shared) in events {
+                let mut writers = Writers::new();
+                for (piece, e, shared) in events {
                     let fallback = |b: u64| {
                         base.0
                             .get(&b)
                             .cloned()
                             .unwrap_or_else(|| default_page(b, run.data_start))
                     };
-                    apply_to(&mut over, fallback, e, shared, punch_zeroes);
+                    apply_to(
+                        &mut over,
+                        fallback,
+                        &mut writers,
+                        Some(under),
+                        piece,
+                        e,
+                        shared,
+                        punch_zeroes,
+                    );
                 }
                 let io = Arc::new(StateIo {
                     size: run.size,
@@ -1493,6 +1514,8 @@ impl Share<'_> {
 /// For debugging a violation (`EXTBLK_CRASH_TRACE=<logical block>`): the block's mapping in
 /// the crash state, and the log's writes near its identity placement and barriers up to the cut.
 fn trace(run: &CRun, io: &Arc<StateIo>, lblk: u64, cut: usize) {
+    // The block's identity placement, and where the crash state maps it.
+    let mut at = vec![run.data_start + lblk];
     if let Ok(img) = Image::open(io.clone(), OpenOptions { read_only: true }) {
         let near: Vec<_> = img
             .runs()
@@ -1500,14 +1523,18 @@ fn trace(run: &CRun, io: &Arc<StateIo>, lblk: u64, cut: usize) {
             .filter(|r| r.lblk <= lblk + WINDOW && r.lblk + r.len + WINDOW > lblk)
             .collect();
         println!("mapping near {lblk}: {near:?}");
+        at.extend(near.iter().filter_map(|r| {
+            (r.lblk <= lblk && lblk < r.lblk + r.len).then_some(r.pblk? + (lblk - r.lblk))
+        }));
     }
-    let p = run.data_start + lblk;
+    let near = |b: u64| {
+        at.iter()
+            .any(|&p| p.saturating_sub(WINDOW) <= b && b < p + WINDOW)
+    };
     let mut ids = std::collections::HashSet::new();
     for (i, e) in run.events.iter().enumerate().take(cut + 1) {
         match e {
-            IoEvent::Write { offset, data, id }
-                if (p - WINDOW..p + WINDOW).contains(&(offset / BS)) =>
-            {
+            IoEvent::Write { offset, data, id } if near(offset / BS) => {
                 ids.insert(*id);
                 let w = u64::from_le_bytes(data[..8].try_into().unwrap());
                 println!(
@@ -1523,9 +1550,20 @@ fn trace(run: &CRun, io: &Arc<StateIo>, lblk: u64, cut: usize) {
                     if *durable { " (dsync)" } else { "" }
                 );
             }
-            IoEvent::FlushStart | IoEvent::FlushEnd | IoEvent::Punch { .. } => {
-                println!("{i}: {e:?}")
-            }
+            IoEvent::Punch { offset, len } => println!(
+                "{i}: punch blocks {}..{}{}",
+                offset / BS,
+                (offset + len).div_ceil(BS),
+                if at
+                    .iter()
+                    .any(|&p| (offset / BS..(offset + len).div_ceil(BS)).contains(&p))
+                {
+                    " (covers the block)"
+                } else {
+                    ""
+                }
+            ),
+            IoEvent::FlushStart | IoEvent::FlushEnd => println!("{i}: {e:?}"),
             _ => {}
         }
     }
@@ -1563,46 +1601,75 @@ fn pick_cuts(run: &CRun, target: usize, rng: &mut Rng) -> BTreeSet<usize> {
     cuts
 }
 
-/// Applies a write (its bytes shared as `shared` when it is a whole page) or a punch to
-/// `pages`; a page not there yet starts as `fallback(block)`.
+/// The greatest `Piece::at` applied to each 512-byte sector of a block so far.
+type Writers = HashMap<u64, [usize; 8]>;
+
+/// Applies `piece`'s event, a write (its bytes shared as `shared` when it is a whole page) or
+/// a punch, to `pages`; a page not there yet starts as `fallback(block)`. Sectors a piece
+/// submitted after this one completed has already written keep their bytes: that piece is
+/// ordered after it (`Piece::done`), whatever order the two became durable in. `writers`
+/// tracks that, on top of `under` (the durable image's, under an overlay).
+#[allow(clippy::too_many_arguments)]
 fn apply_to(
     pages: &mut HashMap<u64, Page>,
     fallback: impl Fn(u64) -> Page,
+    writers: &mut Writers,
+    under: Option<&Writers>,
+    piece: &Piece,
     e: &IoEvent,
     shared: Option<&Page>,
     punch_zeroes: bool,
 ) {
-    let mut change = |b: u64, f: &mut dyn FnMut(&mut [u8])| {
-        let page = pages.entry(b).or_insert_with(|| fallback(b));
-        match Arc::get_mut(page) {
-            Some(p) => f(p),
-            None => {
-                // Shared (a write's bytes, or the durable page under an overlay): copy first.
-                let mut p = page.to_vec();
-                f(&mut p);
-                *page = p.into();
-            }
-        }
+    // Per block: the byte range it changes and, for a write, its bytes there.
+    let (first, end, data) = match e {
+        IoEvent::Write { offset, data, .. } => (*offset, offset + data.len() as u64, Some(data)),
+        IoEvent::Punch { offset, len } if punch_zeroes => (*offset, offset + len, None),
+        _ => return,
     };
-    match e {
-        IoEvent::Write { offset, data, .. } => {
-            let (b, o) = (offset / BS, (offset % BS) as usize);
-            match shared.filter(|_| o == 0 && data.len() == BS as usize) {
-                Some(p) => {
-                    pages.insert(b, p.clone());
+    for b in first / BS..end.div_ceil(BS) {
+        let (s, t) = (first.max(b * BS), end.min((b + 1) * BS));
+        let w = writers
+            .entry(b)
+            .or_insert_with(|| under.and_then(|u| u.get(&b)).copied().unwrap_or([0; 8]));
+        let sectors = (s - b * BS) / 512..(t - b * BS).div_ceil(512);
+        let mut mine = [false; 8];
+        for k in sectors.map(|k| k as usize) {
+            mine[k] = piece.done >= w[k];
+            if mine[k] {
+                w[k] = w[k].max(piece.at);
+            }
+        }
+        let whole = s == b * BS && t == (b + 1) * BS;
+        match shared.filter(|_| whole && mine.iter().all(|&m| m)) {
+            Some(p) => {
+                pages.insert(b, p.clone());
+            }
+            None if mine.iter().any(|&m| m) => {
+                let page = pages.entry(b).or_insert_with(|| fallback(b));
+                // Shared (a write's bytes, or the durable page under an overlay): copy first.
+                let p = match Arc::get_mut(page) {
+                    Some(p) => p,
+                    None => {
+                        *page = page.to_vec().into();
+                        Arc::get_mut(page).expect("a fresh copy is not shared")
+                    }
+                };
+                for (k, _) in mine.iter().enumerate().filter(|(_, &m)| m) {
+                    let (x, y) = (
+                        (b * BS + k as u64 * 512).max(s),
+                        (b * BS + (k as u64 + 1) * 512).min(t),
+                    );
+                    let dst = &mut p[(x - b * BS) as usize..(y - b * BS) as usize];
+                    match data {
+                        Some(d) => {
+                            dst.copy_from_slice(&d[(x - first) as usize..(y - first) as usize])
+                        }
+                        None => dst.fill(0),
+                    }
                 }
-                None => change(b, &mut |p| p[o..o + data.len()].copy_from_slice(data)),
             }
+            None => {}
         }
-        IoEvent::Punch { offset, len } if punch_zeroes => {
-            for b in offset / BS..(offset + len).div_ceil(BS) {
-                let (s, t) = ((*offset).max(b * BS), (offset + len).min((b + 1) * BS));
-                change(b, &mut |p| {
-                    p[(s - b * BS) as usize..(t - b * BS) as usize].fill(0)
-                });
-            }
-        }
-        _ => {}
     }
 }
 

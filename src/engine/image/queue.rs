@@ -187,6 +187,7 @@ impl<C: Completion> ImageQueue<C> {
                 } else {
                     sh.stats.fast_overwrites.fetch_add(1, Ordering::Relaxed);
                     if fua
+                        && !broken!(FuaBeforeCommit)
                         && sh.meta_seq.load(Ordering::Acquire)
                             != sh.durable_seq.load(Ordering::Acquire)
                     {
