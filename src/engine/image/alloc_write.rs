@@ -196,9 +196,9 @@ impl Shared {
         // The rest of the unit: its unwritten blocks outside the request (but those another
         // write is filling: left to it). Where the backing reads them as zeroes already
         // (holes of a sparse image file: never written, or punched when freed), they can be
-        // converted with the request's blocks without writing anything; or left unwritten by
-        // the unit's first write and zero-filled by its second, one host allocation for all
-        // of them. `unit_pace` decides, by how fast units fill up. Blocks whose old bytes are
+        // converted with the request's blocks without writing anything; or zero-filled, one
+        // host allocation for all of them, by the unit's first write (or, a probe unit of
+        // `unit_pace`, its second). `unit_pace` decides, by how fast units fill up. Blocks whose old bytes are
         // still there (freed without a punch) are left unwritten by a first write (it costs
         // its own bytes only) and zero-filled in the same host write by a later one.
         // A block found zero stays zero until written: a free block is never written, and a
@@ -216,15 +216,20 @@ impl Shared {
             })
         };
         let (fill, zero) = if unit_was_holes {
-            let (zero, left) = match st.pace.first_write(c0 / unit, now) {
-                FirstWrite::LeaveUnwritten => (Vec::new(), rest),
-                FirstWrite::ConvertHoles => holes(rest),
-            };
-            let left: u64 = left.iter().map(|e| u64::from(e.len)).sum();
-            self.stats
-                .unit_blocks_left_unwritten
-                .fetch_add(left, Ordering::Relaxed);
-            (Vec::new(), zero)
+            match st.pace.first_write(c0 / unit, now) {
+                FirstWrite::ZeroFill => (rest, Vec::new()),
+                first => {
+                    let (zero, left) = match first {
+                        FirstWrite::ConvertHoles => holes(rest),
+                        _ => (Vec::new(), rest),
+                    };
+                    let left: u64 = left.iter().map(|e| u64::from(e.len)).sum();
+                    self.stats
+                        .unit_blocks_left_unwritten
+                        .fetch_add(left, Ordering::Relaxed);
+                    (Vec::new(), zero)
+                }
+            }
         } else if st.pace.later_write(c0 / unit, now) {
             (rest, Vec::new())
         } else {
