@@ -133,17 +133,63 @@ impl CommitWrite {
     }
 }
 
-/// Joins log blocks whose backing blocks follow each other, for one write per run.
-fn coalesce(map: &LogMap, blocks: Vec<(u32, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (pos, b) in blocks {
-        let at = map.byte_offset(pos);
-        match out.last_mut() {
-            Some((start, run)) if *start + run.len() as u64 == at => run.extend_from_slice(&b),
-            _ => out.push((at, b)),
+/// The log blocks of one commit, built in place as runs contiguous in the backing (one write
+/// per run): each block's bytes go straight to the end of its run, which was given its final
+/// size when it started. A transaction's copies exist twice while it is written (the
+/// transaction's and these), not three or four times as with a copy per block joined into
+/// regrowing runs: on a 16 TiB image a commit of 2,048 scattered bitmaps peaked at 16 MB.
+struct LogRuns<'m> {
+    map: &'m LogMap,
+    maxlen: u32,
+    /// Blocks still to come, at most (bounds a new run's size).
+    left: u32,
+    runs: Vec<(u64, Vec<u8>)>,
+    /// Where the last run goes on, and how many more blocks it has room for.
+    next: u32,
+    room: u32,
+}
+
+impl<'m> LogRuns<'m> {
+    fn new(map: &'m LogMap, maxlen: u32, blocks: u32) -> LogRuns<'m> {
+        LogRuns {
+            map,
+            maxlen,
+            left: blocks,
+            runs: Vec::new(),
+            next: 0,
+            room: 0,
         }
     }
-    out
+
+    /// Log block `pos`'s bytes, all zero, to be filled in: at the end of the last run if
+    /// `pos` follows it in the backing, else at the start of a new one.
+    fn block(&mut self, pos: u32) -> &mut [u8] {
+        let bs = BLOCK_SIZE_U64 as usize;
+        if self.runs.is_empty() || pos != self.next || self.room == 0 {
+            // The run can reach the end of the journal extent holding `pos`, or of the log.
+            let contiguous = self
+                .map
+                .runs
+                .iter()
+                .find(|e| pos >= e.lblk && u64::from(pos) < e.end())
+                .map_or(1, |e| {
+                    (e.end().min(u64::from(self.maxlen)) - u64::from(pos)) as u32
+                });
+            let n = contiguous.min(self.left).max(1);
+            self.runs.push((
+                self.map.byte_offset(pos),
+                Vec::with_capacity(n as usize * bs),
+            ));
+            self.room = n;
+        }
+        self.left = self.left.saturating_sub(1);
+        self.room -= 1;
+        self.next = pos + 1;
+        let run = &mut self.runs.last_mut().expect("a run was pushed").1;
+        let at = run.len();
+        run.resize(at + bs, 0);
+        &mut run[at..]
+    }
 }
 
 /// Bounds whatever the log's size: a transaction is committed by this many blocks (its copies
@@ -275,7 +321,8 @@ impl Journal {
         let tid = self.next_tid;
         let start = self.head;
         let mut pos = start;
-        let mut body = Vec::with_capacity(need as usize);
+        // Revoke and descriptor blocks, copies, and the commit block's slot (zeroed with them).
+        let mut body = LogRuns::new(&self.map, self.sb.maxlen, need + 1);
         let revokes: Vec<u64> = tx
             .revokes
             .iter()
@@ -283,34 +330,39 @@ impl Journal {
             .filter(|b| !tx.blocks.contains_key(b))
             .collect();
         for chunk in revokes.chunks(MAX_REVOKES) {
-            body.push((pos, format::encode_revoke(tid, chunk, self.jseed)));
+            body.block(pos)
+                .copy_from_slice(&format::encode_revoke(tid, chunk, self.jseed));
             pos = self.wrap(pos + 1);
         }
         let blocks: Vec<(&u64, &Vec<u8>)> = tx.blocks.iter().collect();
         let mut placed = Vec::with_capacity(blocks.len());
         for chunk in blocks.chunks(MAX_TAGS) {
-            let mut copies = Vec::with_capacity(chunk.len());
+            // The descriptor goes first; its tags are known once the copies are made.
+            body.block(pos);
+            let desc_at = (
+                body.runs.len() - 1,
+                body.runs.last().map_or(0, |r| r.1.len()) - BLOCK_SIZE_U64 as usize,
+            );
+            pos = self.wrap(pos + 1);
             let mut tags = Vec::with_capacity(chunk.len());
             for (&blk, data) in chunk {
                 let escaped = format::needs_escape(data);
-                let mut c = (*data).clone();
+                let c = body.block(pos);
+                c.copy_from_slice(data);
                 if escaped {
-                    format::escape(&mut c);
+                    format::escape(c);
                 }
                 tags.push(Tag {
                     blocknr: blk,
                     escaped,
-                    checksum: format::block_csum(self.jseed, tid, &c),
+                    checksum: format::block_csum(self.jseed, tid, c),
                 });
-                copies.push((blk, escaped, c));
-            }
-            body.push((pos, format::encode_descriptor(tid, &tags, self.jseed)));
-            pos = self.wrap(pos + 1);
-            for (blk, escaped, c) in copies {
                 placed.push((blk, LogCopy { pos, escaped }));
-                body.push((pos, c));
                 pos = self.wrap(pos + 1);
             }
+            let (r, o) = desc_at;
+            body.runs[r].1[o..o + BLOCK_SIZE_U64 as usize]
+                .copy_from_slice(&format::encode_descriptor(tid, &tags, self.jseed));
         }
         let sb = if self.sb.start == 0 {
             self.sb.start = start;
@@ -324,7 +376,7 @@ impl Journal {
         // which is the whole block, checksum included, or no commit block at all. Over what a
         // wrapped log left there it would fail its checksum, and replay would report the
         // transaction corrupt instead of uncommitted (found by the concurrent crash tests).
-        body.push((pos, vec![0u8; BLOCK_SIZE_U64 as usize]));
+        body.block(pos);
         // Commit times never go backwards (replay uses them to tell stale blocks from damage).
         let sec = now_sec.max(self.last_commit_sec);
         let commit = (pos, format::encode_commit(tid, sec, 0, self.jseed));
@@ -344,7 +396,7 @@ impl Journal {
         self.stats.logged_blocks += tx.blocks.len() as u64;
         Ok(Some(CommitWrite {
             sb,
-            body: coalesce(&self.map, body),
+            body: body.runs,
             commit: (self.map.byte_offset(commit.0), commit.1),
         }))
     }

@@ -544,8 +544,11 @@ impl ExtentTree {
         }
         self.extent_count = self.extent_count + len - leaf.extents.len();
         if len > leaf.extents.capacity() {
-            // Straight to a full leaf's size: doubling would leave most leaves' memory unused.
-            leaf.extents.reserve_exact(FANOUT - leaf.extents.len());
+            // By an eighth of a full leaf at a time (a copy of at most 4 KiB every 42 inserts):
+            // doubling, or a full leaf's size at once, left a quarter of a randomly written
+            // tree's memory unused (4.3 of 17 MB for a million extents).
+            let want = (len + FANOUT / 8).min(FANOUT);
+            leaf.extents.reserve_exact(want - leaf.extents.len());
         }
         leaf.extents
             .splice(ed.lo..ed.hi, ed.window.into_iter().map(Stored::from));
