@@ -135,9 +135,10 @@ impl CommitWrite {
 
 /// The log blocks of one commit, built in place as runs contiguous in the backing (one write
 /// per run): each block's bytes go straight to the end of its run, which was given its final
-/// size when it started. A transaction's copies exist twice while it is written (the
-/// transaction's and these), not three or four times as with a copy per block joined into
-/// regrowing runs: on a 16 TiB image a commit of 2,048 scattered bitmaps peaked at 16 MB.
+/// size when it started (at most the blocks still to come). A transaction's copies exist
+/// twice while it is written (the transaction's and these), not three or four times as with a
+/// copy per block joined into regrowing runs: on a 16 TiB image a commit of 2,048 scattered
+/// bitmaps peaked at 16 MB.
 struct LogRuns<'m> {
     map: &'m LogMap,
     maxlen: u32,
@@ -322,7 +323,7 @@ impl Journal {
         let start = self.head;
         let mut pos = start;
         // Revoke and descriptor blocks, copies, and the commit block's slot (zeroed with them).
-        let mut body = LogRuns::new(&self.map, self.sb.maxlen, need + 1);
+        let mut body = LogRuns::new(&self.map, self.sb.maxlen, need);
         let revokes: Vec<u64> = tx
             .revokes
             .iter()

@@ -198,9 +198,10 @@ impl Shared {
         // (holes of a sparse image file: never written, or punched when freed), they can be
         // converted with the request's blocks without writing anything; or zero-filled, one
         // host allocation for all of them, by the unit's first write (or, a probe unit of
-        // `unit_pace`, its second). `unit_pace` decides, by how fast units fill up. Blocks whose old bytes are
-        // still there (freed without a punch) are left unwritten by a first write (it costs
-        // its own bytes only) and zero-filled in the same host write by a later one.
+        // `unit_pace`, its second). `unit_pace` decides, by how fast units fill up. Blocks
+        // whose old bytes are still there (freed without a punch) are left unwritten by a
+        // first write (it costs its own bytes only) and zero-filled in the same host write by
+        // a later one, unless units are filling up: then the first write zero-fills them too.
         // A block found zero stays zero until written: a free block is never written, and a
         // freed one is punched before it is free again (`commit`).
         let unit_was_holes = new.iter().map(|e| u64::from(e.len)).sum::<u64>() == c1 - c0;
