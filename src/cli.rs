@@ -352,7 +352,7 @@ pub struct CreateArgs {
     #[arg(long, value_parser = parse_size_arg)]
     pub size: u64,
 
-    /// Journal size (default: 1/64 of the disk, between 4M and 128M; at most 384M).
+    /// Journal size (default: 1/64 of the disk, between 4M and 384M; at most 384M).
     #[arg(long, value_parser = parse_size_arg)]
     pub journal_size: Option<u64>,
 

@@ -195,9 +195,14 @@ impl<'m> LogRuns<'m> {
 
 /// Bounds whatever the log's size: a transaction is committed by this many blocks (its copies
 /// exist twice while it is written: memory), and the committed blocks waiting for a checkpoint
-/// are written home once they reach this many (the checkpoint's pause).
+/// are written home once they reach this many (the checkpoint's pause, taken under the image
+/// lock: about 10 µs a block here, so at most ~0.2 s). Below that the log's own size decides,
+/// and the larger the log, the more often a block is rewritten in it before it goes home once:
+/// on a fresh 1 TiB image, 5 s of random 4 KiB writes wrote 3,500 blocks home per 4,900 log
+/// blocks with a bound of 4,096, and 8,700 per 85,000 with this one and a 384 MiB log (host
+/// bytes per guest byte 5.3× → 2.5×).
 const MAX_TRANSACTION_BLOCKS: u32 = 2048;
-const MAX_CHECKPOINT_BLOCKS: usize = 4096;
+const MAX_CHECKPOINT_BLOCKS: usize = 16384;
 
 /// Where the latest committed copy of a block waiting for the checkpoint sits in the log. The
 /// checkpoint reads it back from there, so committed metadata is not held in memory twice (the
@@ -407,6 +412,7 @@ impl Journal {
         if self.sb.start == 0 {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let mut buf = vec![0u8; BLOCK_SIZE_U64 as usize];
         // Block 0 (the primary superblock) goes home last, after a barrier: when it changes the
         // geometry (`resize`), a crash between the two must not pair a new superblock with
@@ -431,11 +437,18 @@ impl Journal {
         self.sb.sequence = self.next_tid;
         self.write_sb(io)?;
         io.flush()?;
+        self.stats.checkpoints += 1;
+        log::debug!(
+            "checkpoint {}: {} blocks home from {} log blocks in {:?}",
+            self.stats.checkpoints,
+            self.checkpoint.len(),
+            self.used,
+            started.elapsed()
+        );
         self.checkpoint.clear();
         self.live.clear();
         self.used = 0;
         self.head = self.sb.first;
-        self.stats.checkpoints += 1;
         Ok(())
     }
 
